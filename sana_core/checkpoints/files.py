@@ -1,0 +1,172 @@
+"""Reading weight files: safetensors (single or sharded), NVlabs `.pth`, diffusers folders.
+
+Everything here returns plain ``{key: tensor}`` dicts on the CPU. Nothing is unpickled beyond tensors
+(``torch.load(weights_only=True)``), and a broken file raises :class:`CheckpointError` naming the file.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+log = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike
+
+class CheckpointError(ValueError):
+    """A weight file that cannot be used: unreadable, truncated, or not the model that was expected."""
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise CheckpointError(
+            f"{path}: cannot read this .safetensors file ({e}); it may be truncated or corrupt, download it again"
+        ) from e
+
+
+def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises many kinds (UnpicklingError, RuntimeError, EOFError, ...)
+        raise CheckpointError(
+            f"{path}: cannot read this checkpoint with torch.load(weights_only=True) ({type(e).__name__}: {e}); "
+            "it may be truncated, corrupt, or hold arbitrary Python objects (which are never unpickled)"
+        ) from e
+    # NVlabs saves {"state_dict": {...}} (and sometimes "ema"); Lightning/others use "model"/"module".
+    for wrapper in ("state_dict", "ema", "model", "module"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: expected a dict of tensors (optionally under 'state_dict'), found {type(obj).__name__}")
+    return obj
+
+
+def _load_sharded(index_path: Path) -> dict[str, torch.Tensor]:
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{index_path}: not a valid shard index (expected JSON with 'weight_map'): {e}") from e
+    sd: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        shard_path = index_path.parent / shard
+        if not shard_path.is_file():
+            raise FileNotFoundError(f"{index_path}: shard '{shard}' listed in the index is missing ({shard_path})")
+        sd.update(read_state_dict(shard_path))
+    missing = set(weight_map) - set(sd)
+    if missing:
+        raise CheckpointError(f"{index_path}: {len(missing)} keys listed in the index are absent from the shards, e.g. {sorted(missing)[:3]}")
+    return sd
+
+
+def find_weights_file(folder: PathLike, stems: Iterable[str], variant: str | None = None) -> Path:
+    """The weight file in a diffusers/HF folder: ``<stem>[.<variant>].safetensors`` or its shard index.
+
+    ``stems`` are tried in order (e.g. ``("diffusion_pytorch_model", "model")``). Without ``variant`` the
+    plain file is preferred, then any variant (``fp16``/``bf16``) present.
+    """
+    folder = Path(folder)
+    variants = [variant] if variant else [None, "bf16", "fp16", "fp32"]
+    for stem in stems:
+        for v in variants:
+            name = f"{stem}.{v}.safetensors" if v else f"{stem}.safetensors"
+            for candidate in (folder / name, folder / f"{name}.index.json"):
+                if candidate.is_file():
+                    return candidate
+    wanted = ", ".join(f"{s}{'.' + variant if variant else ''}.safetensors" for s in stems)
+    raise FileNotFoundError(f"{folder}: no weight file found (expected {wanted} or a sharded .index.json)")
+
+
+def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
+    """Read every tensor of a weight file (``.safetensors``, ``*.index.json``, ``.pth``/``.pt``/``.ckpt``/``.bin``).
+
+    Returns the raw keys; see :func:`strip_prefixes` for wrapper prefixes.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder; expected a weight file")
+    name = path.name.lower()
+    if name.endswith(".index.json"):
+        return _load_sharded(path)
+    if name.endswith(".safetensors") or name.endswith(".sft"):
+        return _load_safetensors(path)
+    if name.endswith((".pth", ".pt", ".ckpt", ".bin")):
+        return _load_pickle(path)
+    raise CheckpointError(f"{path}: unknown weight file type; expected .safetensors, .pth, .pt, .ckpt, .bin or a shard .index.json")
+
+
+def strip_prefixes(sd: dict[str, torch.Tensor], anchors: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Remove a wrapper prefix (``model.diffusion_model.``, ``model.``, ``vae.``...) from every key.
+
+    ``anchors`` are full keys that the bare model always has, e.g. ``"x_embedder.proj.weight"``. The prefix
+    is whatever stands before the first anchor found; keys without that prefix are dropped (they belong to
+    other models bundled in the same file, like a VAE inside a full checkpoint).
+    """
+    for anchor in anchors:
+        for key in sd:
+            if key == anchor:
+                return sd
+            if key.endswith("." + anchor):
+                prefix = key[: len(key) - len(anchor)]
+                log.debug("stripping key prefix %r", prefix)
+                return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    return sd
+
+
+def read_json(path: PathLike) -> dict:
+    """A JSON config file, with an error that names the file."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+
+
+def cast_state_dict(sd: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Cast floating-point tensors to ``dtype`` one at a time (fp8 storage included), freeing each original.
+
+    Integer/bool tensors are kept. The input dict is emptied so that only one copy is alive at a time.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key in list(sd):
+        t = sd.pop(key)
+        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+            t = t.to(dtype)
+        out[key] = t
+    return out
+
+
+def load_strict(module: torch.nn.Module, sd: dict[str, torch.Tensor], source: PathLike | str) -> None:
+    """``load_state_dict(strict=True, assign=True)`` into a module built on ``meta``, with a readable error.
+
+    Checks names and shapes first, so a mismatch raises :class:`CheckpointError` naming ``source``, the
+    missing and unexpected keys and the first shape differences, and nothing is half-loaded.
+    """
+    expected = module.state_dict(keep_vars=True)
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    shapes = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[:4]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:4]})")
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatches (e.g. {shapes[:3]})")
+        raise CheckpointError(f"{source}: weights do not fit the detected model: " + "; ".join(parts))
+    module.load_state_dict(sd, strict=True, assign=True)
