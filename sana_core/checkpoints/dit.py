@@ -1,0 +1,261 @@
+"""Sana DiT checkpoints: detect the layout and variant from the keys, convert, build on meta, load strictly.
+
+Layouts: NVlabs (`.pth` `{"state_dict": ...}` or flattened to safetensors; our model's own names) and diffusers
+(`SanaTransformer2DModel`: split q/k/v, `transformer_blocks.N...`), either one possibly behind a wrapper prefix.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..dit import VARIANTS, DiTConfig, SanaDiT
+from .files import CheckpointError, PathLike, cast_state_dict, find_weights_file, load_strict, read_json, read_state_dict, strip_prefixes
+
+log = logging.getLogger(__name__)
+
+NVLABS_ANCHOR, DIFFUSERS_ANCHOR = "x_embedder.proj.weight", "patch_embed.proj.weight"
+#: NVlabs keys used only in training (null caption, stored pos. embedding buffer, Sprint's log-variance head).
+TRAINING_ONLY = ("y_embedder.y_embedding", "pos_embed", "logvar_linear.weight", "logvar_linear.bias")
+#: Cross-attention heads of the released widths (their head dims are 72 and 112; not readable from weights).
+CROSS_HEADS = {1152: 16, 2240: 20}
+
+_NOT_SANA_HINTS = (
+    ("lora", "a LoRA file"),
+    ("input_blocks.", "a Stable Diffusion / SDXL UNet"),
+    ("double_blocks.", "a Flux model"),
+    ("joint_blocks.", "an SD3 model"),
+    ("model.layers.", "a language model (e.g. Gemma)"),
+    ("layers.0.self_attn", "a language model (e.g. Gemma)"),
+    ("encoder.down", "a VAE"),
+    ("decoder.up", "a VAE"),
+    ("encoder.stages", "a DC-AE autoencoder"),
+)
+
+
+def _describe(sd: dict[str, torch.Tensor]) -> str:
+    keys = list(sd)
+    for needle, what in _NOT_SANA_HINTS:
+        if any(needle in k.lower() for k in keys):
+            return f"it looks like {what} ({len(keys)} keys, e.g. {keys[:3]})"
+    return f"found {len(keys)} keys, e.g. {keys[:3]}"
+
+
+def _key_map(depth: int, qk_norm: bool, guidance: bool) -> list[tuple[str, list[str]]]:
+    """(NVlabs key, diffusers keys) pairs; several diffusers keys are concatenated on dim 0 (fused q/k/v)."""
+    wb = ("weight", "bias")
+    time = "time_embed.timestep_embedder" if guidance else "time_embed.emb.timestep_embedder"
+    pairs = [(f"x_embedder.proj.{s}", [f"patch_embed.proj.{s}"]) for s in wb]
+    pairs += [(f"t_embedder.mlp.{2 * i}.{s}", [f"{time}.linear_{i + 1}.{s}"]) for i in (0, 1) for s in wb]
+    if guidance:
+        pairs += [(f"cfg_embedder.mlp.{2 * i}.{s}", [f"time_embed.guidance_embedder.linear_{i + 1}.{s}"])
+                  for i in (0, 1) for s in wb]
+    pairs += [(f"t_block.1.{s}", [f"time_embed.linear.{s}"]) for s in wb]
+    pairs += [(f"y_embedder.y_proj.fc{i}.{s}", [f"caption_projection.linear_{i}.{s}"]) for i in (1, 2) for s in wb]
+    pairs += [("attention_y_norm.weight", ["caption_norm.weight"])]
+    for n in range(depth):
+        a, d = f"blocks.{n}.", f"transformer_blocks.{n}."
+        pairs += [(a + "scale_shift_table", [d + "scale_shift_table"]),
+                  (a + "attn.qkv.weight", [d + f"attn1.to_{x}.weight" for x in "qkv"]),
+                  (a + "cross_attn.q_linear.weight", [d + "attn2.to_q.weight"]),
+                  (a + "cross_attn.q_linear.bias", [d + "attn2.to_q.bias"]),
+                  (a + "mlp.point_conv.conv.weight", [d + "ff.conv_point.weight"])]
+        pairs += [(a + f"cross_attn.kv_linear.{s}", [d + f"attn2.to_{x}.{s}" for x in "kv"]) for s in wb]
+        for ours, theirs in (("attn.proj", "attn1.to_out.0"), ("cross_attn.proj", "attn2.to_out.0"),
+                             ("mlp.inverted_conv.conv", "ff.conv_inverted"), ("mlp.depth_conv.conv", "ff.conv_depth")):
+            pairs += [(f"{a}{ours}.{s}", [f"{d}{theirs}.{s}"]) for s in wb]
+        if qk_norm:
+            pairs += [(f"{a}{att}.{x}_norm.weight", [f"{d}{datt}.norm_{x}.weight"])
+                      for att, datt in (("attn", "attn1"), ("cross_attn", "attn2")) for x in "qk"]
+    pairs += [("final_layer.scale_shift_table", ["scale_shift_table"])]
+    pairs += [(f"final_layer.linear.{s}", [f"proj_out.{s}"]) for s in wb]
+    return pairs
+
+
+def _depth(sd: dict[str, torch.Tensor], prefix: str) -> int:
+    found = {int(m.group(1)) for k in sd if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
+    if not found or found != set(range(len(found))):
+        raise CheckpointError(f"transformer blocks {sorted(found)[:8]}... are not numbered 0..N-1: truncated file?")
+    return len(found)
+
+
+def diffusers_to_nvlabs(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers `SanaTransformer2DModel` keys -> our (NVlabs) keys. Consumes `sd` tensor by tensor."""
+    depth = _depth(sd, "transformer_blocks.")
+    qk_norm = "transformer_blocks.0.attn1.norm_q.weight" in sd
+    guidance = "time_embed.guidance_embedder.linear_1.weight" in sd
+    out = {}
+    for ours, theirs in _key_map(depth, qk_norm, guidance):
+        missing = [k for k in theirs if k not in sd]
+        if missing:
+            raise CheckpointError(f"diffusers Sana transformer is missing {missing[0]!r}: truncated or not a Sana DiT?")
+        parts = [sd.pop(k) for k in theirs]
+        out[ours] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+    if sd:
+        raise CheckpointError(f"unexpected keys in a diffusers Sana transformer: {sorted(sd)[:4]}")
+    return out
+
+
+def nvlabs_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our (NVlabs) keys -> diffusers keys (fused q/k/v split on dim 0). Used to write diffusers files."""
+    depth = _depth(sd, "blocks.")
+    qk_norm, guidance = "blocks.0.attn.q_norm.weight" in sd, "cfg_embedder.mlp.0.weight" in sd
+    out = {}
+    for ours, theirs in _key_map(depth, qk_norm, guidance):
+        out.update(zip(theirs, sd[ours].chunk(len(theirs), dim=0)))
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def to_nvlabs(sd: dict[str, torch.Tensor], source: PathLike | str) -> dict[str, torch.Tensor]:
+    """Any supported DiT state dict (prefixed or not, either layout) -> our keys, training-only keys dropped."""
+    sd = strip_prefixes(sd, (NVLABS_ANCHOR, DIFFUSERS_ANCHOR))
+    if NVLABS_ANCHOR in sd:
+        for k in TRAINING_ONLY:
+            sd.pop(k, None)
+        return sd
+    if DIFFUSERS_ANCHOR in sd:
+        return diffusers_to_nvlabs(sd)
+    raise CheckpointError(f"{source}: not a Sana DiT checkpoint: {_describe(sd)}; expected keys such as "
+                          f"'{NVLABS_ANCHOR}' (NVlabs) or '{DIFFUSERS_ANCHOR}' (diffusers)")
+
+
+def _resolution_hint(name: str) -> int | None:
+    """2048 / 4096 from names like `Sana_1600M_4Kpx_BF16` or `..._2048px...`, else None."""
+    m = re.search(r"(?<![0-9])(2|4)K(?:px)?(?![a-z])|(2048|4096)px", name, re.IGNORECASE)
+    if not m:
+        return None
+    return {"2": 2048, "4": 4096}[m.group(1)] if m.group(1) else int(m.group(2))
+
+
+def detect_config(sd: dict[str, torch.Tensor], name: str = "", diffusers_config: dict | None = None,
+                  use_pe: bool | None = None) -> tuple[str, DiTConfig]:
+    """The variant name and config of a DiT state dict in our keys.
+
+    Shapes give depth, width, channels, MLP ratio; key presence gives q/k norm and the guidance embedder.
+    What the weights cannot tell (cross-attention heads, the 2K/4K sin-cos positional embedding) comes from
+    `diffusers_config` (a transformer `config.json`), else from the released widths and the checkpoint
+    `name` (e.g. `Sana_1600M_4Kpx_BF16`), and `use_pe` overrides the positional-embedding choice.
+    """
+    proj = sd[NVLABS_ANCHOR]                                   # (C, 32, p, p)
+    width, in_ch, p = proj.shape[0], proj.shape[1], proj.shape[2]
+    cfg = DiTConfig(
+        depth=_depth(sd, "blocks."), width=width, in_channels=in_ch, patch_size=p,
+        cross_heads=CROSS_HEADS.get(width, max(1, width // 32)),
+        caption_channels=sd["y_embedder.y_proj.fc1.weight"].shape[1],
+        mlp_ratio=sd["blocks.0.mlp.point_conv.conv.weight"].shape[1] / width,
+        qk_norm="blocks.0.attn.q_norm.weight" in sd, guidance_embed="cfg_embedder.mlp.0.weight" in sd)
+    if diffusers_config:
+        dc = diffusers_config
+        interp = dc.get("interpolation_scale")
+        cfg = replace(cfg, cross_heads=dc.get("num_cross_attention_heads") or cfg.cross_heads,
+                      self_head_dim=dc.get("attention_head_dim", cfg.self_head_dim),
+                      use_pe=interp is not None, pe_interpolation=float(interp or 1.0),
+                      base_size=dc.get("sample_size", cfg.base_size),
+                      timestep_scale=dc.get("timestep_scale", 1.0),
+                      guidance_embeds_scale=dc.get("guidance_embeds_scale", cfg.guidance_embeds_scale))
+    else:
+        res = _resolution_hint(name)
+        if res:
+            cfg = replace(cfg, use_pe=True, pe_interpolation=res / 2048, base_size=res // 32)
+    if use_pe is not None and use_pe != cfg.use_pe:
+        cfg = replace(cfg, use_pe=use_pe)
+    variant = next((n for n, v in VARIANTS.items() if v == cfg), f"custom ({cfg.depth} blocks, width {cfg.width})")
+    return variant, cfg
+
+
+def _resolve(path: Path, variant: str | None) -> tuple[Path, dict | None]:
+    """A weight file and, for diffusers folders, the transformer config."""
+    if path.is_file():
+        return path, None
+    if (path / "transformer").is_dir():
+        path = path / "transformer"
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    config = read_json(path / "config.json") if (path / "config.json").is_file() else None
+    return find_weights_file(path, ("diffusion_pytorch_model", "model"), variant), config
+
+
+def load_dit(path: PathLike, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
+             ops: Any = None, use_pe: bool | None = None, variant: str | None = None) -> SanaDiT:
+    """Load a Sana DiT from an NVlabs `.pth`, a single safetensors file (either layout, any wrapper prefix)
+    or a diffusers folder (root or `transformer/`, sharded and `variant` files included).
+
+    dtype: None keeps the file's dtype (fp8 storage becomes bf16); use_pe overrides the 2K/4K positional
+    embedding decision. The variant found is in `model.variant`. Raises CheckpointError on anything that is
+    not a complete Sana DiT, before any model exists.
+    """
+    path = Path(path)
+    file, config = _resolve(path, variant)
+    sd = to_nvlabs(read_state_dict(file), file)
+    name = "/".join(path.resolve().parts[-3:])
+    try:
+        detected, cfg = detect_config(sd, name, config, use_pe)
+    except KeyError as e:
+        raise CheckpointError(f"{file}: incomplete Sana DiT checkpoint, key {e} is missing") from e
+    if dtype is None:
+        dtype = sd[NVLABS_ANCHOR].dtype
+        dtype = torch.bfloat16 if dtype.itemsize == 1 else dtype
+    with torch.device("meta"):
+        model = SanaDiT(cfg, ops=ops, dtype=dtype)
+    load_strict(model, cast_state_dict(sd, dtype), file)
+    model.variant = detected
+    log.info("loaded Sana DiT %s from %s (%s)", detected, file, dtype)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def diffusers_config(cfg: DiTConfig) -> dict:
+    """The `transformer/config.json` diffusers writes for this config."""
+    return {
+        "_class_name": "SanaTransformer2DModel", "in_channels": cfg.in_channels, "out_channels": cfg.in_channels,
+        "num_attention_heads": cfg.self_heads, "attention_head_dim": cfg.self_head_dim, "num_layers": cfg.depth,
+        "num_cross_attention_heads": cfg.cross_heads, "cross_attention_head_dim": cfg.width // cfg.cross_heads,
+        "cross_attention_dim": cfg.width, "caption_channels": cfg.caption_channels, "mlp_ratio": cfg.mlp_ratio,
+        "dropout": 0.0, "attention_bias": False, "sample_size": cfg.base_size, "patch_size": cfg.patch_size,
+        "norm_elementwise_affine": False, "norm_eps": 1e-6,
+        "interpolation_scale": cfg.pe_interpolation if cfg.use_pe else None,
+        "guidance_embeds": cfg.guidance_embed, "guidance_embeds_scale": cfg.guidance_embeds_scale,
+        "qk_norm": "rms_norm_across_heads" if cfg.qk_norm else None, "timestep_scale": cfg.timestep_scale,
+    }
+
+
+def save_dit(model: SanaDiT, path: PathLike, layout: str = "diffusers", prefix: str = "",
+             dtype: torch.dtype | None = None, shards: int = 1, variant: str | None = None) -> Path:
+    """Write a DiT in a real layout: `layout="nvlabs"` to a `.pth` ({"state_dict": ...}) or `.safetensors`;
+    `layout="diffusers"` to a folder (config.json + `diffusion_pytorch_model[.variant].safetensors`, split
+    into `shards` files with an index) or to a single `.safetensors`. `prefix` is put before every key."""
+    import json
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    sd = {k: v.detach().to(dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
+    if layout == "diffusers":
+        sd = nvlabs_to_diffusers(sd)
+    elif layout != "nvlabs":
+        raise ValueError(f"layout must be 'nvlabs' or 'diffusers', got {layout!r}")
+    sd = {prefix + k: v for k, v in sd.items()}
+    if path.suffix == ".pth":
+        torch.save({"state_dict": sd}, path)
+        return path
+    if path.suffix == ".safetensors":
+        save_file(sd, str(path))
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(diffusers_config(model.cfg), indent=2))
+    stem = f"diffusion_pytorch_model{'.' + variant if variant else ''}"
+    if shards == 1:
+        save_file(sd, str(path / f"{stem}.safetensors"))
+        return path
+    keys = sorted(sd)
+    weight_map = {}
+    for i in range(shards):
+        name = f"{stem}-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = keys[i::shards]
+        save_file({k: sd[k] for k in part}, str(path / name))
+        weight_map.update(dict.fromkeys(part, name))
+    (path / f"{stem}.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return path

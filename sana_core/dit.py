@@ -1,0 +1,336 @@
+"""The Sana linear DiT (NVlabs `SanaMS`; diffusers `SanaTransformer2DModel`), one module.
+
+Parameter names follow the original NVlabs checkpoints (`blocks.N.attn.qkv`, `blocks.N.cross_attn.kv_linear`,
+...), so `.pth` files load as they are and diffusers files go through `checkpoints/dit.py`.
+
+Shapes: B batch, C width, N = H*W image tokens (patch size 1: one token per latent pixel), T text tokens.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    depth: int = 20                  # number of transformer blocks
+    width: int = 2240                # C, hidden size
+    cross_heads: int = 20            # cross-attention heads (head dim = width // cross_heads)
+    self_head_dim: int = 32          # self-attention head dim (heads = width // 32)
+    in_channels: int = 32            # DC-AE latent channels (out channels are the same)
+    patch_size: int = 1
+    caption_channels: int = 2304     # Gemma-2-2B hidden size
+    mlp_ratio: float = 2.5           # GLUMBConv hidden = int(mlp_ratio * width)
+    qk_norm: bool = False            # RMSNorm on q and k across heads (Sana 1.5, Sprint)
+    guidance_embed: bool = False     # Sprint: guidance scale enters through `cfg_embedder`
+    use_pe: bool = False             # fixed 2D sin-cos positional embedding (2K/4K models)
+    pe_interpolation: float = 1.0    # sin-cos grid divisor (NVlabs `pe_interpolation`)
+    base_size: int = 32              # latent side the sin-cos grid is normalised to (image size // 32)
+    timestep_scale: float = 1.0      # multiplies the timestep before embedding (diffusers `timestep_scale`)
+    guidance_embeds_scale: float = 0.1  # Sprint: guidance fed to cfg_embedder = scale * this
+
+    @property
+    def self_heads(self) -> int:
+        return self.width // self.self_head_dim
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(self.mlp_ratio * self.width)
+
+
+_06B = DiTConfig(depth=28, width=1152, cross_heads=16)
+_16B = DiTConfig(depth=20, width=2240, cross_heads=20)
+
+#: Every released Sana DiT. Names are ours; `checkpoints/dit.py` detects them from the weights.
+VARIANTS: dict[str, DiTConfig] = {
+    "sana-0.6b": _06B,
+    "sana-1.6b": _16B,
+    "sana-1.6b-2k": replace(_16B, use_pe=True, pe_interpolation=1.0, base_size=64),
+    "sana-1.6b-4k": replace(_16B, use_pe=True, pe_interpolation=2.0, base_size=128),
+    "sana-1.5-1.6b": replace(_16B, qk_norm=True),
+    "sana-1.5-4.8b": replace(_16B, depth=60, qk_norm=True),
+    "sana-sprint-0.6b": replace(_06B, qk_norm=True, guidance_embed=True),
+    "sana-sprint-1.6b": replace(_16B, qk_norm=True, guidance_embed=True),
+}
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim, statistics in fp32 (as diffusers/NVlabs), result in x's dtype."""
+    y = x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+    y = y.to(x.dtype)
+    return y if weight is None else y * weight.to(y)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding [cos | sin] of (possibly fractional) timesteps. t: (B,) -> (B, dim) fp32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def sincos_pos_embed(dim: int, h: int, w: int, base_size: int, interpolation: float,
+                     device: torch.device | None = None) -> torch.Tensor:
+    """Fixed 2D sin-cos positional embedding of an h x w token grid -> (h*w, dim) fp32.
+
+    Positions are normalised to a `base_size` grid and divided by `interpolation` (NVlabs `pe_interpolation`);
+    the first half of the channels encodes the column, the second the row (diffusers' convention).
+    """
+    def axis(n: int, positions: torch.Tensor) -> torch.Tensor:  # (n,) -> (n, dim/2), [sin | cos]
+        omega = torch.arange(dim // 4, dtype=torch.float64, device=device) / (dim / 4.0)
+        out = positions.double()[:, None] * (1.0 / 10000**omega)[None]
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    rows = torch.arange(h, dtype=torch.float32, device=device) / (h / base_size) / interpolation
+    cols = torch.arange(w, dtype=torch.float32, device=device) / (w / base_size) / interpolation
+    ew, eh = axis(w, cols), axis(h, rows)  # (w, dim/2), (h, dim/2)
+    emb = torch.cat([ew[None].expand(h, w, -1), eh[:, None].expand(h, w, -1)], dim=-1)
+    return emb.reshape(h * w, dim).float()
+
+
+def relu_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-15) -> torch.Tensor:
+    """ReLU linear attention, O(N): out_n = sum_m (q_n . k_m) v_m / sum_m (q_n . k_m), q and k after ReLU.
+
+    q, k, v: (B, N, heads, d) in any dtype; accumulated in fp32; returns (B, N, heads, d) fp32.
+    """
+    q, k, v = F.relu(q).float(), F.relu(k).float(), v.float()
+    kv = torch.einsum("bnhd,bnhe->bhde", k, v)                  # (B, heads, d, d)
+    num = torch.einsum("bnhd,bhde->bnhe", q, kv)                 # (B, N, heads, d)
+    den = torch.einsum("bnhd,bhd->bnh", q, k.sum(dim=1))         # (B, N, heads)
+    return num / (den[..., None] + eps)
+
+
+class _CaptionProjection(nn.Module):
+    """Linear(2304 -> C) -> GELU(tanh) -> Linear(C -> C) (keys `fc1`, `fc2`)."""
+
+    def __init__(self, dim_in: int, width: int, ops: Any, **kw: Any):
+        super().__init__()
+        self.fc1 = ops.Linear(dim_in, width, **kw)
+        self.fc2 = ops.Linear(width, width, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class _TimestepEmbedder(nn.Module):
+    """Sinusoidal(256) -> Linear -> SiLU -> Linear (keys `mlp.0`, `mlp.2`)."""
+
+    def __init__(self, width: int, ops: Any, **kw: Any):
+        super().__init__()
+        self.mlp = nn.Sequential(ops.Linear(256, width, **kw), nn.SiLU(), ops.Linear(width, width, **kw))
+
+    def forward(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:  # (B,) -> (B, C)
+        return self.mlp(timestep_embedding(t).to(dtype))
+
+
+class _Conv(nn.Module):
+    """A conv under a `.conv` attribute, as NVlabs' `ConvLayer` stores it."""
+
+    def __init__(self, conv: nn.Module):
+        super().__init__()
+        self.conv = conv
+
+
+class GLUMBConv(nn.Module):
+    """Mix-FFN: 1x1 conv C->2F, SiLU, depthwise 3x3, x * SiLU(gate), 1x1 conv F->C (no bias)."""
+
+    def __init__(self, width: int, hidden: int, ops: Any, **kw: Any):
+        super().__init__()
+        self.inverted_conv = _Conv(ops.Conv2d(width, 2 * hidden, 1, **kw))
+        self.depth_conv = _Conv(ops.Conv2d(2 * hidden, 2 * hidden, 3, padding=1, groups=2 * hidden, **kw))
+        self.point_conv = _Conv(ops.Conv2d(hidden, width, 1, bias=False, **kw))
+
+    def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:  # (B, N, C) -> (B, N, C)
+        B, N, C = x.shape
+        x = x.transpose(1, 2).reshape(B, C, *hw)
+        x = self.depth_conv.conv(F.silu(self.inverted_conv.conv(x)))
+        x, gate = x.chunk(2, dim=1)
+        x = self.point_conv.conv(x * F.silu(gate))
+        return x.flatten(2).transpose(1, 2)
+
+
+class LinearSelfAttention(nn.Module):
+    """Self-attention with ReLU linear attention; optional q/k RMSNorm; PAG identity path."""
+
+    def __init__(self, cfg: DiTConfig, ops: Any, dtype: torch.dtype | None = None, device: Any = None):
+        super().__init__()
+        C, kw = cfg.width, dict(dtype=dtype, device=device)
+        self.heads = cfg.self_heads
+        self.qkv = ops.Linear(C, 3 * C, bias=False, **kw)
+        self.proj = ops.Linear(C, C, **kw)
+        if cfg.qk_norm:
+            self.q_norm = _Norm(C, **kw)
+            self.k_norm = _Norm(C, **kw)
+
+    def forward(self, x: torch.Tensor, identity: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, N, C). `identity`: (B,) bool, samples whose attention is replaced by v (PAG)."""
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)                   # (B, N, C) each
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        out = relu_linear_attention(*(t.reshape(B, N, self.heads, -1) for t in (q, k, v)))
+        out = out.reshape(B, N, C).to(x.dtype)
+        if identity is not None:
+            out = torch.where(identity[:, None, None], v, out)
+        return self.proj(out)
+
+
+class CrossAttention(nn.Module):
+    """Softmax attention from image tokens to text tokens, with the text padding mask as an additive bias."""
+
+    def __init__(self, cfg: DiTConfig, ops: Any, dtype: torch.dtype | None = None, device: Any = None):
+        super().__init__()
+        C, kw = cfg.width, dict(dtype=dtype, device=device)
+        self.heads = cfg.cross_heads
+        self.q_linear = ops.Linear(C, C, **kw)
+        self.kv_linear = ops.Linear(C, 2 * C, **kw)
+        self.proj = ops.Linear(C, C, **kw)
+        if cfg.qk_norm:
+            self.q_norm = _Norm(C, **kw)
+            self.k_norm = _Norm(C, **kw)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x: (B, N, C) image tokens; y: (B, T, C) projected text; bias: (B, 1, 1, T) additive or None."""
+        B, N, C = x.shape
+        q = self.q_linear(x)
+        k, v = self.kv_linear(y).chunk(2, dim=-1)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.reshape(B, -1, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, heads, N, d)
+        return self.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+class _Norm(nn.Module):
+    """RMSNorm with a learned weight (eps 1e-5, as diffusers' caption_norm and q/k norms)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, dtype: torch.dtype | None = None, device: Any = None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim, dtype=dtype, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """LayerNorm (no affine, eps 1e-6) then AdaLN: x * (1 + scale) + shift."""
+    return F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale) + shift
+
+
+class SanaBlock(nn.Module):
+    """AdaLN-single block: linear self-attention, cross-attention to text, Mix-FFN, each with a residual."""
+
+    def __init__(self, cfg: DiTConfig, ops: Any, dtype: torch.dtype | None = None, device: Any = None):
+        super().__init__()
+        self.scale_shift_table = nn.Parameter(torch.empty(6, cfg.width, dtype=dtype, device=device))
+        self.attn = LinearSelfAttention(cfg, ops, dtype, device)
+        self.cross_attn = CrossAttention(cfg, ops, dtype, device)
+        self.mlp = GLUMBConv(cfg.width, cfg.mlp_hidden, ops, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, t6: torch.Tensor, bias: torch.Tensor | None,
+                hw: tuple[int, int], identity: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, N, C); y: (B, T, C); t6: (B, 6, C) modulation from `t_block`."""
+        mod = self.scale_shift_table.to(t6)[None] + t6               # (B, 6, C)
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mod.to(x.dtype).chunk(6, dim=1)
+        x = x + gate_sa * self.attn(_modulate(x, shift_sa, scale_sa), identity)
+        x = x + self.cross_attn(x, y, bias)
+        return x + gate_ff * self.mlp(_modulate(x, shift_ff, scale_ff), hw)
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, cfg: DiTConfig, ops: Any, dtype: torch.dtype | None = None, device: Any = None):
+        super().__init__()
+        out = cfg.patch_size**2 * cfg.in_channels
+        self.scale_shift_table = nn.Parameter(torch.empty(2, cfg.width, dtype=dtype, device=device))
+        self.linear = ops.Linear(cfg.width, out, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # (B, N, C), (B, C) -> (B, N, p*p*32)
+        shift, scale = (self.scale_shift_table.to(t)[None] + t[:, None]).to(x.dtype).chunk(2, dim=1)
+        return self.linear(_modulate(x, shift, scale))
+
+
+class SanaDiT(nn.Module):
+    """The linear DiT: predicts the flow velocity v = noise - x0 of a DC-AE latent.
+
+    Layers are built through `ops` (default `torch.nn`; ComfyUI passes `comfy.ops.*` for casting/offload).
+    The model holds no buffers, so it can be built on `meta` and loaded with `assign=True`.
+    """
+
+    def __init__(self, cfg: DiTConfig, ops: Any = None, dtype: torch.dtype | None = None, device: Any = None):
+        super().__init__()
+        ops = ops or nn
+        self.cfg = cfg
+        C, kw = cfg.width, dict(dtype=dtype, device=device)
+        p = cfg.patch_size
+        self.x_embedder = nn.Module()
+        self.x_embedder.proj = ops.Conv2d(cfg.in_channels, C, p, stride=p, **kw)
+        self.t_embedder = _TimestepEmbedder(C, ops, **kw)
+        if cfg.guidance_embed:
+            self.cfg_embedder = _TimestepEmbedder(C, ops, **kw)
+        self.t_block = nn.Sequential(nn.SiLU(), ops.Linear(C, 6 * C, **kw))
+        self.y_embedder = nn.Module()
+        self.y_embedder.y_proj = _CaptionProjection(cfg.caption_channels, C, ops, **kw)
+        self.attention_y_norm = _Norm(C, **kw)
+        self.blocks = nn.ModuleList(SanaBlock(cfg, ops, dtype, device) for _ in range(cfg.depth))
+        self.final_layer = FinalLayer(cfg, ops, dtype, device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.final_layer.scale_shift_table.dtype
+
+    def embed_text(self, context: torch.Tensor) -> torch.Tensor:
+        """Caption projection + RMSNorm: (B, T, 2304) -> (B, T, C). Constant over the sampling steps."""
+        return self.attention_y_norm(self.y_embedder.y_proj(context))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        context: torch.Tensor,
+        context_mask: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
+        pag_layers: Iterable[int] = (),
+        pag_batch: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Velocity prediction.
+
+        x: (B, 32, H, W) latent (H, W in latent pixels); timestep: (B,) or scalar, 0..1000 (= 1000 * sigma);
+        context: (B, T, 2304) Gemma states; context_mask: (B, T), 1 for real tokens, 0 for padding
+        (each sample its own); guidance: (B,) Sprint guidance scale (multiplied by `guidance_embeds_scale`);
+        pag_layers / pag_batch: blocks and (B,) bool samples whose self-attention is the identity (PAG).
+        Returns v: (B, 32, H, W) in x's dtype.
+        """
+        cfg, dtype = self.cfg, self.dtype
+        B, _, H, W = x.shape
+        p = cfg.patch_size
+        if H % p or W % p:
+            raise ValueError(f"latent size {H}x{W} is not a multiple of the patch size {p}")
+        h, w = H // p, W // p
+        tokens = self.x_embedder.proj(x.to(dtype)).flatten(2).transpose(1, 2)   # (B, N, C)
+        if cfg.use_pe:
+            pe = sincos_pos_embed(cfg.width, h, w, cfg.base_size, cfg.pe_interpolation, tokens.device)
+            tokens = (tokens.float() + pe[None]).to(dtype)
+        timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(B) * cfg.timestep_scale
+        t = self.t_embedder(timestep, dtype)                                     # (B, C)
+        if cfg.guidance_embed:
+            if guidance is None:
+                raise ValueError("this Sana-Sprint model needs `guidance` (the guidance scale) in forward()")
+            g = torch.as_tensor(guidance, device=x.device).reshape(-1).expand(B) * cfg.guidance_embeds_scale
+            t = t + self.cfg_embedder(g, dtype)
+        t6 = self.t_block(t).unflatten(1, (6, -1))                              # (B, 6, C)
+        y = self.embed_text(context.to(dtype))                                   # (B, T, C)
+        bias = None
+        if context_mask is not None:
+            bias = ((1 - context_mask.to(dtype)) * -10000.0)[:, None, None, :]  # (B, 1, 1, T)
+        pag = set(pag_layers)
+        for i, block in enumerate(self.blocks):
+            tokens = block(tokens, y, t6, bias, (h, w), pag_batch if i in pag else None)
+        out = self.final_layer(tokens, t)                                        # (B, N, p*p*32)
+        out = out.reshape(B, h, w, p, p, -1).permute(0, 5, 1, 3, 2, 4).reshape(B, -1, H, W)
+        return out.to(x.dtype)

@@ -1,0 +1,129 @@
+"""The linear DiT against diffusers' SanaTransformer2DModel on the same random weights (fp32)."""
+from dataclasses import replace
+
+import pytest
+import torch
+from diffusers import SanaTransformer2DModel
+
+from sana_core.checkpoints.dit import nvlabs_to_diffusers
+from sana_core.dit import DiTConfig, SanaDiT, relu_linear_attention, sincos_pos_embed
+from sana_core.tiny import randomize_
+
+TINY = DiTConfig(depth=2, width=64, cross_heads=2, caption_channels=48)
+RTOL, ATOL = 1e-5, 1e-5
+
+
+def diffusers_twin(ours: SanaDiT) -> SanaTransformer2DModel:
+    c = ours.cfg
+    ref = SanaTransformer2DModel(
+        in_channels=c.in_channels, out_channels=c.in_channels, num_attention_heads=c.self_heads,
+        attention_head_dim=c.self_head_dim, num_layers=c.depth, num_cross_attention_heads=c.cross_heads,
+        cross_attention_head_dim=c.width // c.cross_heads, cross_attention_dim=c.width,
+        caption_channels=c.caption_channels, mlp_ratio=c.mlp_ratio, sample_size=c.base_size,
+        interpolation_scale=c.pe_interpolation if c.use_pe else None, guidance_embeds=c.guidance_embed,
+        qk_norm="rms_norm_across_heads" if c.qk_norm else None)
+    ref.load_state_dict(nvlabs_to_diffusers(ours.state_dict()), strict=True)
+    return ref.eval()
+
+
+def inputs(cfg: DiTConfig, B=3, H=4, W=6, T=7, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, cfg.in_channels, H, W, generator=g)
+    ctx = torch.randn(B, T, cfg.caption_channels, generator=g)
+    mask = torch.zeros(B, T, dtype=torch.int64)
+    for b, n in enumerate([T, 2, 5][:B]):  # a different caption length per sample
+        mask[b, :n] = 1
+    t = torch.tensor([999.0, 500.0, 3.0][:B])
+    return x, t, ctx, mask
+
+
+@pytest.mark.parametrize("variant", ["base", "qk_norm", "sprint", "pe"])
+def test_forward_matches_diffusers(variant):
+    cfg = {"base": TINY, "qk_norm": replace(TINY, qk_norm=True),
+           "sprint": replace(TINY, qk_norm=True, guidance_embed=True),
+           "pe": replace(TINY, use_pe=True, pe_interpolation=2.0, base_size=4)}[variant]
+    ours = randomize_(SanaDiT(cfg), seed=3).eval()
+    ref = diffusers_twin(ours)
+    x, t, ctx, mask = inputs(cfg)
+    extra = {}
+    if cfg.guidance_embed:
+        extra["guidance"] = torch.tensor([4.5, 3.0, 1.0])
+    with torch.no_grad():
+        got = ours(x, t, ctx, mask, **extra)
+        if cfg.guidance_embed:  # diffusers' pipeline multiplies by guidance_embeds_scale before the model
+            extra["guidance"] = extra["guidance"] * cfg.guidance_embeds_scale
+        want = ref(x, encoder_hidden_states=ctx, timestep=t, encoder_attention_mask=mask, **extra).sample
+    assert got.shape == (3, 32, 4, 6)
+    torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
+
+
+def test_batch_masks_are_per_sample():
+    """Each sample's output depends only on its own real tokens: padding values do not leak in."""
+    ours = randomize_(SanaDiT(TINY), seed=4).eval()
+    x, t, ctx, mask = inputs(TINY)
+    noisy = ctx.clone()
+    noisy[mask == 0] = 1e3 * torch.randn_like(noisy[mask == 0])
+    with torch.no_grad():
+        a, b = ours(x, t, ctx, mask), ours(x, t, noisy, mask)
+        alone = ours(x[1:2], t[1:2], ctx[1:2, :2], mask[1:2, :2])  # sample 1 with only its 2 real tokens
+    torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(a[1:2], alone, rtol=RTOL, atol=ATOL)
+
+
+def test_linear_attention_matches_quadratic_form():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 10, 3, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    rq, rk = q.relu(), k.relu()
+    w = torch.einsum("bnhd,bmhd->bhnm", rq, rk)                        # (B, h, N, N) unnormalised
+    want = torch.einsum("bhnm,bmhd->bnhd", w / w.sum(-1, keepdim=True), v.float().double())
+    got = relu_linear_attention(q, k, v)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    assert got.dtype == torch.float32
+
+
+def test_linear_attention_accumulates_in_fp32():
+    q = k = torch.full((1, 4096, 1, 32), 8.0, dtype=torch.float16)  # sums overflow fp16 (max 65504)
+    v = torch.ones(1, 4096, 1, 32, dtype=torch.float16)
+    out = relu_linear_attention(q, k, v)
+    assert torch.isfinite(out).all() and torch.allclose(out, torch.ones_like(out))
+
+
+def test_pag_identity_layers_match_diffusers_processor():
+    """Identity self-attention (PAG) on chosen blocks equals diffusers' PAG processor's perturbed path."""
+    from diffusers.models.attention_processor import PAGIdentitySanaLinearAttnProcessor2_0
+
+    ours = randomize_(SanaDiT(TINY), seed=5).eval()
+    ref = diffusers_twin(ours)
+    ref.transformer_blocks[1].attn1.set_processor(PAGIdentitySanaLinearAttnProcessor2_0())
+    x, t, ctx, mask = inputs(TINY, B=2)
+    x, t, ctx, mask = (v.repeat(2, *[1] * (v.ndim - 1)) for v in (x, t, ctx, mask))  # [cond | perturbed]
+    with torch.no_grad():
+        got = ours(x, t, ctx, mask, pag_layers=[1], pag_batch=torch.tensor([False, False, True, True]))
+        want = ref(x, encoder_hidden_states=ctx, timestep=t, encoder_attention_mask=mask).sample
+    torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
+    assert not torch.allclose(got[:2], got[2:], atol=1e-3)  # the perturbed half really differs
+
+
+def test_sincos_matches_diffusers():
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+    for h, w, base, interp in [(4, 6, 4, 2.0), (8, 8, 64, 1.0), (5, 3, 128, 2.0)]:
+        want = get_2d_sincos_pos_embed(64, (h, w), base_size=base, interpolation_scale=interp, output_type="pt")
+        torch.testing.assert_close(sincos_pos_embed(64, h, w, base, interp), want.float(), rtol=1e-6, atol=1e-6)
+
+
+def test_bf16_forward_close_to_fp32():
+    ours = randomize_(SanaDiT(TINY), seed=6).eval()
+    x, t, ctx, mask = inputs(TINY)
+    with torch.no_grad():
+        ref = ours(x, t, ctx, mask)
+        got = ours.to(torch.bfloat16)(x, t, ctx, mask)
+    assert got.dtype == torch.float32  # returned in the input's dtype
+    assert (got - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_sprint_needs_guidance():
+    ours = randomize_(SanaDiT(replace(TINY, qk_norm=True, guidance_embed=True))).eval()
+    x, t, ctx, mask = inputs(TINY)
+    with pytest.raises(ValueError, match="guidance"):
+        ours(x, t, ctx, mask)
