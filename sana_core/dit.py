@@ -31,8 +31,8 @@ class DiTConfig:
     use_pe: bool = False             # fixed 2D sin-cos positional embedding (2K/4K models)
     pe_interpolation: float = 1.0    # sin-cos grid divisor (NVlabs `pe_interpolation`)
     base_size: int = 32              # latent side the sin-cos grid is normalised to (image size // 32)
-    timestep_scale: float = 1.0      # multiplies the timestep before embedding (diffusers `timestep_scale`)
-    guidance_embeds_scale: float = 0.1  # Sprint: guidance fed to cfg_embedder = scale * this
+    timestep_scale: float = 1.0      # the sampler feeds 1000 * sigma * this (diffusers `timestep_scale`)
+    guidance_embeds_scale: float = 0.1  # Sprint: the sampler feeds guidance scale * this to `cfg_embedder`
 
     @property
     def self_heads(self) -> int:
@@ -300,9 +300,10 @@ class SanaDiT(nn.Module):
     ) -> torch.Tensor:
         """Velocity prediction.
 
-        x: (B, 32, H, W) latent (H, W in latent pixels); timestep: (B,) or scalar, 0..1000 (= 1000 * sigma);
+        x: (B, 32, H, W) latent (H, W in latent pixels); timestep: (B,) or scalar, as the model was trained
+        (1000 * sigma * `timestep_scale` for Sana; the flow sigma for Sprint: see `samplers`);
         context: (B, T, 2304) Gemma states; context_mask: (B, T), 1 for real tokens, 0 for padding
-        (each sample its own); guidance: (B,) Sprint guidance scale (multiplied by `guidance_embeds_scale`);
+        (each sample its own); guidance: (B,) Sprint guidance embedding input (scale * `guidance_embeds_scale`);
         pag_layers / pag_batch: blocks and (B,) bool samples whose self-attention is the identity (PAG).
         Returns v: (B, 32, H, W) in x's dtype.
         """
@@ -316,12 +317,12 @@ class SanaDiT(nn.Module):
         if cfg.use_pe:
             pe = sincos_pos_embed(cfg.width, h, w, cfg.base_size, cfg.pe_interpolation, tokens.device)
             tokens = (tokens.float() + pe[None]).to(dtype)
-        timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(B) * cfg.timestep_scale
+        timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(B)
         t = self.t_embedder(timestep, dtype)                                     # (B, C)
         if cfg.guidance_embed:
             if guidance is None:
                 raise ValueError("this Sana-Sprint model needs `guidance` (the guidance scale) in forward()")
-            g = torch.as_tensor(guidance, device=x.device).reshape(-1).expand(B) * cfg.guidance_embeds_scale
+            g = torch.as_tensor(guidance, device=x.device).reshape(-1).expand(B)
             t = t + self.cfg_embedder(g, dtype)
         t6 = self.t_block(t).unflatten(1, (6, -1))                              # (B, 6, C)
         y = self.embed_text(context.to(dtype))                                   # (B, T, C)
