@@ -1,0 +1,154 @@
+"""`python -m sana_core.cli`: text-to-image from the command line (the job of NVlabs' `scripts/inference.py`).
+
+    python -m sana_core.cli --prompt "a cyberpunk cat" --output_dir output
+    python -m sana_core.cli --txt_file prompts.txt --model ./Sana_600M_1024px_diffusers
+    python -m sana_core.cli --json_file prompts.json --dit Sana_1600M_1024px.pth --vae dc-ae --text_encoder gemma
+
+A txt file holds one prompt a line (blank lines and lines starting with # are skipped). A json file holds a
+list of prompts or records, or an object mapping names to prompts or records; a record has "prompt" and may
+override "negative_prompt", "seed", "height", "width", "steps", "guidance_scale", "pag_guidance_scale".
+Every PNG carries its prompt and settings in its metadata.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+RECORD_FIELDS = {"prompt", "name", "negative_prompt", "seed", "height", "width", "steps", "guidance_scale",
+                 "pag_guidance_scale"}
+
+
+def read_prompts(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The prompt records the arguments ask for, each at least {"prompt": ...}."""
+    if args.txt_file:
+        path = Path(args.txt_file)
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+        records = [{"prompt": ln} for ln in lines if ln and not ln.startswith("#")]
+    elif args.json_file:
+        path = Path(args.json_file)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from e
+        items = list(data.items()) if isinstance(data, dict) else list(enumerate(data))
+        records = []
+        for key, item in items:
+            rec = {"prompt": item} if isinstance(item, str) else item
+            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+                raise ValueError(f"{path}: entry {key!r} must be a prompt string or an object with a \"prompt\" string")
+            unknown = set(rec) - RECORD_FIELDS
+            if unknown:
+                raise ValueError(f"{path}: entry {key!r} has unknown fields {sorted(unknown)}; valid: {sorted(RECORD_FIELDS)}")
+            if isinstance(data, dict):
+                rec = {"name": str(key), **rec}
+            records.append(rec)
+    else:
+        return [{"prompt": args.prompt}]
+    if not records:
+        raise ValueError(f"{path}: holds no prompts")
+    return records
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .pipeline import DEFAULT_MODEL
+    from .samplers import SAMPLERS
+
+    p = argparse.ArgumentParser(prog="python -m sana_core.cli", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", default='a cyberpunk cat with a neon sign that says "Sana"')
+    src.add_argument("--txt_file", help="one prompt a line")
+    src.add_argument("--json_file", help="prompt records (see above)")
+    p.add_argument("--negative_prompt", default="")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="diffusers Sana folder, Hugging Face repo id or hf:// URL (default: %(default)s)")
+    p.add_argument("--dit", help="DiT checkpoint instead of the model's (NVlabs .pth, safetensors, folder, hf://)")
+    p.add_argument("--vae", help="DC-AE file or folder instead of the model's")
+    p.add_argument("--text_encoder", help="Gemma-2 folder or single file instead of the model's")
+    p.add_argument("--output_dir", default="output")
+    p.add_argument("--height", type=int, default=1024, help="pixels, a multiple of 32")
+    p.add_argument("--width", type=int, default=1024, help="pixels, a multiple of 32")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 20; 2 for Sprint)")
+    p.add_argument("--guidance_scale", type=float, default=4.5, help="CFG scale (Sprint: embedded guidance)")
+    p.add_argument("--pag_guidance_scale", type=float, default=0.0, help="PAG scale; 0 turns PAG off")
+    p.add_argument("--pag_layers", type=int, nargs="+", default=[8], help="blocks whose self-attention PAG perturbs")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image; the next ones count up")
+    p.add_argument("--sampler", choices=list(SAMPLERS), help="default: flow_dpmpp_2m, or scm for Sprint models")
+    p.add_argument("--shift", type=float, help="timestep shift (default 3.0; 6.0 from 4K up)")
+    p.add_argument("--batch_size", type=int, default=1, help="prompts generated together")
+    p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    p.add_argument("--device", help="cuda, cuda:1, cpu, mps (default: cuda if available)")
+    p.add_argument("--offload", action="store_true", help="keep idle models on the CPU (small GPUs)")
+    p.add_argument("--tiled_decode", action=argparse.BooleanOptionalAction, default=None,
+                   help="force (or forbid) tiled DC-AE decoding; default decides from free memory")
+    p.add_argument("--no_chi", action="store_true", help="encode prompts without the complex human instruction")
+    p.add_argument("--use_pe", action=argparse.BooleanOptionalAction, default=None,
+                   help="force the 2K/4K sin-cos positional embedding on/off (default: detected)")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    return p
+
+
+def plan_jobs(records: list[dict[str, Any]], args: argparse.Namespace, sprint: bool) -> list[tuple[dict, list[dict]]]:
+    """Group records into batches of up to `--batch_size` that share every setting but the prompt and seed.
+
+    Each record gets its own seed (`--seed` + its index unless it sets one), so an image does not depend
+    on what else was in its batch.
+    """
+    jobs: list[tuple[dict, list[dict]]] = []
+    for i, rec in enumerate(records):
+        rec = {"seed": args.seed + i, "name": f"{i:05d}", **rec}
+        settings = dict(
+            negative_prompt=rec.get("negative_prompt", args.negative_prompt),
+            height=rec.get("height", args.height), width=rec.get("width", args.width),
+            num_inference_steps=rec.get("steps", args.steps or (2 if sprint else 20)),
+            guidance_scale=rec.get("guidance_scale", args.guidance_scale),
+            pag_guidance_scale=rec.get("pag_guidance_scale", args.pag_guidance_scale),
+            pag_layers=tuple(args.pag_layers), sampler=args.sampler or ("scm" if sprint else "flow_dpmpp_2m"),
+            shift=args.shift, use_chi=not args.no_chi)
+        if jobs and jobs[-1][0] == settings and len(jobs[-1][1]) < args.batch_size:
+            jobs[-1][1].append(rec)
+        else:
+            jobs.append((settings, [rec]))
+    return jobs
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from tqdm.auto import tqdm
+
+    from .pipeline import GenerationSettings, SanaPipeline, save_images
+
+    try:
+        records = read_prompts(args)
+        for settings, _ in plan_jobs(records, args, sprint=False):  # fail on bad sizes before loading anything
+            GenerationSettings("", **settings).validate()
+        pipe = SanaPipeline.from_pretrained(args.model, dit=args.dit, vae=args.vae, text_encoder=args.text_encoder,
+                                            dtype=DTYPES[args.dtype], device=args.device, use_pe=args.use_pe,
+                                            offload=args.offload)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    jobs = plan_jobs(records, args, sprint=pipe.dit.cfg.guidance_embed)
+    model = str(args.dit or args.model)
+    for settings, recs in tqdm(jobs, desc="batches", disable=args.no_progress or len(jobs) == 1):
+        shape = (1, pipe.dit.cfg.in_channels, settings["height"] // 32, settings["width"] // 32)
+        noise = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(r["seed"])) for r in recs])
+        images = pipe([r["prompt"] for r in recs], latents=noise, progress=not args.no_progress,
+                      tiled_decode=args.tiled_decode, **settings)
+        metas = [{**settings, "prompt": r["prompt"], "seed": r["seed"], "model": model, "variant": pipe.dit.variant}
+                 for r in recs]
+        for path in save_images(images, args.output_dir, metas, [r["name"] for r in recs]):
+            print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

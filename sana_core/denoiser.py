@@ -1,0 +1,93 @@
+"""The DiT as a flow denoiser `model(x, sigma) -> x0`, with CFG / PAG batching, for any k-diffusion sampler.
+
+Flow space: x_t = (1 - s) x0 + s noise; the DiT predicts v = noise - x0, so x0 = x_t - s v.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .dit import SanaDiT
+
+
+@dataclass
+class TextCondition:
+    """Gemma states for a batch. embeds: (B, T, 2304); mask: (B, T) int, 1 for real tokens."""
+
+    embeds: torch.Tensor
+    mask: torch.Tensor
+
+    def repeat(self, n: int) -> "TextCondition":
+        """Each sample n times in a row: (B, ...) -> (B*n, ...)."""
+        return TextCondition(self.embeds.repeat_interleave(n, 0), self.mask.repeat_interleave(n, 0))
+
+
+@dataclass
+class SanaDenoiser:
+    """Calls the DiT once per step on the batch [uncond | cond | perturbed] that the guidance needs.
+
+    v = v_u + g (v_c - v_u)   (CFG: on when g > 1 and `uncond` is given)
+          + p (v_c - v_pag)   (PAG: on when p > 0; the `pag_layers` self-attentions become the identity).
+    Sprint models take no CFG branch: the guidance scale enters through the DiT's guidance embedder.
+    `diffusers_timesteps` truncates 1000 * sigma to an integer, as diffusers' DPMSolverMultistepScheduler does.
+    """
+
+    dit: SanaDiT
+    cond: TextCondition
+    uncond: TextCondition | None = None
+    guidance_scale: float = 4.5
+    pag_scale: float = 0.0
+    pag_layers: tuple[int, ...] = (8,)
+    diffusers_timesteps: bool = False
+    calls: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        depth = self.dit.cfg.depth
+        if self.pag_scale > 0 and not all(0 <= i < depth for i in self.pag_layers):
+            raise ValueError(f"pag_layers {list(self.pag_layers)} must be block indices in 0..{depth - 1}")
+
+    @property
+    def sprint(self) -> bool:
+        return self.dit.cfg.guidance_embed
+
+    @property
+    def use_cfg(self) -> bool:
+        return not self.sprint and self.uncond is not None and self.guidance_scale > 1.0
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        """DiT timestep for flow sigma: the sigma itself for Sprint, else 1000 * sigma * timestep_scale."""
+        if self.sprint:
+            return sigma
+        t = sigma * 1000.0
+        if self.diffusers_timesteps:
+            t = t.to(torch.float64).floor()
+        return (t * self.dit.cfg.timestep_scale).float()
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """x: (B, 32, h, w) flow-space latent; sigma: (B,) or scalar in [0, 1] -> x0, same shape, fp32."""
+        B = x.shape[0]
+        sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).reshape(-1).expand(B)
+        branches = [self.cond] + ([self.uncond] if self.use_cfg else []) + ([self.cond] if self.pag_scale > 0 else [])
+        n = len(branches)
+        embeds = torch.cat([c.embeds for c in branches]).to(x.device)
+        mask = torch.cat([c.mask for c in branches]).to(x.device)
+        if self.cond.embeds.shape[0] != B:
+            raise ValueError(f"text batch {self.cond.embeds.shape[0]} does not match the latent batch {B}")
+        pag_batch = None
+        if self.pag_scale > 0:
+            pag_batch = torch.arange(n * B, device=x.device) >= (n - 1) * B
+        guidance = None
+        if self.sprint:
+            guidance = torch.full((n * B,), self.guidance_scale * self.dit.cfg.guidance_embeds_scale, device=x.device)
+        v = self.dit(x.repeat(n, 1, 1, 1), self.timestep(sigma).repeat(n), embeds, mask, guidance=guidance,
+                     pag_layers=self.pag_layers if self.pag_scale > 0 else (), pag_batch=pag_batch).float()
+        self.calls += 1
+        parts = v.chunk(n)
+        v_c = parts[0]
+        out = v_c
+        if self.use_cfg:
+            out = parts[1] + self.guidance_scale * (v_c - parts[1])
+        if self.pag_scale > 0:
+            out = out + self.pag_scale * (v_c - parts[-1])
+        return x.float() - sigma.view(B, 1, 1, 1) * out

@@ -1,0 +1,258 @@
+"""The user-facing Python API, in the spirit of NVlabs' `SanaPipeline`:
+
+    pipe = SanaPipeline.from_pretrained("Efficient-Large-Model/Sana_1600M_1024px_diffusers")
+    images = pipe("a cyberpunk cat", height=1024, width=1024, guidance_scale=4.5, seed=42)
+    save_images(images, "output", prompts=["a cyberpunk cat"])
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .checkpoints.dcae import load_dcae
+from .checkpoints.dit import load_dit
+from .checkpoints.gemma import load_text_encoder
+from .dcae import DCAE
+from .denoiser import SanaDenoiser, TextCondition
+from .dit import SanaDiT
+from .samplers import SAMPLERS, default_shift, flow_sigmas, get_sampler, scm_sigmas
+from .text_encoder import SanaTextEncoder
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "Efficient-Large-Model/Sana_1600M_1024px_diffusers"
+#: Where the parts of an NVlabs `.pth` release live (the `.pth` holds only the DiT).
+DEFAULT_VAE = "mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers"
+DEFAULT_TEXT_ENCODER = "Efficient-Large-Model/gemma-2-2b-it"
+
+
+def resolve_path(ref: str | Path) -> Path:
+    """A local path, or a Hugging Face repo id / `hf://owner/repo[/file]` downloaded into the HF cache."""
+    p = Path(ref).expanduser()
+    if p.exists():
+        return p
+    text = str(ref)
+    if text.startswith("hf://"):
+        text = text[len("hf://"):]
+    parts = text.strip("/").split("/")
+    if len(parts) < 2 or text.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{ref}: no such file or folder, and not a Hugging Face repo id (owner/name)")
+    from huggingface_hub import hf_hub_download, snapshot_download
+
+    repo = "/".join(parts[:2])
+    log.info("downloading %s from Hugging Face (cached in the HF cache)", text)
+    if len(parts) > 2:
+        return Path(hf_hub_download(repo, "/".join(parts[2:])))
+    return Path(snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+
+
+@dataclass
+class GenerationSettings:
+    """Everything that decides an image besides the weights (stored in the PNG metadata)."""
+
+    prompt: str
+    negative_prompt: str = ""
+    height: int = 1024
+    width: int = 1024
+    num_inference_steps: int = 20
+    guidance_scale: float = 4.5
+    pag_guidance_scale: float = 0.0
+    pag_layers: tuple[int, ...] = (8,)
+    seed: int | None = None
+    sampler: str = "flow_dpmpp_2m"
+    shift: float | None = None
+    use_chi: bool = True
+
+    def validate(self) -> None:
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            if v <= 0 or v % 32:
+                lo, hi = max(32, v // 32 * 32), (v // 32 + 1) * 32
+                raise ValueError(f"{name}={v} must be a positive multiple of 32 (the DC-AE compresses 32x); "
+                                 f"use {lo} or {hi}")
+        if self.num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps={self.num_inference_steps} must be at least 1")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; valid: {', '.join(SAMPLERS)}")
+
+
+class SanaPipeline:
+    """Text -> Gemma-2 (with the complex human instruction) -> linear DiT + flow sampler -> DC-AE -> images.
+
+    With `offload=True` each model sits on the CPU until its turn (text encoder, DiT, DC-AE), for small GPUs.
+    """
+
+    def __init__(self, dit: SanaDiT, vae: DCAE, text_encoder: SanaTextEncoder,
+                 device: torch.device | str | None = None, offload: bool = False):
+        self.dit, self.vae, self.text_encoder = dit, vae, text_encoder
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.offload = offload
+        for m in (dit, vae, text_encoder):
+            m.to("cpu" if offload else self.device)
+
+    @classmethod
+    def from_pretrained(cls, model: str | Path | None = DEFAULT_MODEL, *, dit: str | Path | None = None,
+                        vae: str | Path | None = None, text_encoder: str | Path | None = None,
+                        dtype: torch.dtype = torch.bfloat16, vae_dtype: torch.dtype | None = None,
+                        device: torch.device | str | None = None, variant: str | None = None,
+                        use_pe: bool | None = None, offload: bool = False) -> "SanaPipeline":
+        """Load from a diffusers Sana folder or repo (`model`), or from separate files: `dit` (NVlabs `.pth`,
+        safetensors or diffusers folder), `vae` (DC-AE) and `text_encoder` (Gemma-2 folder or single file).
+        Parts given separately override the folder's; parts missing from both come from the default repos."""
+        root = resolve_path(model) if model is not None and not (dit and vae and text_encoder) else None
+        if root is not None and root.is_file():  # a single DiT file given as the model
+            root, dit = None, dit or root
+        if root is None and dit is None:
+            raise ValueError("give `model` (a diffusers Sana folder or repo id) or `dit` (a DiT checkpoint)")
+        dit_path = resolve_path(dit) if dit else root
+        vae_path = resolve_path(vae) if vae else (root if root is not None else resolve_path(DEFAULT_VAE))
+        te_path = (resolve_path(text_encoder) if text_encoder
+                   else root if root is not None else resolve_path(DEFAULT_TEXT_ENCODER))
+        te_dtype = torch.bfloat16 if dtype == torch.float16 else dtype  # Gemma overflows in fp16
+        return cls(load_dit(dit_path, dtype=dtype, variant=variant, use_pe=use_pe),
+                   load_dcae(vae_path, dtype=vae_dtype or dtype),
+                   load_text_encoder(te_path, dtype=te_dtype),
+                   device=device, offload=offload)
+
+    def _on_device(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.offload:
+            for other in (self.dit, self.vae, self.text_encoder):
+                if other is not model:
+                    other.to("cpu")
+        return model.to(self.device)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None,
+                      use_chi: bool = True) -> tuple[TextCondition, TextCondition | None]:
+        """Positive prompts with the complex human instruction (if `use_chi`), negatives without it."""
+        te = self._on_device(self.text_encoder)
+        cond = TextCondition(*te.encode(list(prompts), use_chi=use_chi))
+        uncond = None if negative_prompts is None else TextCondition(*te.encode(list(negative_prompts), use_chi=False))
+        return cond, uncond
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] = "",
+        height: int = 1024,
+        width: int = 1024,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 4.5,
+        pag_guidance_scale: float = 0.0,
+        pag_layers: Sequence[int] = (8,),
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+        sampler: str | None = None,
+        shift: float | None = None,
+        num_images_per_prompt: int = 1,
+        use_chi: bool = True,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        progress: bool = True,
+        tiled_decode: bool | None = None,
+        diffusers_timesteps: bool = False,
+        callback: Callable[[dict[str, Any]], None] | None = None,
+    ) -> list | torch.Tensor:
+        """Generate images.
+
+        prompt: one or several; negative_prompt: one for all or one per prompt (encoded without CHI).
+        height/width: pixels, multiples of 32. sampler: "flow_dpmpp_2m" (default), "flow_euler", or "scm"
+        (the default for Sprint models, 1-4 steps). shift: timestep shift (3.0, or 6.0 from 4K upwards).
+        generator or seed: the initial noise is drawn on the CPU, so a seed gives the same image on any device.
+        latents: (B, 32, H/32, W/32) initial noise instead. output_type: "pil" (list of PIL images),
+        "pt" ((B, 3, H, W) in 0..1), or "latent" (the sampled latent, scaled space).
+        tiled_decode: None decides from memory; True/False forces. callback: called each step (k-diffusion dict).
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("prompt is empty: give at least one prompt")
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+        sprint = self.dit.cfg.guidance_embed
+        sampler = sampler or ("scm" if sprint else "flow_dpmpp_2m")
+        settings = GenerationSettings(prompts[0], negatives[0], height, width, num_inference_steps, guidance_scale,
+                                      pag_guidance_scale, tuple(pag_layers), seed, sampler, shift, use_chi)
+        settings.validate()
+
+        cond, uncond = self.encode_prompt(prompts, None if sprint else negatives, use_chi)
+        cond, uncond = cond.repeat(num_images_per_prompt), uncond and uncond.repeat(num_images_per_prompt)
+        B = len(prompts) * num_images_per_prompt
+        shape = (B, self.dit.cfg.in_channels, height // 32, width // 32)
+        if latents is None:
+            if generator is None:
+                generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**63)
+            latents = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
+
+        if sampler == "scm":
+            sigmas = scm_sigmas(num_inference_steps)
+        else:
+            sigmas = flow_sigmas(num_inference_steps, shift if shift is not None else default_shift(height, width))
+        dit = self._on_device(self.dit)
+        denoiser = SanaDenoiser(dit, cond, uncond, guidance_scale, pag_guidance_scale, tuple(pag_layers),
+                                diffusers_timesteps=diffusers_timesteps)
+        x = latents.to(self.device, torch.float32) * sigmas[0]
+        extra = {}
+        if sampler == "scm":
+            noise_gen = torch.Generator(generator.device if generator is not None else "cpu")
+            noise_gen.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator).item()) if generator else 0)
+            extra["noise_sampler"] = lambda: torch.randn(shape, generator=noise_gen, device=noise_gen.device).to(x.device)
+        x0 = get_sampler(sampler)(denoiser, x, sigmas.to(self.device), callback=callback, disable=not progress, **extra)
+        if output_type == "latent":
+            return x0
+        images = self.decode(x0, tiled=tiled_decode)
+        if output_type == "pt":
+            return images
+        from PIL import Image
+
+        arrays = (images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
+        return [Image.fromarray(a) for a in arrays]
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:
+        """Scaled latents (B, 32, h, w) -> images (B, 3, 32h, 32w) float32 in 0..1."""
+        vae = self._on_device(self.vae)
+        z = latents.to(self.device) / vae.cfg.scaling_factor
+        image = vae.decode(z.to(next(vae.parameters()).dtype), tiled=tiled).float()
+        return (image / 2 + 0.5).clamp(0, 1)
+
+
+def png_metadata(settings: dict[str, Any]) -> "PngInfo":
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("prompt", str(settings.get("prompt", "")))
+    info.add_text("sana", json.dumps(settings, default=str))
+    return info
+
+
+def save_images(images: Sequence, folder: str | Path, settings: Sequence[dict[str, Any]] | None = None,
+                names: Sequence[str] | None = None) -> list[Path]:
+    """Write PIL images as PNGs into `folder` (created), with each one's settings in its PNG text chunks.
+
+    Existing files are never overwritten: names get a counter instead.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(images):
+        stem = names[i] if names else f"sana_{i:05d}"
+        path, k = folder / f"{stem}.png", 1
+        while path.exists():
+            path, k = folder / f"{stem}_{k}.png", k + 1
+        meta = settings[i] if settings else {}
+        image.save(path, pnginfo=png_metadata(meta))
+        paths.append(path)
+    return paths
+
+
+def settings_dict(settings: GenerationSettings, **extra: Any) -> dict[str, Any]:
+    return {**asdict(settings), **extra}

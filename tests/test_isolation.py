@@ -1,0 +1,34 @@
+"""sana_core is pure PyTorch + transformers: it never imports ComfyUI (or diffusers, the test oracle)."""
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PROBE = r"""
+import importlib, pkgutil, sys
+
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("comfy", "comfy_api", "comfy_extras", "folder_paths", "diffusers", "nodes"):
+            raise ImportError(f"sana_core must not import {name}")
+
+sys.meta_path.insert(0, Block())
+import sana_core
+mods = [m.name for m in pkgutil.walk_packages(sana_core.__path__, "sana_core.")]
+for m in mods:
+    importlib.import_module(m)
+print(len(mods))
+"""
+
+
+def test_sana_core_imports_without_comfy_or_diffusers():
+    out = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.strip()) >= 8  # every module was imported (dit, dcae, samplers, pipeline, cli, ...)
+
+
+def test_block_is_effective():
+    """The probe really blocks: importing diffusers under it fails."""
+    out = subprocess.run([sys.executable, "-c", PROBE + "\nimport diffusers\n"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode != 0 and "must not import diffusers" in out.stderr
