@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .dit import SanaDiT
+from .samplers import flow_denoised, sigma_to_timestep
 
 
 @dataclass
@@ -30,7 +31,7 @@ class SanaDenoiser:
     v = v_u + g (v_c - v_u)   (CFG: on when g > 1 and `uncond` is given)
           + p (v_c - v_pag)   (PAG: on when p > 0; the `pag_layers` self-attentions become the identity).
     Sprint models take no CFG branch: the guidance scale enters through the DiT's guidance embedder.
-    `diffusers_timesteps` truncates 1000 * sigma to an integer, as diffusers' DPMSolverMultistepScheduler does.
+    `truncate_timesteps` feeds int(1000 * sigma), as NVlabs and diffusers' DPM-Solver do (not FlowMatchEuler).
     """
 
     dit: SanaDiT
@@ -39,7 +40,7 @@ class SanaDenoiser:
     guidance_scale: float = 4.5
     pag_scale: float = 0.0
     pag_layers: tuple[int, ...] = (8,)
-    diffusers_timesteps: bool = False
+    truncate_timesteps: bool = True
     calls: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
@@ -59,13 +60,12 @@ class SanaDenoiser:
         """DiT timestep for flow sigma: the sigma itself for Sprint, else 1000 * sigma * timestep_scale."""
         if self.sprint:
             return sigma
-        t = sigma * 1000.0
-        if self.diffusers_timesteps:
-            t = t.to(torch.float64).floor()
-        return (t * self.dit.cfg.timestep_scale).float()
+        return sigma_to_timestep(sigma, self.truncate_timesteps) * self.dit.cfg.timestep_scale
 
-    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """x: (B, 32, h, w) flow-space latent; sigma: (B,) or scalar in [0, 1] -> x0, same shape, fp32."""
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **extra_args: object) -> torch.Tensor:
+        """x: (B, 32, h, w) flow-space latent; sigma: (B,) or scalar in [0, 1] -> x0, same shape, fp32.
+
+        `extra_args` (such as k-diffusion's `seed`) are accepted and ignored."""
         B = x.shape[0]
         sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).reshape(-1).expand(B)
         branches = [self.cond] + ([self.uncond] if self.use_cfg else []) + ([self.cond] if self.pag_scale > 0 else [])
@@ -90,4 +90,4 @@ class SanaDenoiser:
             out = parts[1] + self.guidance_scale * (v_c - parts[1])
         if self.pag_scale > 0:
             out = out + self.pag_scale * (v_c - parts[-1])
-        return x.float() - sigma.view(B, 1, 1, 1) * out
+        return flow_denoised(x.float(), sigma, out)

@@ -20,7 +20,7 @@ from .checkpoints.gemma import load_text_encoder
 from .dcae import DCAE
 from .denoiser import SanaDenoiser, TextCondition
 from .dit import SanaDiT
-from .samplers import SAMPLERS, default_shift, flow_sigmas, get_sampler, scm_sigmas
+from .samplers import SAMPLERS, default_noise_sampler, default_shift, get_sampler, sampler_sigmas
 from .text_encoder import SanaTextEncoder
 
 log = logging.getLogger(__name__)
@@ -156,7 +156,6 @@ class SanaPipeline:
         output_type: str = "pil",
         progress: bool = True,
         tiled_decode: bool | None = None,
-        diffusers_timesteps: bool = False,
         callback: Callable[[dict[str, Any]], None] | None = None,
     ) -> list | torch.Tensor:
         """Generate images.
@@ -185,26 +184,19 @@ class SanaPipeline:
         cond, uncond = cond.repeat(num_images_per_prompt), uncond and uncond.repeat(num_images_per_prompt)
         B = len(prompts) * num_images_per_prompt
         shape = (B, self.dit.cfg.in_channels, height // 32, width // 32)
+        if generator is None:
+            generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**63)
         if latents is None:
-            if generator is None:
-                generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**63)
             latents = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
 
-        if sampler == "scm":
-            sigmas = scm_sigmas(num_inference_steps)
-        else:
-            sigmas = flow_sigmas(num_inference_steps, shift if shift is not None else default_shift(height, width))
-        dit = self._on_device(self.dit)
-        denoiser = SanaDenoiser(dit, cond, uncond, guidance_scale, pag_guidance_scale, tuple(pag_layers),
-                                diffusers_timesteps=diffusers_timesteps)
-        x = latents.to(self.device, torch.float32) * sigmas[0]
-        extra = {}
-        if sampler == "scm":
-            noise_gen = torch.Generator(generator.device if generator is not None else "cpu")
-            noise_gen.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator).item()) if generator else 0)
-            extra["noise_sampler"] = lambda: torch.randn(shape, generator=noise_gen, device=noise_gen.device).to(x.device)
+        sigmas = sampler_sigmas(sampler, num_inference_steps,
+                                shift if shift is not None else default_shift(height, width))
+        denoiser = SanaDenoiser(self._on_device(self.dit), cond, uncond, guidance_scale, pag_guidance_scale,
+                                tuple(pag_layers), truncate_timesteps=sampler == "flow_dpmpp_2m")
+        x = latents.to(self.device, torch.float32)  # pure noise, as NVlabs and diffusers start
+        extra = {"noise_sampler": default_noise_sampler(x, generator)} if sampler == "scm" else {}
         x0 = get_sampler(sampler)(denoiser, x, sigmas.to(self.device), callback=callback, disable=not progress, **extra)
         if output_type == "latent":
             return x0
