@@ -1,0 +1,114 @@
+"""Sana's text encoder: Gemma-2-2B-IT (decoder only, final normed hidden states) + the complex human instruction.
+
+Reproduces diffusers' ``SanaPipeline.encode_prompt`` exactly (docs: sana.md, "Text encoder"):
+
+- prompts are lower-cased and stripped (diffusers' ``_text_preprocessing`` with ``clean_caption=False``);
+- positive: CHI + prompt, padded on the right / truncated to ``len(chi_tokens) + max_length - 2`` tokens
+  (``chi_tokens`` counts the BOS); the kept rows are BOS + the last ``max_length - 1``, so the CHI is dropped
+  and the DiT always sees ``max_length`` tokens;
+- negative: the prompt alone (no CHI), ``max_length`` tokens.
+
+Each prompt keeps its own attention mask. Load one with :func:`sana_core.checkpoints.gemma.load_text_encoder`.
+"""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+
+import torch
+from transformers import Gemma2Model, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+# diffusers SanaPipeline.__call__'s default `complex_human_instruction` (joined with "\n", prompt appended).
+COMPLEX_HUMAN_INSTRUCTION: tuple[str, ...] = (
+    "Given a user prompt, generate an 'Enhanced prompt' that provides detailed visual descriptions suitable for image generation. Evaluate the level of detail in the user prompt:",  # noqa: E501
+    "- If the prompt is simple, focus on adding specifics about colors, shapes, sizes, textures, and spatial relationships to create vivid and concrete scenes.",  # noqa: E501
+    "- If the prompt is already detailed, refine and enhance the existing details slightly without overcomplicating.",
+    "Here are examples of how to transform or refine prompts:",
+    "- User Prompt: A cat sleeping -> Enhanced: A small, fluffy white cat curled up in a round shape, sleeping peacefully on a warm sunny windowsill, surrounded by pots of blooming red flowers.",  # noqa: E501
+    "- User Prompt: A busy city street -> Enhanced: A bustling city street scene at dusk, featuring glowing street lamps, a diverse crowd of people in colorful clothing, and a double-decker bus passing by towering glass skyscrapers.",  # noqa: E501
+    "Please generate only the enhanced description for the prompt below and avoid including any additional commentary or evaluations:",  # noqa: E501
+    "User Prompt: ",
+)
+
+
+def resolve_dtype(dtype: torch.dtype | None, device: torch.device | str) -> torch.dtype:
+    """The dtype to run Gemma-2 in: bfloat16 or float32. None = bfloat16 on CUDA, float32 elsewhere.
+
+    float16 overflows in Gemma-2, so it is replaced (with a warning) by bfloat16, or float32 on a CUDA GPU
+    without bfloat16.
+    """
+    device = torch.device(device)
+    bf16_ok = device.type != "cuda" or torch.cuda.is_bf16_supported()
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" and bf16_ok else torch.float32
+    if dtype == torch.float16:
+        upcast = torch.bfloat16 if bf16_ok else torch.float32
+        log.warning("Gemma-2 overflows in float16; running the text encoder in %s instead", upcast)
+        return upcast
+    if dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"text encoder dtype {dtype} is not supported; use torch.bfloat16 or torch.float32")
+    return dtype
+
+
+class SanaTextEncoder(torch.nn.Module):
+    """Gemma-2 decoder and its tokenizer, encoding prompts into Sana's caption embeddings.
+
+    Repeated prompts of a batch (e.g. the negative ``[""] * B``) are encoded once. With ``cache_size > 0`` the
+    results of that many recent distinct prompts are also kept across calls (per device and dtype); clear
+    ``self.cache`` after changing the weights in place (e.g. a LoRA), or the cached embeddings go stale.
+    """
+
+    def __init__(self, model: Gemma2Model, tokenizer: PreTrainedTokenizerBase, cache_size: int = 0):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.chi_prompt = "\n".join(COMPLEX_HUMAN_INSTRUCTION)
+        self.chi_length = len(tokenizer.encode(self.chi_prompt))  # with the BOS, as diffusers counts it
+        self.cache_size = cache_size
+        self.cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    @torch.no_grad()
+    def encode(self, prompts: str | list[str], use_chi: bool = True,
+               max_length: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
+        """Caption embeddings ``[B, max_length, D]`` (model dtype) and attention mask ``[B, max_length]`` (int64).
+
+        ``use_chi=True`` for positive prompts, ``False`` for the negative prompt (diffusers: ``""``).
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts or max_length < 2:
+            raise ValueError(f"need at least one prompt and max_length >= 2, got {len(prompts)} prompts, "
+                             f"max_length {max_length}")
+        keys = [(p.lower().strip(), use_chi, max_length, self.device, self.dtype) for p in prompts]
+        new = [key for key in dict.fromkeys(keys) if key not in self.cache]
+        if new:
+            embeds, mask = self._encode([key[0] for key in new], use_chi, max_length)
+            self.cache.update((key, (e, m)) for key, e, m in zip(new, embeds, mask))
+        rows = [self.cache[key] for key in keys]
+        for key in keys:
+            self.cache.move_to_end(key)
+        while len(self.cache) > self.cache_size:
+            self.cache.popitem(last=False)
+        return torch.stack([e for e, _ in rows]), torch.stack([m for _, m in rows])
+
+    def _encode(self, texts: list[str], use_chi: bool, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """diffusers' ``_get_gemma_prompt_embeds`` + ``select_index`` for preprocessed texts."""
+        total = max_length
+        if use_chi:
+            texts = [self.chi_prompt + t for t in texts]
+            total = self.chi_length + max_length - 2
+        tokens = self.tokenizer(texts, padding="max_length", max_length=total, truncation=True,
+                                padding_side="right", return_tensors="pt")
+        ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)  # [B, total]
+        hidden = self.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # [B, total, D]
+        keep = [0, *range(total - max_length + 1, total)]  # BOS + the last max_length - 1 rows
+        return hidden[:, keep], mask[:, keep]

@@ -1,0 +1,119 @@
+"""Whole generations against diffusers' pipelines on the same tiny folder, seed and settings (fp32, CPU)."""
+import pytest
+import torch
+
+from sana_core.pipeline import SanaPipeline
+from sana_core.tiny import write_tiny_pipeline
+
+PROMPTS = ["a cat sleeping on a sunny windowsill", "portrait of an old man"]
+SIZE = dict(height=128, width=192)
+TOL = dict(rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_tiny_pipeline(tmp_path_factory.mktemp("sana"), seed=11)
+
+
+@pytest.fixture(scope="module")
+def sprint_folder(tmp_path_factory):
+    return write_tiny_pipeline(tmp_path_factory.mktemp("sprint"), seed=12, sprint=True)
+
+
+@pytest.fixture(scope="module")
+def ours(folder):
+    return SanaPipeline.from_pretrained(folder, dtype=torch.float32, device="cpu")
+
+
+def _diffusers(cls, folder, **kw):
+    return cls.from_pretrained(folder, torch_dtype=torch.float32, **kw).to("cpu")
+
+
+def _theirs(pipe, output_type, seed=5, **kw):
+    kw = {"prompt": PROMPTS, "negative_prompt": "", "num_inference_steps": 20, "guidance_scale": 4.5,
+          "use_resolution_binning": False, **SIZE, **kw}
+    return pipe(**kw, generator=torch.Generator().manual_seed(seed), output_type=output_type).images
+
+
+def test_20_step_cfg_matches_sana_pipeline(folder, ours):
+    from diffusers import SanaPipeline as Ref
+
+    ref = _diffusers(Ref, folder)
+    want_latent = _theirs(ref, "latent")
+    got_latent = ours(PROMPTS, seed=5, output_type="latent", progress=False, **SIZE)
+    torch.testing.assert_close(got_latent, want_latent, **TOL)
+    want = _theirs(ref, "pt")
+    got = ours(PROMPTS, seed=5, output_type="pt", progress=False, **SIZE)
+    assert got.shape == (2, 3, 128, 192)
+    torch.testing.assert_close(got, want, **TOL)
+    pil = ours(PROMPTS, seed=5, progress=False, **SIZE)
+    assert pil[0].size == (192, 128)
+
+
+def test_flow_euler_matches_flow_match_euler(folder, ours):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers import SanaPipeline as Ref
+
+    ref = _diffusers(Ref, folder, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    want = _theirs(ref, "latent", num_inference_steps=8)
+    got = ours(PROMPTS, seed=5, output_type="latent", progress=False, sampler="flow_euler", num_inference_steps=8,
+               **SIZE)
+    torch.testing.assert_close(got, want, **TOL)
+
+
+def test_pag_matches_sana_pag_pipeline(folder, ours):
+    from diffusers import SanaPAGPipeline
+
+    ref = _diffusers(SanaPAGPipeline, folder, pag_applied_layers=["transformer_blocks.1"])
+    want = _theirs(ref, "latent", num_inference_steps=6, pag_scale=2.0)
+    got = ours(PROMPTS, seed=5, output_type="latent", progress=False, num_inference_steps=6,
+               pag_guidance_scale=2.0, pag_layers=[1], **SIZE)
+    torch.testing.assert_close(got, want, **TOL)
+    plain = ours(PROMPTS, seed=5, output_type="latent", progress=False, num_inference_steps=6, **SIZE)
+    assert (got - plain).abs().max() > 1e-3  # PAG really changed the result
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_sprint_matches_sana_sprint_pipeline(sprint_folder, steps):
+    from diffusers import SanaSprintPipeline
+
+    ref = _diffusers(SanaSprintPipeline, sprint_folder)
+    kw = {"prompt": PROMPTS, "num_inference_steps": steps, "guidance_scale": 4.5, "use_resolution_binning": False,
+          **SIZE}
+    if steps != 2:
+        kw["intermediate_timesteps"] = None
+    want = ref(**kw, generator=torch.Generator().manual_seed(3), output_type="latent").images
+    ours = SanaPipeline.from_pretrained(sprint_folder, dtype=torch.float32, device="cpu")
+    assert ours.dit.cfg.guidance_embed
+    got = ours(PROMPTS, seed=3, num_inference_steps=steps, guidance_scale=4.5, output_type="latent",
+               progress=False, **SIZE)
+    torch.testing.assert_close(got, want, **TOL)
+
+
+def test_seeded_runs_are_deterministic_and_seeds_differ(ours):
+    a = ours("a red fox", seed=1, num_inference_steps=3, output_type="latent", progress=False, **SIZE)
+    b = ours("a red fox", seed=1, num_inference_steps=3, output_type="latent", progress=False, **SIZE)
+    c = ours("a red fox", seed=2, num_inference_steps=3, output_type="latent", progress=False, **SIZE)
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+def test_num_images_per_prompt_and_callback(ours):
+    seen = []
+    out = ours(PROMPTS, seed=1, num_inference_steps=3, num_images_per_prompt=2, output_type="latent",
+               progress=False, callback=lambda d: seen.append((d["i"], tuple(d["denoised"].shape))), **SIZE)
+    assert out.shape == (4, 32, 4, 6)
+    assert seen == [(i, (4, 32, 4, 6)) for i in range(3)]
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"height": 100}, "height=100 must be a positive multiple of 32.*use 96 or 128"),
+    ({"width": 0}, "width=0"),
+    ({"num_inference_steps": 0}, "num_inference_steps=0 must be at least 1"),
+    ({"sampler": "dpmpp_3m"}, "unknown sampler 'dpmpp_3m'; valid: flow_dpmpp_2m, flow_euler, scm"),
+    ({"prompt": []}, "prompt is empty"),
+    ({"pag_guidance_scale": 2.0, "pag_layers": [5]}, r"pag_layers \[5\] must be block indices in 0..1"),
+])
+def test_bad_arguments(ours, kw, match):
+    args = {"prompt": "a cat", **SIZE, "progress": False, **kw}
+    with pytest.raises(ValueError, match=match):
+        ours(**args)
