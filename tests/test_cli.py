@@ -1,0 +1,95 @@
+"""The command line: prompt files, PNG metadata, batching that does not change images, clear errors."""
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sana_core.cli import main
+from sana_core.tiny import write_tiny_pipeline
+
+SMALL = ["--height", "64", "--width", "96", "--steps", "2", "--dtype", "fp32", "--no_progress"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return str(write_tiny_pipeline(tmp_path_factory.mktemp("sana"), seed=4))
+
+
+def run(capsys, *args):
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out.split(), out.err
+
+
+def test_txt_file_batches_and_metadata(folder, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\n\n# a comment\nan old lighthouse\na bowl of ramen\n")
+    code, paths, _ = run(capsys, "--model", folder, "--txt_file", str(prompts), "--batch_size", "2",
+                         "--seed", "10", "--output_dir", str(tmp_path / "out"), *SMALL)
+    assert code == 0 and len(paths) == 3
+    meta = [json.loads(Image.open(p).text["sana"]) for p in paths]
+    assert [m["prompt"] for m in meta] == ["a red fox", "an old lighthouse", "a bowl of ramen"]
+    assert [m["seed"] for m in meta] == [10, 11, 12]
+    assert Image.open(paths[1]).text["prompt"] == "an old lighthouse"
+    assert Image.open(paths[0]).size == (96, 64)
+    # the second image alone, with its seed, is the same image: batching does not change results
+    code, alone, _ = run(capsys, "--model", folder, "--prompt", "an old lighthouse", "--seed", "11",
+                         "--output_dir", str(tmp_path / "alone"), *SMALL)
+    a, b = (np.asarray(Image.open(p), dtype=np.int16) for p in (paths[1], alone[0]))
+    assert np.abs(a - b).max() <= 1
+
+
+def test_json_records_with_overrides(folder, tmp_path, capsys):
+    spec = tmp_path / "prompts.json"
+    spec.write_text(json.dumps({"fox": "a red fox", "tall": {"prompt": "a tower", "height": 128, "seed": 3}}))
+    code, paths, _ = run(capsys, "--model", folder, "--json_file", str(spec), "--output_dir", str(tmp_path), *SMALL)
+    assert code == 0
+    assert [p.rsplit("/", 1)[1] for p in paths] == ["fox.png", "tall.png"]
+    assert Image.open(paths[1]).size == (96, 128)
+    assert json.loads(Image.open(paths[1]).text["sana"])["seed"] == 3
+
+
+def test_existing_files_are_not_overwritten(folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "00000.png").write_bytes(b"precious")
+    code, paths, _ = run(capsys, "--model", folder, "--output_dir", str(out), *SMALL)
+    assert code == 0 and paths[0].endswith("00000_1.png")
+    assert (out / "00000.png").read_bytes() == b"precious"
+
+
+@pytest.mark.parametrize("content,match", [
+    ("\n# only a comment\n", "holds no prompts"),
+])
+def test_empty_prompt_file(tmp_path, capsys, content, match):
+    f = tmp_path / "p.txt"
+    f.write_text(content)
+    code, _, err = run(capsys, "--model", str(tmp_path / "missing"), "--txt_file", str(f))
+    assert code == 2 and match in err and "p.txt" in err
+
+
+@pytest.mark.parametrize("content,match", [
+    ("[1, 2]", "entry 0 must be a prompt string"),
+    ('[{"prompt": "x", "colour": 1}]', "unknown fields ['colour']"),
+    ("{not json", "not valid JSON"),
+    ("[]", "holds no prompts"),
+])
+def test_bad_json_files(tmp_path, capsys, content, match):
+    f = tmp_path / "p.json"
+    f.write_text(content)
+    code, _, err = run(capsys, "--model", str(tmp_path / "missing"), "--json_file", str(f))
+    assert code == 2 and match in err and "p.json" in err
+
+
+def test_size_is_checked_before_loading(tmp_path, capsys):
+    code, _, err = run(capsys, "--model", str(tmp_path / "missing"), "--height", "1000")
+    assert code == 2 and "height=1000 must be a positive multiple of 32" in err and "992 or 1024" in err
+
+
+def test_missing_model_and_unknown_sampler(tmp_path, capsys):
+    code, _, err = run(capsys, "--model", "./nowhere/at_all")
+    assert code == 2 and "nowhere/at_all" in err
+    with pytest.raises(SystemExit):
+        main(["--sampler", "euler_a"])
+    assert "invalid choice: 'euler_a'" in capsys.readouterr().err
