@@ -1,0 +1,309 @@
+"""DC-AE: parity with diffusers' AutoencoderDC (fp32), both file layouts, variant detection, real-config
+parameter counts, tiling (blending, closeness, auto/forced, OOM fallback) and loader errors."""
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderDC
+from diffusers.loaders.single_file_utils import convert_autoencoder_dc_checkpoint_to_diffusers
+from safetensors.torch import load_file, save_file
+
+import sana_core.dcae as dcae
+from sana_core.checkpoints import CheckpointError
+from sana_core.checkpoints.dcae import from_efficientvit, infer_config, load_dcae, to_efficientvit
+from sana_core.dcae import DCAE, VARIANTS, DCAEConfig, peak_activation_bytes, tiled_apply
+from sana_core.tiny import tiny_dcae_config, write_tiny_dcae
+
+FULL, LITE = "dc-ae-f32c32-sana-1.0", "dc-ae-lite-f32c32-sana-1.1"
+TOL = 1e-5  # max |ours - diffusers| / max |diffusers|, fp32
+
+# vae/config.json of Efficient-Large-Model/Sana_600M_1024px_diffusers (= mit-han-lab/dc-ae-f32c32-sana-1.0-diffusers)
+SANA_1_0_CONFIG = {
+    "_class_name": "AutoencoderDC", "attention_head_dim": 32, "decoder_act_fns": "silu",
+    "decoder_block_out_channels": [128, 256, 512, 512, 1024, 1024],
+    "decoder_block_types": ["ResBlock"] * 3 + ["EfficientViTBlock"] * 3, "decoder_layers_per_block": [3] * 6,
+    "decoder_norm_types": "rms_norm", "decoder_qkv_multiscales": [[], [], [], [5], [5], [5]],
+    "downsample_block_type": "Conv", "encoder_block_out_channels": [128, 256, 512, 512, 1024, 1024],
+    "encoder_block_types": ["ResBlock"] * 3 + ["EfficientViTBlock"] * 3, "encoder_layers_per_block": [2, 2, 2, 3, 3, 3],
+    "encoder_qkv_multiscales": [[], [], [], [5], [5], [5]], "in_channels": 3, "latent_channels": 32,
+    "scaling_factor": 0.41407, "upsample_block_type": "interpolate",
+}
+# dc-ae-lite-f32c32-sana-1.1: efficientvit `dc_ae_f32c32` ("decoder.block_type=ResBlock decoder.depth_list=[0,3,5,4,4,4]
+# decoder.out_act=silu", pixel-shuffle upsampling by default) in diffusers terms (as diffusers PR #12169 added it).
+LITE_CONFIG = {**SANA_1_0_CONFIG, "decoder_block_types": "ResBlock", "decoder_layers_per_block": [0, 3, 5, 4, 4, 4],
+               "decoder_qkv_multiscales": [[]] * 6, "upsample_block_type": "pixel_shuffle",
+               "decoder_conv_act_fn": "silu"}
+
+
+def rel_max(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def smooth_image(h, w, batch=1):
+    y, x = torch.meshgrid(torch.linspace(0, 1, h), torch.linspace(0, 1, w), indexing="ij")
+    img = torch.stack([torch.sin(2 * math.pi * x), torch.cos(2 * math.pi * y), 2 * x * y - 1])
+    return img.expand(batch, -1, -1, -1).contiguous()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Tiny DC-AEs of both structures in both layouts; same seed -> same weights."""
+    root = tmp_path_factory.mktemp("dcae")
+    return {(v, layout): write_tiny_dcae(root / f"{v}-{layout}", seed=1, layout=layout, variant=v)
+            for v in (FULL, LITE) for layout in ("diffusers", "efficientvit")}
+
+
+@pytest.fixture(scope="module")
+def tiny(files):
+    return load_dcae(files[FULL, "diffusers"])
+
+
+@pytest.mark.parametrize("variant", [FULL, LITE])
+def test_matches_diffusers_fp32(files, variant):
+    ours = load_dcae(files[variant, "diffusers"])
+    ref = AutoencoderDC.from_pretrained(files[variant, "diffusers"]).eval()
+    x = torch.rand(2, 3, 64, 96) * 2 - 1  # latent 2x3: the last stages run diffusers' quadratic branch
+    with torch.no_grad():
+        z, z_ref = ours.encode(x), ref.encode(x).latent
+        img, img_ref = ours.decode(z_ref), ref.decode(z_ref).sample
+    assert z.shape == (2, 32, 2, 3) and img.shape == x.shape
+    assert rel_max(z, z_ref) < TOL and rel_max(img, img_ref) < TOL
+    assert ours.variant == variant and ours.cfg == tiny_dcae_config(variant)
+
+
+def test_linear_attention_accumulates_in_fp32():
+    """fp16 in and out, but sums of 20 products of ~60^2 would overflow fp16 (65504) if accumulated in it."""
+    qkv = (torch.randn(2, 2 * 3 * 8, 4, 5) * 60).half()
+    out = dcae.linear_attention(qkv, 8)
+    q, k, v = qkv.double().reshape(2, 2, 24, 20).chunk(3, dim=2)       # 3 x (B, heads, d, N)
+    scores = F.relu(k).transpose(-1, -2) @ F.relu(q)                   # (B, heads, N_k, N_q)
+    ref = (v @ scores) / (scores.sum(2, keepdim=True) + 1e-15)          # (B, heads, d, N_q)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    assert rel_max(out.double(), ref.reshape(2, 16, 4, 5)) < 1e-3        # fp16 output rounding only
+
+
+@pytest.mark.parametrize("variant", [FULL, LITE])
+def test_efficientvit_layout(files, variant):
+    ours = load_dcae(files[variant, "diffusers"]).state_dict()
+    raw = load_file(str(files[variant, "efficientvit"] / "model.safetensors"))
+    converted = from_efficientvit(raw)
+    assert set(converted) == set(ours) and all(torch.equal(converted[k], ours[k]) for k in ours)
+    oracle = convert_autoencoder_dc_checkpoint_to_diffusers(dict(raw))
+    # diffusers' single-file converter names the lite decoder's final upsampler `conv_out` instead of
+    # `conv_out.conv` (its AutoencoderDC module itself uses `conv_out.conv`): everything else must agree.
+    renamed = {"decoder.conv_out.weight": "decoder.conv_out.conv.weight",
+               "decoder.conv_out.bias": "decoder.conv_out.conv.bias"} if variant == LITE else {}
+    oracle = {renamed.get(k, k): v for k, v in oracle.items()}
+    assert set(oracle) == set(ours) and all(torch.equal(oracle[k].reshape(ours[k].shape), ours[k]) for k in ours)
+    model = load_dcae(files[variant, "efficientvit"])
+    assert model.variant == variant and model.cfg == tiny_dcae_config(variant)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_real_configs_detected_from_shapes(variant):
+    with torch.device("meta"):
+        sd = DCAE(VARIANTS[variant]).state_dict()
+    name = FULL if variant.endswith("sana-1.1") and "lite" not in variant else variant  # 1.1 = 1.0 architecture
+    assert infer_config(sd) == (name, VARIANTS[variant])
+    evit = to_efficientvit(sd, VARIANTS[variant])
+    assert infer_config(from_efficientvit(evit)) == (name, VARIANTS[variant])
+    decoder_only = {k: v for k, v in sd.items() if k.startswith("decoder.")}
+    assert infer_config(decoder_only) == (name, VARIANTS[variant])
+    if "lite" not in variant:
+        assert len(evit) == 339  # the key count of mit-han-lab/dc-ae-f32c32-sana-1.0 model.safetensors
+
+
+@pytest.mark.parametrize("variant,config", [(FULL, SANA_1_0_CONFIG), (LITE, LITE_CONFIG)])
+def test_real_parameter_counts_match_diffusers(variant, config):
+    assert DCAEConfig.from_diffusers(config) == VARIANTS[variant]
+    with torch.device("meta"):
+        ours = DCAE(VARIANTS[variant])
+        ref = AutoencoderDC(**{k: v for k, v in config.items() if not k.startswith("_")})
+    shapes = lambda m: {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    assert shapes(ours) == shapes(ref)
+    counts = {FULL: (312_250_275, 159_223_171), LITE: (421_181_228, 268_154_124)}[variant]
+    assert (sum(p.numel() for p in ours.parameters()), sum(p.numel() for p in ours.decoder.parameters())) == counts
+    assert sum(p.numel() for p in ref.parameters()) == counts[0]
+    assert list(ours.buffers()) == []
+
+
+def test_diffusers_config_round_trip():
+    for v in VARIANTS:
+        assert DCAEConfig.from_diffusers(VARIANTS[v].to_diffusers()) == VARIANTS[v]
+
+
+def test_tiled_apply_blends_exactly_for_pointwise_maps():
+    """Coverage, placement and weight normalisation: a position-independent map is reproduced exactly."""
+    z = torch.randn(2, 4, 11, 7)
+    up = lambda t: F.interpolate(t, scale_factor=32) * 2 + 1
+    out = tiled_apply(up, z, tile=4, overlap=2, scale_in=1, scale_out=32)
+    assert torch.allclose(out, up(z), atol=1e-6)
+    img = torch.randn(1, 3, 9 * 32, 6 * 32)
+    down = lambda t: F.avg_pool2d(t, 32)
+    assert torch.allclose(tiled_apply(down, img, tile=3, overlap=1, scale_in=32, scale_out=1), down(img), atol=1e-6)
+
+
+def test_tiled_apply_crossfades_linearly():
+    """Two 4-latent tiles sharing 2 latents (64 px): tile means 1.5 and 3.5 cross-fade linearly over 64 px."""
+    z = torch.arange(6.0).reshape(1, 1, 1, 6)
+    mean = lambda t: torch.full((1, 1, 32 * t.shape[-2], 32 * t.shape[-1]), t.mean().item())
+    row = tiled_apply(mean, z, tile=4, overlap=2, scale_in=1, scale_out=32)[0, 0, 0]
+    fade = 1.5 + 2 * (torch.arange(64) + 0.5) / 64
+    assert torch.allclose(row, torch.cat([torch.full((64,), 1.5), fade, torch.full((64,), 3.5)]), atol=1e-6)
+
+
+def test_tiled_close_to_untiled(tiny):
+    """Smooth 512x512 image; relative L2 error of tiled vs untiled. This tiny random model attends globally
+    (ReLU attention with random weights averages over the whole input), so a tile sees other statistics than
+    the full image; trained weights are more local. Measured (seed 1; 10 random models in brackets):
+    decode 384/128 px tiles/overlap 0.057 [0.042-0.057], 256/128 0.155 [0.08-0.16], 256/0 0.357 [0.22-0.36];
+    encode 256/128 0.30 [0.22-0.32], 256/0 0.42 [0.36-0.46]."""
+    img = smooth_image(512, 512)
+    err = lambda a, b: ((a - b).norm() / b.norm()).item()
+    with torch.no_grad():
+        z = tiny.encode(img, tiled=False)
+        x = tiny.decode(z, tiled=False)
+        dec = {(t, o): err(tiny.decode(z, tiled=True, tile_size=t, overlap=o), x)
+               for t, o in ((384, 128), (256, 128), (256, 0))}
+        enc = {o: err(tiny.encode(img, tiled=True, tile_size=256, overlap=o), z) for o in (128, 0)}
+    assert dec[384, 128] < 0.08 and dec[256, 128] < 0.2 and dec[256, 128] < dec[256, 0] / 2
+    assert enc[128] < 0.35 and enc[128] < enc[0]
+
+
+def test_tiling_auto_forced_and_small_inputs(tiny, monkeypatch):
+    z = torch.randn(1, 32, 4, 6)
+    with torch.no_grad():
+        plain = tiny.decoder(z)
+        assert torch.equal(tiny.decode(z), plain)                          # CPU, small: untiled
+        assert torch.equal(tiny.decode(z, tiled=True, tile_size=256), plain)  # fits one tile
+        forced = tiny.decode(z, tiled=True, tile_size=64, overlap=32)
+        assert not torch.equal(forced, plain) and forced.shape == plain.shape
+        monkeypatch.setattr(dcae, "_too_big", lambda need, pixels, device: True)
+        assert torch.equal(tiny.decode(z, tile_size=64, overlap=32), forced)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        tiny.decode(z, tiled=True, tile_size=100)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        tiny.encode(torch.zeros(1, 3, 70, 64))
+
+
+def test_auto_tiling_decision(monkeypatch):
+    cpu = torch.device("cpu")
+    assert not dcae._too_big(10**12, 4096 * 4096, cpu) and dcae._too_big(0, 4096 * 4097, cpu)
+    cuda = SimpleNamespace(type="cuda")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (6 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: 3 * 2**30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: 1 * 2**30)
+    assert not dcae._too_big(7 * 2**30, 0, cuda) and dcae._too_big(9 * 2**30, 0, cuda)  # 6 + (3 - 1) GiB free
+    c = VARIANTS[FULL]  # documented bf16 peaks of an untiled Sana decode: 7.1 GiB at 2048 px, 26.7 GiB at 4096 px
+    for side, gib in ((2048, 7.1), (4096, 26.7)):
+        est = peak_activation_bytes(c.decoder_widths, c.decoder_depths, side * side, torch.bfloat16) / 2**30
+        assert 0.9 * gib < est < 1.2 * gib
+
+
+def test_oom_falls_back_to_tiles(tiny, monkeypatch):
+    z = torch.randn(1, 32, 4, 6)
+    with torch.no_grad():
+        tiled = tiny.decode(z, tiled=True, tile_size=64, overlap=32)
+        real = tiny.decoder.forward
+
+        def forward(h):  # "out of memory" on anything bigger than a 2x2 latent tile
+            if h.shape[-1] > 2:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return real(h)
+
+        monkeypatch.setattr(tiny.decoder, "forward", forward)
+        assert torch.equal(tiny.decode(z, tile_size=64, overlap=32), tiled)
+        with pytest.raises(torch.OutOfMemoryError):
+            tiny.decode(z, tiled=False)
+
+
+def test_ops_injection_dtype_and_no_buffers(files):
+    made = []
+
+    class Conv2d(torch.nn.Conv2d):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+
+    class Linear(torch.nn.Linear):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            made.append(self)
+
+    model = load_dcae(files[FULL, "diffusers"], dtype=torch.bfloat16, ops=SimpleNamespace(Conv2d=Conv2d, Linear=Linear))
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert layers and all(type(m) in (Conv2d, Linear) for m in layers) and len(made) == len(layers)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16} and list(model.buffers()) == []
+    ref = load_dcae(files[FULL, "diffusers"])
+    z = torch.randn(1, 32, 2, 2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out, expected = model.decode(z.bfloat16()), ref.decode(z)
+    # bf16 through ~50 random layers: relative L2 error 0.02-0.06 over seeds (0.026 for this one)
+    assert out.dtype == torch.bfloat16 and ((out.float() - expected).norm() / expected.norm()).item() < 0.1
+    assert torch.allclose(ref.unscale(ref.scale(z)), z) and ref.cfg.scaling_factor == 0.41407
+
+
+def test_file_and_folder_forms(files, tmp_path):
+    ref = load_dcae(files[FULL, "diffusers"]).state_dict()
+    sd = load_file(str(files[FULL, "diffusers"] / "diffusion_pytorch_model.safetensors"))
+    prefixed = {**{f"vae.{k}": v for k, v in sd.items()}, "text_encoder.w": torch.ones(2)}
+    save_file(prefixed, tmp_path / "prefixed.safetensors")
+    evit = load_file(str(files[FULL, "efficientvit"] / "model.safetensors"))
+    torch.save({"state_dict": evit}, tmp_path / "dc_ae.pth")
+    pipe = tmp_path / "sana_pipe"
+    (pipe / "transformer").mkdir(parents=True)
+    (pipe / "model_index.json").write_text("{}")
+    write_tiny_dcae(pipe / "vae", seed=1)
+    for path in (tmp_path / "prefixed.safetensors", tmp_path / "dc_ae.pth", pipe, files[FULL, "efficientvit"]):
+        loaded = load_dcae(path).state_dict()
+        assert all(torch.equal(loaded[k], ref[k]) for k in ref) and set(loaded) == set(ref)
+
+
+def test_decoder_only_file(files, tmp_path, tiny):
+    sd = load_file(str(files[FULL, "diffusers"] / "diffusion_pytorch_model.safetensors"))
+    save_file({k: v for k, v in sd.items() if k.startswith("decoder.")}, tmp_path / "decoder.safetensors")
+    model = load_dcae(tmp_path / "decoder.safetensors")
+    z = torch.randn(1, 32, 2, 3)
+    with torch.no_grad():
+        assert model.encoder is None and torch.equal(model.decode(z), tiny.decode(z))
+    with pytest.raises(ValueError, match="encoder weights are missing"):
+        model.encode(torch.zeros(1, 3, 64, 64))
+
+
+@pytest.mark.parametrize("keys,found", [
+    (["first_stage_model.decoder.conv_in.weight", "first_stage_model.decoder.mid.block_1.conv1.weight",
+      "first_stage_model.encoder.conv_in.weight"], "Stable Diffusion / SDXL"),
+    (["decoder.conv_in.weight", "decoder.up_blocks.0.resnets.0.conv1.weight",
+      "decoder.mid_block.resnets.0.conv1.weight"], "AutoencoderKL"),
+    (["x_embedder.proj.weight", "blocks.0.attn.qkv.weight", "t_block.1.weight"], "diffusion transformer"),
+])
+def test_not_a_dcae(tmp_path, keys, found):
+    save_file({k: torch.zeros(1) for k in keys}, tmp_path / "other.safetensors")
+    with pytest.raises(CheckpointError, match=rf"not a DC-AE.*{found}.*expected diffusers AutoencoderDC keys"):
+        load_dcae(tmp_path / "other.safetensors")
+
+
+def test_broken_files(files, tmp_path):
+    data = (files[FULL, "diffusers"] / "diffusion_pytorch_model.safetensors").read_bytes()
+    (tmp_path / "truncated.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_dcae(tmp_path / "truncated.safetensors")
+    sd = load_file(str(files[FULL, "diffusers"] / "diffusion_pytorch_model.safetensors"))
+    missing = "decoder.up_blocks.4.1.attn.to_v.weight"
+    save_file({k: v for k, v in sd.items() if k != missing}, tmp_path / "missing.safetensors")
+    with pytest.raises(CheckpointError, match=r"missing keys.*up_blocks\.4\.1\.attn\.to_v"):
+        load_dcae(tmp_path / "missing.safetensors")
+    save_file({k: v for k, v in sd.items() if "up_blocks.5.2." not in k}, tmp_path / "short.safetensors")
+    with pytest.raises(CheckpointError, match=r"unknown DC-AE decoder \(depths \(3, 3, 3, 3, 3, 2\)"):
+        load_dcae(tmp_path / "short.safetensors")
+    folder = tmp_path / "bn"
+    write_tiny_dcae(folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "decoder_norm_types": "batch_norm"}))
+    with pytest.raises(CheckpointError, match="config.json: unusable AutoencoderDC config.*batch_norm"):
+        load_dcae(folder)
+    with pytest.raises(FileNotFoundError):
+        load_dcae(tmp_path / "nowhere")
