@@ -59,27 +59,19 @@ def test_existing_files_are_not_overwritten(folder, tmp_path, capsys):
     assert (out / "00000.png").read_bytes() == b"precious"
 
 
-@pytest.mark.parametrize("content,match", [
-    ("\n# only a comment\n", "holds no prompts"),
+@pytest.mark.parametrize("name,content,match", [
+    ("p.txt", "\n# only a comment\n", "holds no prompts"),
+    ("p.json", "[1, 2]", "entry 0 must be a prompt string"),
+    ("p.json", '[{"prompt": "x", "colour": 1}]', "unknown fields ['colour']"),
+    ("p.json", "{not json", "not valid JSON"),
+    ("p.json", "[]", "holds no prompts"),
 ])
-def test_empty_prompt_file(tmp_path, capsys, content, match):
-    f = tmp_path / "p.txt"
+def test_bad_prompt_files(tmp_path, capsys, name, content, match):
+    f = tmp_path / name
     f.write_text(content)
-    code, _, err = run(capsys, "--model", str(tmp_path / "missing"), "--txt_file", str(f))
-    assert code == 2 and match in err and "p.txt" in err
-
-
-@pytest.mark.parametrize("content,match", [
-    ("[1, 2]", "entry 0 must be a prompt string"),
-    ('[{"prompt": "x", "colour": 1}]', "unknown fields ['colour']"),
-    ("{not json", "not valid JSON"),
-    ("[]", "holds no prompts"),
-])
-def test_bad_json_files(tmp_path, capsys, content, match):
-    f = tmp_path / "p.json"
-    f.write_text(content)
-    code, _, err = run(capsys, "--model", str(tmp_path / "missing"), "--json_file", str(f))
-    assert code == 2 and match in err and "p.json" in err
+    flag = "--txt_file" if name.endswith(".txt") else "--json_file"
+    code, _, err = run(capsys, "--model", str(tmp_path / "missing"), flag, str(f))
+    assert code == 2 and match in err and name in err
 
 
 def test_size_is_checked_before_loading(tmp_path, capsys):

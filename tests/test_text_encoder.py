@@ -197,7 +197,7 @@ def test_mismatched_tokenizer(tiny, tmp_path):
 ])
 def test_wrong_model_file(tmp_path, keys, found):
     save_file({k: torch.zeros(2, 2) for k in keys}, tmp_path / "wrong.safetensors")
-    with pytest.raises(CheckpointError, match=f"wrong.safetensors: not a Gemma-2 text encoder: found .*{found}.*"
+    with pytest.raises(CheckpointError, match=f"wrong.safetensors: not a Gemma-2 text encoder: it looks like .*{found}.*"
                                               "expected Gemma-2"):
         load_text_encoder(tmp_path / "wrong.safetensors")
 

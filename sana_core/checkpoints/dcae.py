@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from ..dcae import DCAE, VARIANTS, DCAEConfig
-from .files import (CheckpointError, PathLike, cast_state_dict, find_weights_file, load_strict, read_json,
-                    read_state_dict, strip_prefixes)
+from .files import (CheckpointError, PathLike, cast_state_dict, describe_keys, find_weights_file, load_strict,
+                    read_json, read_state_dict, strip_prefixes)
 
 log = logging.getLogger(__name__)
 
@@ -60,24 +60,6 @@ _TO_EFFICIENTVIT = [
     (r"^decoder\.conv_out\.", "decoder.project_out.op_list.2.conv."),
 ]
 
-_NOT_DCAE_HINTS = (
-    ("decoder.mid.block_1.", "a Stable Diffusion / SDXL / Flux VAE (original layout)"),
-    ("decoder.mid_block.", "a diffusers AutoencoderKL VAE (SD / SDXL / Flux)"),
-    ("x_embedder.", "a diffusion transformer (e.g. a Sana DiT)"),
-    ("transformer_blocks.", "a diffusers transformer (e.g. a Sana DiT)"),
-    ("input_blocks.", "a Stable Diffusion / SDXL UNet"),
-    ("lora", "a LoRA"),
-    ("model.layers.", "a language model (e.g. Gemma)"),
-    ("encoder.", "an encoder without decoder weights"),
-)
-
-
-def _describe(sd: dict[str, torch.Tensor]) -> str:
-    keys = list(sd)
-    what = next((what for needle, what in _NOT_DCAE_HINTS if any(needle in k.lower() for k in keys)), None)
-    return f"{'it looks like ' + what + ', ' if what else ''}{len(keys)} tensors, e.g. {keys[:3]}"
-
-
 def detect_layout(sd: dict[str, torch.Tensor], source: PathLike | str) -> str:
     """"diffusers" or "efficientvit"; CheckpointError (saying what was found) for anything else."""
     if EFFICIENTVIT_ANCHOR in sd:
@@ -85,7 +67,7 @@ def detect_layout(sd: dict[str, torch.Tensor], source: PathLike | str) -> str:
     if DIFFUSERS_ANCHOR in sd and any(re.match(r"decoder\.up_blocks\.\d+\.\d+\.", k) for k in sd):
         return "diffusers"
     raise CheckpointError(
-        f"{source}: not a DC-AE (Sana autoencoder): {_describe(sd)}; expected diffusers AutoencoderDC keys "
+        f"{source}: not a DC-AE (Sana autoencoder): {describe_keys(sd)}; expected diffusers AutoencoderDC keys "
         f"('{DIFFUSERS_ANCHOR}', 'decoder.up_blocks.N.M...') or efficientvit keys ('{EFFICIENTVIT_ANCHOR}', "
         "'decoder.stages.N.op_list.M...')")
 

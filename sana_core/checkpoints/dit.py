@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from ..dit import VARIANTS, DiTConfig, SanaDiT
-from .files import CheckpointError, PathLike, cast_state_dict, find_weights_file, load_strict, read_json, read_state_dict, strip_prefixes
+from .files import (CheckpointError, PathLike, cast_state_dict, describe_keys, find_weights_file, load_strict,
+                    read_json, read_state_dict, strip_prefixes)
 
 log = logging.getLogger(__name__)
 
@@ -23,27 +24,6 @@ NVLABS_ANCHOR, DIFFUSERS_ANCHOR = "x_embedder.proj.weight", "patch_embed.proj.we
 TRAINING_ONLY = ("y_embedder.y_embedding", "pos_embed", "logvar_linear.weight", "logvar_linear.bias")
 #: Cross-attention heads of the released widths (their head dims are 72 and 112; not readable from weights).
 CROSS_HEADS = {1152: 16, 2240: 20}
-
-_NOT_SANA_HINTS = (
-    ("lora", "a LoRA file"),
-    ("input_blocks.", "a Stable Diffusion / SDXL UNet"),
-    ("double_blocks.", "a Flux model"),
-    ("joint_blocks.", "an SD3 model"),
-    ("model.layers.", "a language model (e.g. Gemma)"),
-    ("layers.0.self_attn", "a language model (e.g. Gemma)"),
-    ("encoder.down", "a VAE"),
-    ("decoder.up", "a VAE"),
-    ("encoder.stages", "a DC-AE autoencoder"),
-)
-
-
-def _describe(sd: dict[str, torch.Tensor]) -> str:
-    keys = list(sd)
-    for needle, what in _NOT_SANA_HINTS:
-        if any(needle in k.lower() for k in keys):
-            return f"it looks like {what} ({len(keys)} keys, e.g. {keys[:3]})"
-    return f"found {len(keys)} keys, e.g. {keys[:3]}"
-
 
 def _key_map(depth: int, qk_norm: bool, guidance: bool) -> list[tuple[str, list[str]]]:
     """(NVlabs key, diffusers keys) pairs; several diffusers keys are concatenated on dim 0 (fused q/k/v)."""
@@ -119,7 +99,7 @@ def to_nvlabs(sd: dict[str, torch.Tensor], source: PathLike | str) -> dict[str, 
         return sd
     if DIFFUSERS_ANCHOR in sd:
         return diffusers_to_nvlabs(sd)
-    raise CheckpointError(f"{source}: not a Sana DiT checkpoint: {_describe(sd)}; expected keys such as "
+    raise CheckpointError(f"{source}: not a Sana DiT checkpoint: {describe_keys(sd)}; expected keys such as "
                           f"'{NVLABS_ANCHOR}' (NVlabs) or '{DIFFUSERS_ANCHOR}' (diffusers)")
 
 

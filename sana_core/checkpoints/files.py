@@ -21,6 +21,33 @@ class CheckpointError(ValueError):
     """A weight file that cannot be used: unreadable, truncated, or not the model that was expected."""
 
 
+#: Key fragments of the models that end up in the wrong loader, first match wins (for error messages).
+KNOWN_MODELS = (
+    ("lora", "a LoRA"),
+    ("input_blocks.", "a Stable Diffusion / SDXL UNet"),
+    ("double_blocks.", "a Flux transformer"),
+    ("joint_blocks.", "an SD3 transformer"),
+    ("x_embedder.", "a diffusion transformer (DiT: Sana / PixArt)"),
+    ("transformer_blocks.", "a diffusers transformer (e.g. a Sana DiT)"),
+    ("decoder.mid.block_1.", "a Stable Diffusion / SDXL / Flux VAE (original layout)"),
+    ("decoder.mid_block.", "a diffusers AutoencoderKL VAE (SD / SDXL / Flux)"),
+    ("encoder.stages.", "a DC-AE autoencoder"),
+    ("decoder.up_blocks.", "a diffusers autoencoder"),
+    ("encoder.block.", "a T5 encoder"),
+    ("self_attn.q_norm.", "an LLM with q/k-norm (Gemma-3, Qwen-3)"),
+    ("layers.0.self_attn.", "a language model (e.g. Gemma)"),
+    ("encoder.", "an encoder without decoder weights"),
+)
+
+
+def describe_keys(sd: dict[str, "torch.Tensor"]) -> str:
+    """What a state dict looks like, for errors: "it looks like a LoRA (12 tensors, e.g. [...])"."""
+    keys = list(sd)
+    what = next((name for frag, name in KNOWN_MODELS if any(frag in k.lower() for k in keys)), None)
+    found = f"{len(keys)} tensors, e.g. {keys[:3]}"
+    return f"it looks like {what} ({found})" if what else f"found {found}"
+
+
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file

@@ -23,8 +23,8 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pro
 from transformers import AutoTokenizer, Gemma2Config, Gemma2Model, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from ..text_encoder import SanaTextEncoder, resolve_dtype
-from .files import (CheckpointError, PathLike, cast_state_dict, find_weights_file, load_strict, read_json,
-                    read_state_dict, strip_prefixes)
+from .files import (CheckpointError, PathLike, cast_state_dict, describe_keys, find_weights_file, load_strict,
+                    read_json, read_state_dict, strip_prefixes)
 
 # Gemma-2-2B(-IT): the values that key shapes cannot tell are taken from here (RoPE theta 10000 is the default).
 GEMMA2_2B = dict(
@@ -37,14 +37,6 @@ GEMMA2_2B = dict(
 _ANCHOR = "layers.0.post_feedforward_layernorm.weight"  # Gemma-2/3 only; also locates the key prefix
 _REQUIRED = ("embed_tokens.weight", "norm.weight", "layers.0.self_attn.q_proj.weight",
              "layers.0.self_attn.k_proj.weight", "layers.0.mlp.gate_proj.weight", _ANCHOR)
-# Key fragments of models that end up in models/text_encoders by mistake, for the error message.
-_OTHER_MODELS = (
-    ("input_blocks.", "a Stable Diffusion / SDXL UNet"), ("double_blocks.", "a Flux transformer"),
-    ("x_embedder.", "a DiT (Sana / PixArt)"), ("transformer_blocks.", "a diffusers transformer"),
-    ("encoder.block.", "a T5 encoder"), ("decoder.", "a VAE"), ("lora_", "a LoRA"),
-    ("q_norm.", "an LLM with q/k-norm (Gemma-3, Qwen-3)"),
-)
-
 # sentencepiece ModelProto: pieces = 1 {piece = 1, score = 2, type = 3}, trainer_spec = 2 {model_type = 3},
 # normalizer_spec = 3 {add_dummy_prefix = 3, remove_extra_whitespaces = 4}. Piece types: 3 control, 4 user-defined.
 _CONTROL, _USER_DEFINED = 3, 4
@@ -187,11 +179,8 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], bytes | None]:
     sd = strip_prefixes(sd, [_ANCHOR])  # "model." (CausalLM, ComfyUI) or none (Gemma2Model); drops lm_head
     missing = [k for k in _REQUIRED if k not in sd]
     if missing or any(".q_norm." in k for k in sd):
-        keys = sorted(sd)
-        what = next((name for fragment, name in _OTHER_MODELS if any(fragment in k for k in keys)), "an unknown model")
-        raise CheckpointError(f"{path}: not a Gemma-2 text encoder: found {what} ({len(keys)} tensors, e.g. "
-                              f"{keys[:3]}); expected Gemma-2 keys such as 'model.{_ANCHOR}' and "
-                              "'model.embed_tokens.weight'")
+        raise CheckpointError(f"{path}: not a Gemma-2 text encoder: {describe_keys(dict(sorted(sd.items())))}; "
+                              f"expected Gemma-2 keys such as 'model.{_ANCHOR}' and 'model.embed_tokens.weight'")
     return sd, None if spiece is None else spiece.numpy().tobytes()
 
 
