@@ -83,6 +83,11 @@ class SanaDenoiser:
         v = self.dit(x.repeat(n, 1, 1, 1), self.timestep(sigma).repeat(n), embeds, mask, guidance=guidance,
                      pag_layers=self.pag_layers if self.pag_scale > 0 else (), pag_batch=pag_batch).float()
         self.calls += 1
+        if not torch.isfinite(v).all():
+            raise FloatingPointError(
+                f"the DiT produced inf/NaN at sigma {sigma[0].item():.4f} running in {self.dit.dtype}"
+                + (": float16 overflows here, load the model in bfloat16 or float32" if self.dit.dtype == torch.float16
+                   else ": check the checkpoint and the inputs"))
         parts = v.chunk(n)
         v_c = parts[0]
         out = v_c

@@ -213,7 +213,11 @@ class SanaPipeline:
         """Scaled latents (B, 32, h, w) -> images (B, 3, 32h, 32w) float32 in 0..1."""
         vae = self._on_device(self.vae)
         z = latents.to(self.device) / vae.cfg.scaling_factor
-        image = vae.decode(z.to(next(vae.parameters()).dtype), tiled=tiled).float()
+        dtype = next(vae.parameters()).dtype
+        image = vae.decode(z.to(dtype), tiled=tiled).float()
+        if not torch.isfinite(image).all():
+            raise FloatingPointError(f"the DC-AE decoder produced inf/NaN in {dtype}"
+                                     + (": load it in bfloat16 or float32" if dtype == torch.float16 else ""))
         return (image / 2 + 0.5).clamp(0, 1)
 
 

@@ -117,3 +117,43 @@ def test_bad_arguments(ours, kw, match):
     args = {"prompt": "a cat", **SIZE, "progress": False, **kw}
     with pytest.raises(ValueError, match=match):
         ours(**args)
+
+
+def test_fp16_overflow_is_a_clear_error(folder):
+    pipe = SanaPipeline.from_pretrained(folder, dtype=torch.float16, vae_dtype=torch.float32, device="cpu")
+    assert pipe.text_encoder.dtype != torch.float16  # Gemma is never run in fp16
+    with torch.no_grad():
+        pipe.dit.final_layer.linear.weight.mul_(1e5)  # forces an fp16 overflow in the output projection
+    with pytest.raises(FloatingPointError, match="inf/NaN.*float16 overflows here, load the model in bfloat16"):
+        pipe("a cat", seed=0, num_inference_steps=2, progress=False, **SIZE)
+
+
+def test_separate_files_give_the_same_images(folder, ours, tmp_path):
+    """NVlabs .pth DiT + efficientvit DC-AE + ComfyUI single-file Gemma == the diffusers folder."""
+    from sana_core.checkpoints.dit import load_dit, save_dit
+    from sana_core.tiny import write_tiny_dcae, write_tiny_gemma
+
+    dit = save_dit(load_dit(folder), tmp_path / "Sana_600M_1024px_MultiLing.pth", layout="nvlabs")
+    vae = write_tiny_dcae(tmp_path / "dc-ae", seed=11 + 2, layout="efficientvit")
+    write_tiny_gemma(tmp_path / "gemma", seed=11, single_file=tmp_path / "gemma_2_2b.safetensors")
+    pipe = SanaPipeline.from_pretrained(None, dit=dit, vae=vae, text_encoder=tmp_path / "gemma_2_2b.safetensors",
+                                        dtype=torch.float32, device="cpu")
+    kw = dict(seed=2, num_inference_steps=3, output_type="pt", progress=False, **SIZE)
+    torch.testing.assert_close(pipe("a red fox", **kw), ours("a red fox", **kw), rtol=0, atol=0)
+
+
+def test_hub_references_are_resolved(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    from sana_core.pipeline import resolve_path
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: calls.append(("snap", repo)) or str(tmp_path))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, f: calls.append(("file", repo, f)) or str(tmp_path / f))
+    assert resolve_path(tmp_path) == tmp_path  # local paths win
+    resolve_path("Efficient-Large-Model/Sana_600M_1024px_diffusers")
+    resolve_path("hf://Efficient-Large-Model/Sana_1600M_1024px/checkpoints/Sana_1600M_1024px.pth")
+    assert calls == [("snap", "Efficient-Large-Model/Sana_600M_1024px_diffusers"),
+                     ("file", "Efficient-Large-Model/Sana_1600M_1024px", "checkpoints/Sana_1600M_1024px.pth")]
+    with pytest.raises(FileNotFoundError, match="not a Hugging Face repo id"):
+        resolve_path("./missing_folder")
