@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..dcae import DCAE, VARIANTS, DCAEConfig
-from .files import (CheckpointError, PathLike, cast_state_dict, describe_keys, find_weights_file, load_strict,
+from .files import (CheckpointError, PathLike, describe_keys, find_weights_file, load_strict,
                     read_json, read_state_dict, strip_prefixes)
 
 log = logging.getLogger(__name__)
@@ -211,7 +211,7 @@ def load_dcae(path: PathLike, dtype: torch.dtype = torch.float32, device: torch.
     Raises CheckpointError for anything that is not a complete DC-AE, before any model exists.
     """
     file, config = _locate(Path(path))
-    sd = strip_prefixes(read_state_dict(file), (DIFFUSERS_ANCHOR, EFFICIENTVIT_ANCHOR))
+    sd = strip_prefixes(read_state_dict(file, dtype), (DIFFUSERS_ANCHOR, EFFICIENTVIT_ANCHOR))
     layout = detect_layout(sd, file)
     if layout == "efficientvit":
         sd = from_efficientvit(sd)
@@ -227,7 +227,7 @@ def load_dcae(path: PathLike, dtype: torch.dtype = torch.float32, device: torch.
     has_encoder = "encoder.conv_in.weight" in sd
     with torch.device("meta"):
         model = DCAE(cfg, ops=ops, encoder=has_encoder)
-    load_strict(model, cast_state_dict(sd, dtype), file)
+    load_strict(model, sd, file)
     model.source, model.variant = str(file), variant
     log.info("loaded DC-AE %s (%s layout%s) from %s (%s)", variant, layout,
              "" if has_encoder else ", decoder only", file, dtype)

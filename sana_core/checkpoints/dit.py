@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..dit import VARIANTS, DiTConfig, SanaDiT
-from .files import (CheckpointError, PathLike, cast_state_dict, describe_keys, find_weights_file, load_strict,
+from .files import (CheckpointError, PathLike, describe_keys, find_weights_file, load_strict,
                     read_json, read_state_dict, strip_prefixes)
 
 log = logging.getLogger(__name__)
@@ -170,18 +170,16 @@ def load_dit(path: PathLike, dtype: torch.dtype | None = None, device: torch.dev
     """
     path = Path(path)
     file, config = _resolve(path, variant)
-    sd = to_nvlabs(read_state_dict(file), file)
+    sd = to_nvlabs(read_state_dict(file, dtype), file)
     name = "/".join(path.resolve().parts[-3:])
     try:
         detected, cfg = detect_config(sd, name, config, use_pe)
     except KeyError as e:
         raise CheckpointError(f"{file}: incomplete Sana DiT checkpoint, key {e} is missing") from e
-    if dtype is None:
-        dtype = sd[NVLABS_ANCHOR].dtype
-        dtype = torch.bfloat16 if dtype.itemsize == 1 else dtype
+    dtype = sd[NVLABS_ANCHOR].dtype
     with torch.device("meta"):
         model = SanaDiT(cfg, ops=ops, dtype=dtype)
-    load_strict(model, cast_state_dict(sd, dtype), file)
+    load_strict(model, sd, file)
     model.variant = detected
     log.info("loaded Sana DiT %s from %s (%s)", detected, file, dtype)
     return model.to(device).eval().requires_grad_(False)

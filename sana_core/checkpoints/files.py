@@ -48,19 +48,20 @@ def describe_keys(sd: dict[str, "torch.Tensor"]) -> str:
     return f"it looks like {what} ({found})" if what else f"found {found}"
 
 
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def _load_safetensors(path: Path, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Tensor by tensor from the memory-mapped file, each cast as it is read: one copy in memory at most."""
+    from safetensors import SafetensorError, safe_open
 
     try:
-        return load_file(str(path), device="cpu")
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: _cast(f.get_tensor(k), dtype) for k in f.keys()}
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise CheckpointError(
             f"{path}: cannot read this .safetensors file ({e}); it may be truncated or corrupt, download it again"
         ) from e
 
 
-def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
+def _load_pickle(path: Path, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises many kinds (UnpicklingError, RuntimeError, EOFError, ...)
@@ -75,10 +76,10 @@ def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
             break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: expected a dict of tensors (optionally under 'state_dict'), found {type(obj).__name__}")
-    return obj
+    return cast_state_dict(obj, dtype)
 
 
-def _load_sharded(index_path: Path) -> dict[str, torch.Tensor]:
+def _load_sharded(index_path: Path, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     try:
         weight_map = json.loads(index_path.read_text())["weight_map"]
     except (OSError, ValueError, KeyError) as e:
@@ -88,7 +89,7 @@ def _load_sharded(index_path: Path) -> dict[str, torch.Tensor]:
         shard_path = index_path.parent / shard
         if not shard_path.is_file():
             raise FileNotFoundError(f"{index_path}: shard '{shard}' listed in the index is missing ({shard_path})")
-        sd.update(read_state_dict(shard_path))
+        sd.update(read_state_dict(shard_path, dtype))
     missing = set(weight_map) - set(sd)
     if missing:
         raise CheckpointError(f"{index_path}: {len(missing)} keys listed in the index are absent from the shards, e.g. {sorted(missing)[:3]}")
@@ -113,10 +114,11 @@ def find_weights_file(folder: PathLike, stems: Iterable[str], variant: str | Non
     raise FileNotFoundError(f"{folder}: no weight file found (expected {wanted} or a sharded .index.json)")
 
 
-def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
+def read_state_dict(path: PathLike, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Read every tensor of a weight file (``.safetensors``, ``*.index.json``, ``.pth``/``.pt``/``.ckpt``/``.bin``).
 
-    Returns the raw keys; see :func:`strip_prefixes` for wrapper prefixes.
+    Floating-point tensors are cast to ``dtype`` as they are read (None keeps the file's; fp8 becomes bf16),
+    so a file is never held twice. Returns the raw keys; see :func:`strip_prefixes` for wrapper prefixes.
     """
     path = Path(path)
     if not path.exists():
@@ -125,11 +127,11 @@ def read_state_dict(path: PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: is a folder; expected a weight file")
     name = path.name.lower()
     if name.endswith(".index.json"):
-        return _load_sharded(path)
+        return _load_sharded(path, dtype)
     if name.endswith(".safetensors") or name.endswith(".sft"):
-        return _load_safetensors(path)
+        return _load_safetensors(path, dtype)
     if name.endswith((".pth", ".pt", ".ckpt", ".bin")):
-        return _load_pickle(path)
+        return _load_pickle(path, dtype)
     raise CheckpointError(f"{path}: unknown weight file type; expected .safetensors, .pth, .pt, .ckpt, .bin or a shard .index.json")
 
 
@@ -162,18 +164,18 @@ def read_json(path: PathLike) -> dict:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from e
 
 
-def cast_state_dict(sd: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-    """Cast floating-point tensors to ``dtype`` one at a time (fp8 storage included), freeing each original.
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    if not t.is_floating_point():
+        return t
+    if dtype is None:
+        dtype = torch.bfloat16 if t.dtype.itemsize == 1 else t.dtype  # fp8 storage computes in bf16
+    return t.to(dtype)
 
-    Integer/bool tensors are kept. The input dict is emptied so that only one copy is alive at a time.
-    """
-    out: dict[str, torch.Tensor] = {}
-    for key in list(sd):
-        t = sd.pop(key)
-        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
-            t = t.to(dtype)
-        out[key] = t
-    return out
+
+def cast_state_dict(sd: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    """Cast floating-point tensors to ``dtype`` (None: fp8 to bf16, others kept) one at a time, freeing each
+    original; integer tensors are kept. The input dict is emptied so that only one copy is alive at a time."""
+    return {key: _cast(sd.pop(key), dtype) for key in list(sd)}
 
 
 def load_strict(module: torch.nn.Module, sd: dict[str, torch.Tensor], source: PathLike | str) -> None:

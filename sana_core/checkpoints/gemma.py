@@ -61,10 +61,10 @@ def load_text_encoder(path: PathLike, dtype: torch.dtype | None = None, device: 
         tokenizer_source = Path(tokenizer_path or (path / "tokenizer" if model_dir != path else path))
         tokenizer = load_tokenizer(tokenizer_source)  # before reading gigabytes of weights
         weights = find_weights_file(model_dir, ("model",))
-        sd, _ = _read_weights(weights)
+        sd, _ = _read_weights(weights, dtype)
     else:
         weights = path
-        sd, spiece = _read_weights(path)
+        sd, spiece = _read_weights(path, dtype)
         config = gemma2_config(sd, path)
         if tokenizer_path is not None:
             tokenizer_source = Path(tokenizer_path)
@@ -172,9 +172,9 @@ def _read_config(path: Path) -> Gemma2Config:
     return Gemma2Config.from_dict(config)
 
 
-def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], bytes | None]:
-    """Bare Gemma2Model keys of a weight file, and the embedded ``spiece_model`` bytes if any."""
-    sd = read_state_dict(path)
+def _read_weights(path: Path, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], bytes | None]:
+    """Bare Gemma2Model keys of a weight file (cast to ``dtype``), and the embedded ``spiece_model`` bytes if any."""
+    sd = read_state_dict(path, dtype)
     spiece = sd.pop("spiece_model", None)
     sd = strip_prefixes(sd, [_ANCHOR])  # "model." (CausalLM, ComfyUI) or none (Gemma2Model); drops lm_head
     missing = [k for k in _REQUIRED if k not in sd]
