@@ -156,6 +156,7 @@ class SanaPipeline:
         output_type: str = "pil",
         progress: bool = True,
         tiled_decode: bool | None = None,
+        truncate_timesteps: bool = True,
         callback: Callable[[dict[str, Any]], None] | None = None,
     ) -> list | torch.Tensor:
         """Generate images.
@@ -167,6 +168,8 @@ class SanaPipeline:
         latents: (B, 32, H/32, W/32) initial noise instead. output_type: "pil" (list of PIL images),
         "pt" ((B, 3, H, W) in 0..1), or "latent" (the sampled latent, scaled space).
         tiled_decode: None decides from memory; True/False forces. callback: called each step (k-diffusion dict).
+        truncate_timesteps: feed the DiT int(1000 * sigma) as NVlabs' model does (and diffusers' DPM-Solver);
+        False feeds 1000 * sigma (diffusers' FlowMatchEuler).
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
@@ -194,7 +197,7 @@ class SanaPipeline:
         sigmas = sampler_sigmas(sampler, num_inference_steps,
                                 shift if shift is not None else default_shift(height, width))
         denoiser = SanaDenoiser(self._on_device(self.dit), cond, uncond, guidance_scale, pag_guidance_scale,
-                                tuple(pag_layers), truncate_timesteps=sampler == "flow_dpmpp_2m")
+                                tuple(pag_layers), truncate_timesteps=truncate_timesteps)
         x = latents.to(self.device, torch.float32)  # pure noise, as NVlabs and diffusers start
         extra = {"noise_sampler": default_noise_sampler(x, generator)} if sampler == "scm" else {}
         x0 = get_sampler(sampler)(denoiser, x, sigmas.to(self.device), callback=callback, disable=not progress, **extra)
