@@ -5,11 +5,12 @@ Flow space: x_t = (1 - s) x0 + s noise; the DiT predicts v = noise - x0, so x0 =
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from .dit import SanaDiT
-from .samplers import flow_denoised, sigma_to_timestep
+from .samplers import default_noise_sampler, flow_denoised, get_sampler, sampler_sigmas, sigma_to_timestep
 
 
 @dataclass
@@ -96,3 +97,24 @@ class SanaDenoiser:
         if self.pag_scale > 0:
             out = out + self.pag_scale * (v_c - parts[-1])
         return flow_denoised(x.float(), sigma, out)
+
+
+def sample(denoiser: SanaDenoiser, noise: torch.Tensor, sampler: str = "flow_dpmpp_2m", steps: int = 20,
+           shift: float = 3.0, denoise: float = 1.0, init: torch.Tensor | None = None,
+           generator: torch.Generator | None = None, callback: Any = None, progress: bool = True) -> torch.Tensor:
+    """Run a sampler on the denoiser -> x0 (B, 32, h, w), in the DiT's (scaled) latent space.
+
+    noise: (B, 32, h, w) standard normal; text-to-image starts from it as NVlabs and diffusers do.
+    denoise < 1 (image-to-image): as ComfyUI, the last `steps` of an int(steps / denoise)-step schedule, starting
+    from `init` (scaled latent) noised to the first sigma. generator: source of SCM's fresh noise per step.
+    """
+    if not 0.0 < denoise <= 1.0:
+        raise ValueError(f"denoise={denoise} must be in (0, 1]")
+    sigmas = sampler_sigmas(sampler, steps if denoise >= 1 else int(steps / denoise), shift)[-(steps + 1):]
+    x = noise.float()
+    if denoise < 1:
+        if init is None:
+            raise ValueError("denoise < 1 needs the latent to start from (init)")
+        x = (1 - sigmas[0]) * init.to(x) + sigmas[0] * x
+    extra = {"noise_sampler": default_noise_sampler(x, generator)} if sampler == "scm" else {}
+    return get_sampler(sampler)(denoiser, x, sigmas.to(x.device), callback=callback, disable=not progress, **extra)

@@ -18,9 +18,9 @@ from .checkpoints.dcae import load_dcae
 from .checkpoints.dit import load_dit
 from .checkpoints.gemma import load_text_encoder
 from .dcae import DCAE
-from .denoiser import SanaDenoiser, TextCondition
+from .denoiser import SanaDenoiser, TextCondition, sample
 from .dit import SanaDiT
-from .samplers import SAMPLERS, default_noise_sampler, default_shift, get_sampler, sampler_sigmas
+from .samplers import SAMPLERS, default_shift
 from .text_encoder import SanaTextEncoder
 
 log = logging.getLogger(__name__)
@@ -153,6 +153,8 @@ class SanaPipeline:
         num_images_per_prompt: int = 1,
         use_chi: bool = True,
         latents: torch.Tensor | None = None,
+        image: torch.Tensor | None = None,
+        strength: float = 1.0,
         output_type: str = "pil",
         progress: bool = True,
         tiled_decode: bool | None = None,
@@ -165,7 +167,8 @@ class SanaPipeline:
         height/width: pixels, multiples of 32. sampler: "flow_dpmpp_2m" (default), "flow_euler", or "scm"
         (the default for Sprint models, 1-4 steps). shift: timestep shift (3.0, or 6.0 from 4K upwards).
         generator or seed: the initial noise is drawn on the CPU, so a seed gives the same image on any device.
-        latents: (B, 32, H/32, W/32) initial noise instead. output_type: "pil" (list of PIL images),
+        latents: (B, 32, H/32, W/32) initial noise instead. image: (B, 3, H, W) in 0..1 to start from
+        (image-to-image) and strength in (0, 1]: how much of the schedule runs on it. output_type: "pil" (list of PIL images),
         "pt" ((B, 3, H, W) in 0..1), or "latent" (the sampled latent, scaled space).
         tiled_decode: None decides from memory; True/False forces. callback: called each step (k-diffusion dict).
         truncate_timesteps: feed the DiT int(1000 * sigma) as NVlabs' model does (and diffusers' DPM-Solver);
@@ -194,13 +197,19 @@ class SanaPipeline:
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
 
-        sigmas = sampler_sigmas(sampler, num_inference_steps,
-                                shift if shift is not None else default_shift(height, width))
+        init = None
+        if image is not None:
+            if tuple(image.shape[-2:]) != (height, width) or image.shape[0] not in (1, B):
+                raise ValueError(f"image has shape {tuple(image.shape)}, expected (1 or {B}, 3, {height}, {width})")
+            vae = self._on_device(self.vae)
+            pixels = (image.to(self.device, next(vae.parameters()).dtype) * 2 - 1).expand(B, -1, -1, -1)
+            init = vae.scale(vae.encode(pixels)).float()
         denoiser = SanaDenoiser(self._on_device(self.dit), cond, uncond, guidance_scale, pag_guidance_scale,
                                 tuple(pag_layers), truncate_timesteps=truncate_timesteps)
-        x = latents.to(self.device, torch.float32)  # pure noise, as NVlabs and diffusers start
-        extra = {"noise_sampler": default_noise_sampler(x, generator)} if sampler == "scm" else {}
-        x0 = get_sampler(sampler)(denoiser, x, sigmas.to(self.device), callback=callback, disable=not progress, **extra)
+        x0 = sample(denoiser, latents.to(self.device), sampler, num_inference_steps,
+                    shift if shift is not None else default_shift(height, width),
+                    denoise=strength if image is not None else 1.0, init=init, generator=generator,
+                    callback=callback, progress=progress)
         if output_type == "latent":
             return x0
         images = self.decode(x0, tiled=tiled_decode)

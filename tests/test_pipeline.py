@@ -157,3 +157,22 @@ def test_hub_references_are_resolved(monkeypatch, tmp_path):
                      ("file", "Efficient-Large-Model/Sana_1600M_1024px", "checkpoints/Sana_1600M_1024px.pth")]
     with pytest.raises(FileNotFoundError, match="not a Hugging Face repo id"):
         resolve_path("./missing_folder")
+
+
+def test_image_to_image_starts_part_way(ours):
+    from sana_core.samplers import flow_sigmas
+
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(1, 3, *SIZE.values(), generator=g)
+    init = ours.vae.scale(ours.vae.encode(image * 2 - 1))
+    sigmas = []
+    out = ours("a cat", seed=1, num_inference_steps=4, image=image, strength=0.5, output_type="latent",
+               progress=False, callback=lambda d: sigmas.append(float(d["sigma"])), **SIZE)
+    assert sigmas == pytest.approx(flow_sigmas(8)[-5:-1].tolist())  # the last 4 of an 8-step schedule
+    light = ours("a cat", seed=1, num_inference_steps=4, image=image, strength=0.02, output_type="latent",
+                 progress=False, **SIZE)
+    full = ours("a cat", seed=1, num_inference_steps=4, output_type="latent", progress=False, **SIZE)
+    dist = lambda a: ((a - init).norm() / init.norm()).item()  # noqa: E731
+    assert dist(light) < 0.1 < dist(out) < dist(full)
+    with pytest.raises(ValueError, match="image has shape"):
+        ours("a cat", image=image[..., :64], strength=0.5, progress=False, **SIZE)
