@@ -261,13 +261,17 @@ def sample_scm(
     ``x <- (1 - s_next) x0 + s_next n``; the step to 0 returns ``x0``. With :func:`scm_sigmas` this is
     ``SCMScheduler.step`` (``x_t' = cos t' x0_trig + sin t' sigma_data n``) divided by ``sigma_data (cos t' +
     sin t')``. The noise of diffusers' step to t = 0 (multiplied by sin 0 = 0) is not drawn. ``noise_sampler``
-    defaults to :func:`default_noise_sampler` seeded with ``extra_args["seed"]`` when present (as k-diffusion's
-    ``sample_lcm`` in ComfyUI), else drawing from torch's global generator.
+    defaults to :func:`default_noise_sampler` on a generator seeded with ``extra_args["seed"]`` (ComfyUI passes
+    it) that first skips one draw of x's shape, the initial noise ComfyUI drew from the same seed, so the
+    stream equals diffusers' continuing generator; without a seed it draws from torch's global generator.
     """
     extra_args = {} if extra_args is None else extra_args
     if noise_sampler is None:
-        seed = extra_args.get("seed")
-        noise_sampler = default_noise_sampler(x, None if seed is None else torch.Generator().manual_seed(seed))
+        generator, seed = None, extra_args.get("seed")
+        if seed is not None:  # the host drew the initial noise from this seed (ComfyUI): continue after it, as
+            generator = torch.Generator().manual_seed(seed)  # diffusers' pipeline continues its generator
+            torch.randn(x.shape, generator=generator)
+        noise_sampler = default_noise_sampler(x, generator)
     s_in = x.new_ones([x.shape[0]])
     for i in trange(len(sigmas) - 1, disable=disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)

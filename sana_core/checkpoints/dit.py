@@ -160,12 +160,14 @@ def _resolve(path: Path, variant: str | None) -> tuple[Path, dict | None]:
 
 
 def load_dit(path: PathLike, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
-             ops: Any = None, use_pe: bool | None = None, variant: str | None = None) -> SanaDiT:
+             ops: Any = None, use_pe: bool | None = None, variant: str | None = None,
+             model_class: type[SanaDiT] = SanaDiT) -> SanaDiT:
     """Load a Sana DiT from an NVlabs `.pth`, a single safetensors file (either layout, any wrapper prefix)
     or a diffusers folder (root or `transformer/`, sharded and `variant` files included).
 
     dtype: None keeps the file's dtype (fp8 storage becomes bf16); use_pe overrides the 2K/4K positional
-    embedding decision. The variant found is in `model.variant`. Raises CheckpointError on anything that is
+    embedding decision; model_class: a SanaDiT subclass to build (a host's adapter). The variant found is in
+    `model.variant`. Raises CheckpointError on anything that is
     not a complete Sana DiT, before any model exists.
     """
     path = Path(path)
@@ -178,7 +180,7 @@ def load_dit(path: PathLike, dtype: torch.dtype | None = None, device: torch.dev
         raise CheckpointError(f"{file}: incomplete Sana DiT checkpoint, key {e} is missing") from e
     dtype = sd[NVLABS_ANCHOR].dtype
     with torch.device("meta"):
-        model = SanaDiT(cfg, ops=ops, dtype=dtype)
+        model = model_class(cfg, ops=ops, dtype=dtype)
     load_strict(model, sd, file)
     model.variant = detected
     log.info("loaded Sana DiT %s from %s (%s)", detected, file, dtype)
