@@ -15,6 +15,7 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.model_sampling
 import comfy.ops
+import comfy.samplers
 import comfy.supported_models_base
 import torch
 
@@ -52,6 +53,18 @@ class SanaModelSampling(comfy.model_sampling.ModelSamplingDiscreteFlow, comfy.mo
         return sigma_to_timestep(sigma, truncate=True)
 
 
+class SanaKSampler(comfy.samplers.KSAMPLER):
+    """A KSAMPLER that starts text-to-image (an empty latent) from pure noise, as the engine, NVlabs and
+    diffusers do, instead of ComfyUI's sigma_0 * noise; image-to-image is unchanged."""
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        if latent_image is None or not latent_image.any():
+            noise = noise / sigmas[0]
+        return super().sample(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask,
+                              disable_pbar)
+
+
 class SanaModelConfig(comfy.supported_models_base.BASE):
     unet_config = {"disable_unet_model_creation": True}
     unet_extra_config = {}
@@ -71,6 +84,8 @@ class SanaModel(comfy.model_base.BaseModel):
 
     def extra_conds(self, **kwargs: object) -> dict:
         out = super().extra_conds(**kwargs)
+        if kwargs.get("cross_attn") is not None:  # not CONDCrossAttn: that pads short prompts by repeating them
+            out["c_crossattn"] = comfy.conds.CONDRegular(kwargs["cross_attn"])
         mask = kwargs.get("attention_mask")
         if mask is not None:
             out["attention_mask"] = comfy.conds.CONDRegular(mask)

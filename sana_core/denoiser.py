@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from .dit import SanaDiT
-from .samplers import default_noise_sampler, flow_denoised, get_sampler, sampler_sigmas, sigma_to_timestep
+from .samplers import default_noise_sampler, denoise_sigmas, flow_denoised, get_sampler, sigma_to_timestep
 
 
 @dataclass
@@ -108,9 +108,7 @@ def sample(denoiser: SanaDenoiser, noise: torch.Tensor, sampler: str = "flow_dpm
     denoise < 1 (image-to-image): as ComfyUI, the last `steps` of an int(steps / denoise)-step schedule, starting
     from `init` (scaled latent) noised to the first sigma. generator: source of SCM's fresh noise per step.
     """
-    if not 0.0 < denoise <= 1.0:
-        raise ValueError(f"denoise={denoise} must be in (0, 1]")
-    sigmas = sampler_sigmas(sampler, steps if denoise >= 1 else int(steps / denoise), shift)[-(steps + 1):]
+    sigmas = denoise_sigmas(sampler, steps, shift, denoise)
     x = noise.float()
     if denoise < 1:
         if init is None:

@@ -299,6 +299,14 @@ def sampler_sigmas(name: str, steps: int, shift: float = 3.0) -> torch.Tensor:
     return (flow_euler_sigmas if name == "flow_euler" else flow_sigmas)(steps, shift)
 
 
+def denoise_sigmas(name: str, steps: int, shift: float = 3.0, denoise: float = 1.0) -> torch.Tensor:
+    """`steps` + 1 sigmas for a partial run (image-to-image): as ComfyUI's KSampler, the last `steps` steps of
+    an int(steps / denoise)-step schedule; the whole schedule when denoise is 1."""
+    if not 0.0 < denoise <= 1.0:
+        raise ValueError(f"denoise={denoise} must be in (0, 1]")
+    return sampler_sigmas(name, steps if denoise >= 1 else int(steps / denoise), shift)[-(steps + 1):]
+
+
 def get_sampler(name: str) -> Callable[..., torch.Tensor]:
     """The sampler registered as ``name`` in :data:`SAMPLERS`; ValueError listing the valid names otherwise."""
     if name not in SAMPLERS:

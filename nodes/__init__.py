@@ -1,0 +1,17 @@
+"""ComfyUI nodes over sana_core. Every node id is public API: chosen once, never renamed."""
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .conditioning import SanaGemmaTextEncode
+from .latent import SanaDCAEDecode, SanaDCAEEncode, SanaEmptyLatentImage
+from .loaders import SanaCheckpointLoader, SanaDCAELoader, SanaGemmaLoader
+from .sampling import SanaSampler, SanaSamplerSelect, SanaScheduler
+
+NODES = [SanaCheckpointLoader, SanaGemmaLoader, SanaDCAELoader, SanaGemmaTextEncode, SanaEmptyLatentImage,
+         SanaSampler, SanaSamplerSelect, SanaScheduler, SanaDCAEDecode, SanaDCAEEncode]
+
+
+class SanaExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES

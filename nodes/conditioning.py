@@ -1,0 +1,38 @@
+"""Prompt -> CONDITIONING with Gemma-2 (the complex human instruction for positive prompts)."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from .common import CATEGORY, GEMMA, on_device
+
+ROLES = ("positive", "negative")
+
+
+class SanaGemmaTextEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SanaGemmaTextEncode", display_name="Sana Text Encode (Gemma-2)", category=CATEGORY,
+            description="Encodes a prompt into Sana's 300 caption tokens with their attention mask. A positive "
+                        "prompt gets Sana's complex human instruction (as NVlabs and diffusers do); a negative "
+                        "prompt is encoded plain.",
+            inputs=[GEMMA.Input("gemma"),
+                    io.String.Input("text", multiline=True, dynamic_prompts=True),
+                    io.Combo.Input("role", options=list(ROLES), default="positive",
+                                   tooltip="positive: with the complex human instruction; negative: without"),
+                    io.Boolean.Input("complex_human_instruction", default=True, optional=True,
+                                     tooltip="turn the instruction off for positive prompts too")],
+            outputs=[io.Conditioning.Output()])
+
+    @classmethod
+    def validate_inputs(cls, role: str) -> bool | str:
+        return True if role in ROLES else f"role must be one of {ROLES}, got {role!r}"
+
+    @classmethod
+    def execute(cls, gemma, text: str, role: str, complex_human_instruction: bool = True) -> io.NodeOutput:
+        import comfy.model_management as mm
+
+        encoder = on_device(gemma)
+        embeds, mask = encoder.encode([text], use_chi=role == "positive" and complex_human_instruction)
+        out = mm.intermediate_device()
+        return io.NodeOutput([[embeds.to(out), {"attention_mask": mask.to(out)}]])

@@ -1,0 +1,80 @@
+"""Loader nodes: the Sana DiT as a MODEL, Gemma-2, and the DC-AE."""
+from __future__ import annotations
+
+import logging
+
+from comfy_api.latest import io
+
+from .common import CATEGORY, DCAE, DTYPES, GEMMA, choices, full_path, patcher, pick_dtype
+
+log = logging.getLogger(__name__)
+DIT_FOLDERS = ("diffusion_models", "checkpoints")
+
+
+class SanaCheckpointLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SanaCheckpointLoader", display_name="Load Sana Model", category=CATEGORY,
+            description="Loads a Sana DiT (NVlabs .pth, safetensors of either layout, or a diffusers folder) from "
+                        "models/diffusion_models or models/checkpoints. The variant (0.6B, 1.6B, 2K/4K, Sana 1.5, "
+                        "Sprint) is detected from the weights. Outputs a native MODEL for SanaSampler, KSampler, "
+                        "SamplerCustomAdvanced, shift nodes and LoRA loaders.",
+            inputs=[io.Combo.Input("ckpt_name", options=choices(*DIT_FOLDERS), tooltip="DiT file or folder"),
+                    io.Combo.Input("weight_dtype", options=list(DTYPES), default="default",
+                                   tooltip="default: ComfyUI's choice for this GPU (bf16 where supported)")],
+            outputs=[io.Model.Output()])
+
+    @classmethod
+    def execute(cls, ckpt_name: str, weight_dtype: str) -> io.NodeOutput:
+        from .model import load_sana_model
+
+        model = load_sana_model(full_path(ckpt_name, *DIT_FOLDERS), DTYPES[weight_dtype])
+        variant = model.model.sana_variant
+        log.info("Sana: %s is %s", ckpt_name, variant)
+        return io.NodeOutput(model, ui={"sana_variant": [variant]})
+
+
+class SanaGemmaLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SanaGemmaLoader", display_name="Load Gemma-2 (Sana)", category=CATEGORY,
+            description="Loads Sana's text encoder, Gemma-2-2B-IT, from models/text_encoders: an HF folder, a Sana "
+                        "diffusers folder (text_encoder/ + tokenizer/) or ComfyUI's single-file gemma_2_2b with "
+                        "its embedded tokenizer. Runs in bf16 or fp32 (fp16 overflows in Gemma).",
+            inputs=[io.Combo.Input("text_encoder", options=choices("text_encoders")),
+                    io.Combo.Input("dtype", options=["default", "bf16", "fp32"], default="default")],
+            outputs=[GEMMA.Output(display_name="gemma")])
+
+    @classmethod
+    def execute(cls, text_encoder: str, dtype: str) -> io.NodeOutput:
+        import comfy.model_management as mm
+
+        from sana_core.checkpoints.gemma import load_text_encoder
+
+        te = load_text_encoder(full_path(text_encoder, "text_encoders"), dtype=pick_dtype(dtype),
+                               device=mm.text_encoder_offload_device())
+        return io.NodeOutput(patcher(te))
+
+
+class SanaDCAELoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SanaDCAELoader", display_name="Load DC-AE (Sana VAE)", category=CATEGORY,
+            description="Loads Sana's 32x autoencoder (DC-AE f32c32 1.0 / 1.1 / lite) from models/vae: mit-han-lab "
+                        "efficientvit files, diffusers AutoencoderDC folders or a Sana folder's vae/.",
+            inputs=[io.Combo.Input("vae_name", options=choices("vae")),
+                    io.Combo.Input("dtype", options=list(DTYPES), default="default",
+                                   tooltip="default: bf16 on GPUs that support it, else fp32")],
+            outputs=[DCAE.Output(display_name="dcae")])
+
+    @classmethod
+    def execute(cls, vae_name: str, dtype: str) -> io.NodeOutput:
+        import comfy.model_management as mm
+
+        from sana_core.checkpoints.dcae import load_dcae
+
+        vae = load_dcae(full_path(vae_name, "vae"), dtype=pick_dtype(dtype), device=mm.vae_offload_device())
+        return io.NodeOutput(patcher(vae))
