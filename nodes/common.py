@@ -31,13 +31,21 @@ def pick_dtype(choice: str) -> torch.dtype:
     return DTYPES[choice] or (torch.bfloat16 if mm.should_use_bf16(mm.get_torch_device()) else torch.float32)
 
 
+class Holder(torch.nn.Module):
+    """The module a ModelPatcher manages (it sets bookkeeping attributes such as `device` on it)."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+
 def patcher(module: torch.nn.Module) -> comfy.model_patcher.ModelPatcher:
     """Hand a module to ComfyUI's memory manager: loaded on the GPU when used, offloaded when idle."""
-    return comfy.model_patcher.ModelPatcher(module, load_device=mm.get_torch_device(),
+    return comfy.model_patcher.ModelPatcher(Holder(module), load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())
 
 
 def on_device(model: comfy.model_patcher.ModelPatcher) -> torch.nn.Module:
     """Load a patcher's module onto its device (evicting idle models if needed) and return the module."""
     mm.load_models_gpu([model], force_full_load=True)
-    return model.model
+    return model.model.inner

@@ -66,7 +66,6 @@ class SanaKSampler(comfy.samplers.KSAMPLER):
 
 
 class SanaModelConfig(comfy.supported_models_base.BASE):
-    unet_config = {"disable_unet_model_creation": True}
     unet_extra_config = {}
     sampling_settings = {"shift": 3.0, "multiplier": 1000}
     latent_format = SanaLatentFormat
@@ -104,7 +103,7 @@ def load_sana_model(path: str | Path, dtype: torch.dtype | None = None) -> comfy
     compute = mm.unet_manual_cast(dtype, load_device, SanaModelConfig.supported_inference_dtypes)
     ops = comfy.ops.pick_operations(dtype, compute)
     dit = load_dit(path, dtype=dtype, ops=ops, model_class=ComfySanaDiT)
-    config = SanaModelConfig({})
+    config = SanaModelConfig({"disable_unet_model_creation": True})  # the DiT is built and loaded above
     config.manual_cast_dtype = compute
     if dit.cfg.guidance_embed:
         config.sampling_settings = {"shift": 1.0, "multiplier": 1}
