@@ -5,7 +5,7 @@ import logging
 
 from comfy_api.latest import io
 
-from .common import CATEGORY, DCAE, DTYPES, GEMMA, choices, full_path, patcher, pick_dtype
+from .common import CATEGORY, DCAE, DTYPES, GEMMA, choices, full_path, on_device, patcher, pick_dtype
 
 log = logging.getLogger(__name__)
 DIT_FOLDERS = ("diffusion_models", "checkpoints")
@@ -64,7 +64,8 @@ class SanaDCAELoader(io.ComfyNode):
         return io.Schema(
             node_id="SanaDCAELoader", display_name="Load DC-AE (Sana VAE)", category=CATEGORY,
             description="Loads Sana's 32x autoencoder (DC-AE f32c32 1.0 / 1.1 / lite) from models/vae: mit-han-lab "
-                        "efficientvit files, diffusers AutoencoderDC folders or a Sana folder's vae/.",
+                        "efficientvit files, diffusers AutoencoderDC folders or a Sana folder's vae/. Also fits "
+                        "the latent-to-RGB map for live sampling previews (start ComfyUI with --preview-method auto).",
             inputs=[io.Combo.Input("vae_name", options=choices("vae")),
                     io.Combo.Input("dtype", options=list(DTYPES), default="default",
                                    tooltip="default: bf16 on GPUs that support it, else fp32")],
@@ -75,6 +76,15 @@ class SanaDCAELoader(io.ComfyNode):
         import comfy.model_management as mm
 
         from sana_core.checkpoints.dcae import load_dcae
+        from sana_core.previews import fit_latent_rgb
+
+        from .model import SanaLatentFormat
 
         vae = load_dcae(full_path(vae_name, "vae"), dtype=pick_dtype(dtype), device=mm.vae_offload_device())
-        return io.NodeOutput(patcher(vae))
+        model = patcher(vae)
+        if vae.encoder is not None:  # live previews: fit the latent -> RGB map of this DC-AE (all Sana models share it)
+            on_device(model)
+            factors, bias = fit_latent_rgb(lambda x: vae.scale(vae.encode(x, tiled=False)),
+                                           device=mm.get_torch_device(), dtype=next(vae.parameters()).dtype)
+            SanaLatentFormat.latent_rgb_factors, SanaLatentFormat.latent_rgb_factors_bias = factors, bias
+        return io.NodeOutput(model)
