@@ -126,7 +126,7 @@ def _prepare(server, workflow: Path, steps: int = 3) -> dict:
             inputs["ckpt_name"] = "tiny-sprint/" if sprint else "tiny-sana/"
         elif kind in ("SanaGemmaLoader", "SanaDCAELoader"):
             inputs["text_encoder" if kind == "SanaGemmaLoader" else "vae_name"] = "tiny-sana/"
-        elif kind == "SanaEmptyLatentImage":
+        elif kind in ("SanaEmptyLatentImage", "ImageScale"):
             inputs["width"], inputs["height"] = SMALL
         elif kind in ("SanaSampler", "KSampler", "SanaScheduler") and not sprint:
             inputs["steps"] = steps
@@ -192,6 +192,15 @@ def test_wrong_model_files_are_node_errors(server, file, message):
     entry = server.run(prompt)
     error = error_of(entry)
     assert error and error["node_type"] == "SanaCheckpointLoader" and message in error["exception_message"]
+
+
+def test_unchanged_prompt_reuses_loaded_models(server):
+    prompt = _prepare(server, ROOT / "workflows" / "sana_text_to_image_1024.json")
+    server.run(prompt)
+    entry = server.run(prompt)
+    cached = next(data["nodes"] for kind, data in entry["status"]["messages"] if kind == "execution_cached")
+    loaders = {k for k, n in prompt.items() if n["class_type"].endswith("Loader")}
+    assert loaders <= set(cached)
 
 
 def test_size_not_multiple_of_32_is_refused(server):

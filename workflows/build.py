@@ -129,7 +129,8 @@ def image_to_image() -> Graph:
     g = Graph()
     model, pos, neg, dcae = _front(g)
     image = g.add("LoadImage", ["example.png", "image"], 1, 2)
-    latent = g.add("SanaDCAEEncode", ["auto"], 2, 2, pixels=(image, 0), dcae=dcae)
+    scaled = g.add("ImageScale", ["lanczos", 1024, 1024, "center"], 2, 2, image=(image, 0))
+    latent = g.add("SanaDCAEEncode", ["auto"], 3, 2, pixels=scaled, dcae=dcae)
     out = g.add("SanaSampler", _sampler(denoise=0.6), 2, 0, model=model, positive=pos, negative=neg,
                 latent_image=latent)
     decoded = g.add("SanaDCAEDecode", ["auto", 1024, 256], 3, 0, samples=out, dcae=dcae)
