@@ -39,9 +39,9 @@ class ComfySanaDiT(SanaDiT):
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
                 attention_mask: torch.Tensor | None = None, guidance: torch.Tensor | None = None,
-                pag_layers: tuple[int, ...] = (), pag_batch: torch.Tensor | None = None,
+                pag_layers: tuple[int, ...] = (), pag_batch: torch.Tensor | None = None, text_kv: list | None = None,
                 transformer_options: dict | None = None, control: object = None, **kwargs: object) -> torch.Tensor:
-        return super().forward(x, timestep, context, attention_mask, guidance, pag_layers, pag_batch)
+        return super().forward(x, timestep, context, attention_mask, guidance, pag_layers, pag_batch, text_kv)
 
 
 class SanaModelSampling(comfy.model_sampling.ModelSamplingDiscreteFlow, comfy.model_sampling.CONST):

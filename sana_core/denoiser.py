@@ -33,6 +33,8 @@ class SanaDenoiser:
           + p (v_c - v_pag)   (PAG: on when p > 0; the `pag_layers` self-attentions become the identity).
     Sprint models take no CFG branch: the guidance scale enters through the DiT's guidance embedder.
     `truncate_timesteps` feeds int(1000 * sigma), as NVlabs and diffusers' DPM-Solver do (not FlowMatchEuler).
+    The text side is prepared once (first call) and reused every step: the caption rows after the longest real
+    prompt are dropped (padding every sample masks out anyway) and each block's text keys/values are kept.
     """
 
     dit: SanaDiT
@@ -43,6 +45,7 @@ class SanaDenoiser:
     pag_layers: tuple[int, ...] = (8,)
     truncate_timesteps: bool = True
     calls: int = field(default=0, init=False)
+    _text: tuple | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         depth = self.dit.cfg.depth
@@ -63,26 +66,37 @@ class SanaDenoiser:
             return sigma
         return sigma_to_timestep(sigma, self.truncate_timesteps) * self.dit.cfg.timestep_scale
 
+    def prepare_text(self, device: torch.device) -> tuple[torch.Tensor, list]:
+        """(mask (nB, T'), per-block text K/V) for the batch [cond | uncond | cond (PAG)], T' = longest prompt."""
+        branches = [self.cond] + ([self.uncond] if self.use_cfg else []) + ([self.cond] if self.pag_scale > 0 else [])
+        embeds = torch.cat([c.embeds for c in branches]).to(device)
+        mask = torch.cat([c.mask for c in branches]).to(device)
+        longest = int(mask.sum(1).max())
+        if not mask[:, longest:].any():  # padding on the right for every sample (our text encoder's layout)
+            embeds, mask = embeds[:, :longest], mask[:, :longest]
+        return mask, self.dit.text_kv(embeds)
+
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **extra_args: object) -> torch.Tensor:
         """x: (B, 32, h, w) flow-space latent; sigma: (B,) or scalar in [0, 1] -> x0, same shape, fp32.
 
         `extra_args` (such as k-diffusion's `seed`) are accepted and ignored."""
         B = x.shape[0]
         sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).reshape(-1).expand(B)
-        branches = [self.cond] + ([self.uncond] if self.use_cfg else []) + ([self.cond] if self.pag_scale > 0 else [])
-        n = len(branches)
-        embeds = torch.cat([c.embeds for c in branches]).to(x.device)
-        mask = torch.cat([c.mask for c in branches]).to(x.device)
+        n = 1 + self.use_cfg + (self.pag_scale > 0)
         if self.cond.embeds.shape[0] != B:
             raise ValueError(f"text batch {self.cond.embeds.shape[0]} does not match the latent batch {B}")
+        if self._text is None or self._text[0].device != x.device:
+            self._text = self.prepare_text(x.device)
+        mask, kv = self._text
         pag_batch = None
         if self.pag_scale > 0:
             pag_batch = torch.arange(n * B, device=x.device) >= (n - 1) * B
         guidance = None
         if self.sprint:
             guidance = torch.full((n * B,), self.guidance_scale * self.dit.cfg.guidance_embeds_scale, device=x.device)
-        v = self.dit(x.repeat(n, 1, 1, 1), self.timestep(sigma).repeat(n), embeds, mask, guidance=guidance,
-                     pag_layers=self.pag_layers if self.pag_scale > 0 else (), pag_batch=pag_batch).float()
+        v = self.dit(x.repeat(n, 1, 1, 1), self.timestep(sigma).repeat(n), None, mask, guidance=guidance,
+                     pag_layers=self.pag_layers if self.pag_scale > 0 else (), pag_batch=pag_batch,
+                     text_kv=kv).float()
         self.calls += 1
         if not torch.isfinite(v).all():
             raise FloatingPointError(

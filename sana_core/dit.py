@@ -194,15 +194,22 @@ class CrossAttention(nn.Module):
             self.q_norm = _Norm(C, **kw)
             self.k_norm = _Norm(C, **kw)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x: (B, N, C) image tokens; y: (B, T, C) projected text; bias: (B, 1, 1, T) additive or None."""
+    def kv(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the projected text y: (B, T, C) -> 2 x (B, heads, T, d)."""
+        B, T, C = y.shape
+        k, v = self.kv_linear(y).chunk(2, dim=-1)
+        if hasattr(self, "k_norm"):
+            k = self.k_norm(k)
+        return tuple(t.reshape(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (k, v))
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
+        """x: (B, N, C) image tokens; kv: `kv(y)`; bias: (B, 1, 1, T) additive or None."""
         B, N, C = x.shape
         q = self.q_linear(x)
-        k, v = self.kv_linear(y).chunk(2, dim=-1)
         if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = (t.reshape(B, -1, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, heads, N, d)
+            q = self.q_norm(q)
+        q = q.reshape(B, N, self.heads, C // self.heads).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, *kv, attn_mask=bias)  # (B, heads, N, d)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
 
@@ -233,13 +240,13 @@ class SanaBlock(nn.Module):
         self.cross_attn = CrossAttention(cfg, ops, dtype, device)
         self.mlp = GLUMBConv(cfg.width, cfg.mlp_hidden, ops, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, t6: torch.Tensor, bias: torch.Tensor | None,
-                hw: tuple[int, int], identity: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, N, C); y: (B, T, C); t6: (B, 6, C) modulation from `t_block`."""
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], t6: torch.Tensor,
+                bias: torch.Tensor | None, hw: tuple[int, int], identity: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, N, C); kv: this block's text keys/values; t6: (B, 6, C) modulation from `t_block`."""
         mod = self.scale_shift_table.to(t6)[None] + t6               # (B, 6, C)
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mod.to(x.dtype).chunk(6, dim=1)
         x = x + gate_sa * self.attn(_modulate(x, shift_sa, scale_sa), identity)
-        x = x + self.cross_attn(x, y, bias)
+        x = x + self.cross_attn(x, kv, bias)
         return x + gate_ff * self.mlp(_modulate(x, shift_ff, scale_ff), hw)
 
 
@@ -285,8 +292,14 @@ class SanaDiT(nn.Module):
         return self.final_layer.scale_shift_table.dtype
 
     def embed_text(self, context: torch.Tensor) -> torch.Tensor:
-        """Caption projection + RMSNorm: (B, T, 2304) -> (B, T, C). Constant over the sampling steps."""
+        """Caption projection + RMSNorm: (B, T, 2304) -> (B, T, C)."""
         return self.attention_y_norm(self.y_embedder.y_proj(context))
+
+    def text_kv(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every block's cross-attention keys and values for context (B, T, 2304). They do not change over the
+        sampling steps, so a sampler computes them once and passes them to `forward` as `text_kv`."""
+        y = self.embed_text(context.to(self.dtype))
+        return [block.cross_attn.kv(y) for block in self.blocks]
 
     def forward(
         self,
@@ -297,6 +310,7 @@ class SanaDiT(nn.Module):
         guidance: torch.Tensor | None = None,
         pag_layers: Iterable[int] = (),
         pag_batch: torch.Tensor | None = None,
+        text_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor:
         """Velocity prediction.
 
@@ -304,7 +318,8 @@ class SanaDiT(nn.Module):
         (1000 * sigma * `timestep_scale` for Sana; the flow sigma for Sprint: see `samplers`);
         context: (B, T, 2304) Gemma states; context_mask: (B, T), 1 for real tokens, 0 for padding
         (each sample its own); guidance: (B,) Sprint guidance embedding input (scale * `guidance_embeds_scale`);
-        pag_layers / pag_batch: blocks and (B,) bool samples whose self-attention is the identity (PAG).
+        pag_layers / pag_batch: blocks and (B,) bool samples whose self-attention is the identity (PAG);
+        text_kv: `text_kv(context)` computed earlier (context is then unused).
         Returns v: (B, 32, H, W) in x's dtype.
         """
         cfg, dtype = self.cfg, self.dtype
@@ -325,13 +340,13 @@ class SanaDiT(nn.Module):
             g = torch.as_tensor(guidance, device=x.device).reshape(-1).expand(B)
             t = t + self.cfg_embedder(g, dtype)
         t6 = self.t_block(t).unflatten(1, (6, -1))                              # (B, 6, C)
-        y = self.embed_text(context.to(dtype))                                   # (B, T, C)
+        kv = text_kv if text_kv is not None else self.text_kv(context)          # per block 2 x (B, heads, T, d)
         bias = None
         if context_mask is not None:
             bias = ((1 - context_mask.to(dtype)) * -10000.0)[:, None, None, :]  # (B, 1, 1, T)
         pag = set(pag_layers)
         for i, block in enumerate(self.blocks):
-            tokens = block(tokens, y, t6, bias, (h, w), pag_batch if i in pag else None)
+            tokens = block(tokens, kv[i], t6, bias, (h, w), pag_batch if i in pag else None)
         out = self.final_layer(tokens, t)                                        # (B, N, p*p*32)
         out = out.reshape(B, h, w, p, p, -1).permute(0, 5, 1, 3, 2, 4).reshape(B, -1, H, W)
         return out.to(x.dtype)

@@ -8,7 +8,8 @@ Reproduces diffusers' ``SanaPipeline.encode_prompt`` exactly (docs: sana.md, "Te
   and the DiT always sees ``max_length`` tokens;
 - negative: the prompt alone (no CHI), ``max_length`` tokens.
 
-Each prompt keeps its own attention mask. Load one with :func:`sana_core.checkpoints.gemma.load_text_encoder`.
+Each prompt keeps its own attention mask; padding rows are zeros (Gemma does not run on them). Load one with
+:func:`sana_core.checkpoints.gemma.load_text_encoder`.
 """
 from __future__ import annotations
 
@@ -101,14 +102,20 @@ class SanaTextEncoder(torch.nn.Module):
         return torch.stack([e for e, _ in rows]), torch.stack([m for _, m in rows])
 
     def _encode(self, texts: list[str], use_chi: bool, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """diffusers' ``_get_gemma_prompt_embeds`` + ``select_index`` for preprocessed texts."""
+        """diffusers' ``_get_gemma_prompt_embeds`` + ``select_index`` for preprocessed texts, without running
+        Gemma on padding: the model is causal and padding is on the right, so the real tokens' states are the
+        same; the rows of padding tokens (mask 0, never attended by the DiT) are zeros."""
         total = max_length
         if use_chi:
             texts = [self.chi_prompt + t for t in texts]
             total = self.chi_length + max_length - 2
-        tokens = self.tokenizer(texts, padding="max_length", max_length=total, truncation=True,
+        tokens = self.tokenizer(texts, padding="longest", max_length=total, truncation=True,
                                 padding_side="right", return_tensors="pt")
-        ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)  # [B, total]
-        hidden = self.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # [B, total, D]
+        ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)  # [B, n <= total]
+        hidden = self.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # [B, n, D]
+        hidden = hidden * mask[..., None].to(hidden.dtype)
+        pad = total - ids.shape[1]
+        hidden = torch.nn.functional.pad(hidden, (0, 0, 0, pad))                 # [B, total, D]
+        mask = torch.nn.functional.pad(mask, (0, pad))
         keep = [0, *range(total - max_length + 1, total)]  # BOS + the last max_length - 1 rows
         return hidden[:, keep], mask[:, keep]

@@ -215,7 +215,7 @@ def test_size_not_multiple_of_32_is_refused(server):
 def test_cancel_then_next_prompt_runs(server):
     slow = _prepare(server, ROOT / "workflows" / "sana_text_to_image_1024.json", steps=200)
     latent = next(k for k, n in slow.items() if n["class_type"] == "SanaEmptyLatentImage")
-    slow[latent]["inputs"]["width"] = slow[latent]["inputs"]["height"] = 1024
+    slow[latent]["inputs"]["width"] = slow[latent]["inputs"]["height"] = 4096  # 200 steps on 16k tokens: seconds
     code, answer = server.queue(slow)
     assert code == 200
     for _ in range(600):  # wait until it is sampling
@@ -223,7 +223,7 @@ def test_cancel_then_next_prompt_runs(server):
         if queue["queue_running"]:
             break
         time.sleep(0.1)
-    time.sleep(3)
+    time.sleep(1.5)
     server.request("POST", "/interrupt")
     entry = server.wait(answer["prompt_id"], timeout=120)
     kinds = [kind for kind, _ in entry["status"]["messages"]]
