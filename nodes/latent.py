@@ -98,7 +98,7 @@ class SanaDCAEEncode(io.ComfyNode):
         import comfy.model_management as mm
 
         vae = on_device(dcae)
-        B, H, W, _ = pixels.shape
+        _, H, W, _ = pixels.shape
         h, w = H // 32 * 32, W // 32 * 32
         if h == 0 or w == 0:
             raise ValueError(f"SanaDCAEEncode: the image ({W}x{H}) is smaller than 32x32 pixels")

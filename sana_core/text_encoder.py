@@ -13,6 +13,8 @@ Each prompt keeps its own attention mask; padding rows are zeros (Gemma does not
 """
 from __future__ import annotations
 
+import copy
+import inspect
 import logging
 from collections import OrderedDict
 
@@ -69,6 +71,9 @@ class SanaTextEncoder(torch.nn.Module):
         self.chi_length = len(tokenizer.encode(self.chi_prompt))  # with the BOS, as diffusers counts it
         self.cache_size = cache_size
         self.cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._prefix_cache: tuple | None = None  # ((device, dtype), (ids, BOS state, KV cache)) of the instruction
+        # the KV-cache argument is `cache` from transformers 5 on, `past_key_values` before
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     @property
     def device(self) -> torch.device:
@@ -102,9 +107,13 @@ class SanaTextEncoder(torch.nn.Module):
         return torch.stack([e for e, _ in rows]), torch.stack([m for _, m in rows])
 
     def _encode(self, texts: list[str], use_chi: bool, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """diffusers' ``_get_gemma_prompt_embeds`` + ``select_index`` for preprocessed texts, without running
-        Gemma on padding: the model is causal and padding is on the right, so the real tokens' states are the
-        same; the rows of padding tokens (mask 0, never attended by the DiT) are zeros."""
+        """diffusers' ``_get_gemma_prompt_embeds`` + ``select_index`` for preprocessed texts, faster and exact:
+
+        - Gemma does not run on padding: the model is causal and padding is on the right, so the real tokens'
+          states are the same; the rows of padding tokens (mask 0, never attended by the DiT) are zeros;
+        - with the instruction, its tokens (but the last, which may merge with the prompt) are a constant
+          prefix: their keys/values are computed once per device and dtype and reused (`_prefix`).
+        """
         total = max_length
         if use_chi:
             texts = [self.chi_prompt + t for t in texts]
@@ -112,10 +121,36 @@ class SanaTextEncoder(torch.nn.Module):
         tokens = self.tokenizer(texts, padding="longest", max_length=total, truncation=True,
                                 padding_side="right", return_tensors="pt")
         ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)  # [B, n <= total]
-        hidden = self.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # [B, n, D]
+        prefix = self._prefix() if use_chi else None
+        if prefix is not None and bool((ids[:, :prefix[0].shape[0]] == prefix[0]).all()):
+            hidden = self._after_prefix(ids, mask, *prefix)
+        else:
+            hidden = self.model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # [B, n, D]
         hidden = hidden * mask[..., None].to(hidden.dtype)
         pad = total - ids.shape[1]
         hidden = torch.nn.functional.pad(hidden, (0, 0, 0, pad))                 # [B, total, D]
         mask = torch.nn.functional.pad(mask, (0, pad))
         keep = [0, *range(total - max_length + 1, total)]  # BOS + the last max_length - 1 rows
         return hidden[:, keep], mask[:, keep]
+
+    def _prefix(self) -> tuple[torch.Tensor, torch.Tensor, object]:
+        """(prefix ids [P], its BOS state [D], its KV cache) for the instruction, on the model's device/dtype."""
+        key = (self.device, self.dtype)
+        if self._prefix_cache is None or self._prefix_cache[0] != key:
+            ids = torch.tensor(self.tokenizer(self.chi_prompt).input_ids[:-1], device=self.device)
+            out = self.model(input_ids=ids[None], use_cache=True)
+            self._prefix_cache = key, (ids, out.last_hidden_state[0, 0], out.past_key_values)
+        return self._prefix_cache[1]
+
+    def _after_prefix(self, ids: torch.Tensor, mask: torch.Tensor, prefix: torch.Tensor, bos: torch.Tensor,
+                      cache: object) -> torch.Tensor:
+        """Hidden states [B, n, D] of ids that start with `prefix`, running Gemma on the rest only. Rows inside
+        the prefix other than BOS (never kept) are zeros."""
+        B, P = ids.shape[0], prefix.shape[0]
+        cache = copy.deepcopy(cache)
+        cache.batch_repeat_interleave(B)
+        rest = self.model(input_ids=ids[:, P:], attention_mask=mask, use_cache=True,
+                          **{self._cache_arg: cache}).last_hidden_state                    # [B, n - P, D]
+        head = torch.zeros(B, P, rest.shape[-1], dtype=rest.dtype, device=rest.device)
+        head[:, 0] = bos
+        return torch.cat([head, rest], dim=1)

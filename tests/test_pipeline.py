@@ -7,7 +7,8 @@ from sana_core.tiny import write_tiny_pipeline
 
 PROMPTS = ["a cat sleeping on a sunny windowsill", "portrait of an old man"]
 SIZE = dict(height=128, width=192)
-TOL = dict(rtol=1e-4, atol=1e-5)
+# whole generations in fp32 (values O(1)); Gemma's cached instruction prefix sums in another order (1.3e-5 seen)
+TOL = dict(rtol=1e-4, atol=5e-5)
 
 
 @pytest.fixture(scope="module")

@@ -233,3 +233,18 @@ def test_truncated_files(tiny, tmp_path):
     (folder / "tokenizer.model").write_bytes((tiny[0] / "tokenizer.model").read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="tokenizer.model: not a sentencepiece model"):
         load_text_encoder(folder)
+
+
+def test_cached_instruction_prefix_equals_the_full_run(encoder, monkeypatch):
+    """The instruction's keys/values are computed once and reused; the result equals running Gemma on all."""
+    fresh = SanaTextEncoder(encoder.model, encoder.tokenizer)
+    cached = fresh.encode(PROMPTS)
+    assert fresh._prefix_cache is not None
+    prefix_ids = fresh._prefix_cache[1][0]
+    assert len(prefix_ids) == fresh.chi_length - 1 > 10
+    again = fresh.encode(PROMPTS[:1])  # a second call reuses the cache, batch of another size
+    monkeypatch.setattr(SanaTextEncoder, "_prefix", lambda self: None)
+    full = SanaTextEncoder(encoder.model, encoder.tokenizer).encode(PROMPTS)
+    assert torch.equal(cached[1], full[1])
+    torch.testing.assert_close(cached[0], full[0], **TOL)
+    torch.testing.assert_close(again[0][0], full[0][0], **TOL)
