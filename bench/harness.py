@@ -101,7 +101,7 @@ def dcae_pair(device: torch.device, dtype: torch.dtype) -> Pair:
     with torch.device("meta"):
         theirs = AutoencoderDC(**{k: v for k, v in cfg.to_diffusers().items() if not k.startswith("_")})
     theirs.load_state_dict(ours.state_dict(), assign=True)
-    return Pair(ours.to(device), theirs.eval().to(device, dtype))
+    return Pair(ours.to(device, memory_format=torch.channels_last), theirs.eval().to(device, dtype))
 
 
 def gemma(device: torch.device, dtype: torch.dtype):

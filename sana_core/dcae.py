@@ -431,6 +431,7 @@ class DCAE(nn.Module):
     def _run(self, net: nn.Module, x: torch.Tensor, tiled: bool | None, tile_size: int, overlap: int | None,
              scale_in: int, scale_out: int, widths: tuple[int, ...], depths: tuple[int, ...]) -> torch.Tensor:
         f = self.cfg.factor
+        x = x.contiguous(memory_format=torch.channels_last)  # as the weights are stored (see load_dcae)
         overlap = tile_size // 4 // f * f if overlap is None else overlap
         if tile_size % f or overlap % f or not 0 <= overlap < tile_size:
             raise ValueError(f"DC-AE tiling: tile_size {tile_size} and overlap {overlap} must be multiples of {f} "

@@ -129,7 +129,7 @@ class _TimestepEmbedder(nn.Module):
 
 
 class _Conv(nn.Module):
-    """A conv under a `.conv` attribute, as NVlabs' `ConvLayer` stores it."""
+    """A layer under a `.conv` attribute, as NVlabs' `ConvLayer` stores it."""
 
     def __init__(self, conv: nn.Module):
         super().__init__()
@@ -137,21 +137,23 @@ class _Conv(nn.Module):
 
 
 class GLUMBConv(nn.Module):
-    """Mix-FFN: 1x1 conv C->2F, SiLU, depthwise 3x3, x * SiLU(gate), 1x1 conv F->C (no bias)."""
+    """Mix-FFN: 1x1 conv C->2F, SiLU, depthwise 3x3, x * SiLU(gate), 1x1 conv F->C (no bias).
+
+    The 1x1 convs run as Linear layers on the tokens (the same maps, a plain matmul, faster than a conv);
+    their weights are stored 2-D (`checkpoints/dit.py` reshapes the checkpoints' (out, in, 1, 1) kernels).
+    """
 
     def __init__(self, width: int, hidden: int, ops: Any, **kw: Any):
         super().__init__()
-        self.inverted_conv = _Conv(ops.Conv2d(width, 2 * hidden, 1, **kw))
+        self.inverted_conv = _Conv(ops.Linear(width, 2 * hidden, **kw))
         self.depth_conv = _Conv(ops.Conv2d(2 * hidden, 2 * hidden, 3, padding=1, groups=2 * hidden, **kw))
-        self.point_conv = _Conv(ops.Conv2d(hidden, width, 1, bias=False, **kw))
+        self.point_conv = _Conv(ops.Linear(hidden, width, bias=False, **kw))
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:  # (B, N, C) -> (B, N, C)
-        B, N, C = x.shape
-        x = x.transpose(1, 2).reshape(B, C, *hw)
-        x = self.depth_conv.conv(F.silu(self.inverted_conv.conv(x)))
-        x, gate = x.chunk(2, dim=1)
-        x = self.point_conv.conv(x * F.silu(gate))
-        return x.flatten(2).transpose(1, 2)
+        x = F.silu(self.inverted_conv.conv(x))                            # (B, N, 2F)
+        x = self.depth_conv.conv(x.transpose(1, 2).unflatten(2, hw))      # (B, 2F, H, W), channels-last memory
+        x, gate = x.flatten(2).transpose(1, 2).chunk(2, dim=-1)           # 2 x (B, N, F)
+        return self.point_conv.conv(x * F.silu(gate))
 
 
 class LinearSelfAttention(nn.Module):

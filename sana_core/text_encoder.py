@@ -72,7 +72,7 @@ class SanaTextEncoder(torch.nn.Module):
         self.cache_size = cache_size
         self.cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self._prefix_cache: tuple | None = None  # ((device, dtype), (ids, BOS state, KV cache)) of the instruction
-        # the KV-cache argument is `cache` from transformers 5 on, `past_key_values` before
+        # the KV cache (argument and output) is `cache` from transformers 5 on, `past_key_values` before
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     @property
@@ -139,7 +139,7 @@ class SanaTextEncoder(torch.nn.Module):
         if self._prefix_cache is None or self._prefix_cache[0] != key:
             ids = torch.tensor(self.tokenizer(self.chi_prompt).input_ids[:-1], device=self.device)
             out = self.model(input_ids=ids[None], use_cache=True)
-            self._prefix_cache = key, (ids, out.last_hidden_state[0, 0], out.past_key_values)
+            self._prefix_cache = key, (ids, out.last_hidden_state[0, 0], getattr(out, self._cache_arg))
         return self._prefix_cache[1]
 
     def _after_prefix(self, ids: torch.Tensor, mask: torch.Tensor, prefix: torch.Tensor, bos: torch.Tensor,

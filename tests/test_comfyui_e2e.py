@@ -54,7 +54,7 @@ def server(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("comfy")
     models = root / "models"
-    for sub in ("diffusion_models", "text_encoders", "vae", "upscale_models"):
+    for sub in ("diffusion_models", "text_encoders", "vae", "upscale_models", "loras"):
         (models / sub).mkdir(parents=True)
     sana = write_tiny_pipeline(root / "tiny-sana", seed=21)
     sprint = write_tiny_pipeline(root / "tiny-sprint", seed=22, sprint=True)
@@ -66,6 +66,10 @@ def server(tmp_path_factory):
     save_file({"input_blocks.0.0.weight": torch.zeros(4, 4), "middle_block.0.in_layers.0.weight": torch.zeros(4)},
               str(models / "diffusion_models" / "sdxl_unet.safetensors"))
     _tiny_upscaler(models / "upscale_models" / "tiny_compact_x2.safetensors")
+    g = torch.Generator().manual_seed(1)  # a LoRA on the fused qkv of block 0, in ComfyUI's generic key layout
+    save_file({"diffusion_model.blocks.0.attn.qkv.lora_down.weight": torch.randn(4, 64, generator=g),
+               "diffusion_model.blocks.0.attn.qkv.lora_up.weight": torch.randn(192, 4, generator=g)},
+              str(models / "loras" / "tiny_sana_lora.safetensors"))
     (root / "input").mkdir()
     gradient = np.linspace(0, 255, SMALL[0] * SMALL[1] * 3).reshape(SMALL[1], SMALL[0], 3).astype(np.uint8)
     Image.fromarray(gradient).save(root / "input" / "example.png")
@@ -77,7 +81,8 @@ def server(tmp_path_factory):
     config = root / "extra_model_paths.yaml"
     config.write_text(json.dumps({"sana_tests": {
         "base_path": str(root), "diffusion_models": "models/diffusion_models", "text_encoders": "models/text_encoders",
-        "vae": "models/vae", "upscale_models": "models/upscale_models", "custom_nodes": "custom_nodes"}}))
+        "vae": "models/vae", "upscale_models": "models/upscale_models", "loras": "models/loras",
+        "custom_nodes": "custom_nodes"}}))
     port = _free_port()
     log = open(root / "comfy.log", "w")
     proc = subprocess.Popen(
@@ -192,6 +197,24 @@ def test_wrong_model_files_are_node_errors(server, file, message):
     entry = server.run(prompt)
     error = error_of(entry)
     assert error and error["node_type"] == "SanaCheckpointLoader" and message in error["exception_message"]
+
+
+def test_core_lora_loader_patches_our_model(server):
+    """LoraLoaderModelOnly on our MODEL: strength 0 gives the plain image, strength 1 another one."""
+    images = []
+    for strength in (0.0, 1.0):
+        prompt = _prepare(server, ROOT / "workflows" / "sana_text_to_image_1024.json")
+        sampler = next(k for k, n in prompt.items() if n["class_type"] == "SanaSampler")
+        prompt["lora"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
+            "model": prompt[sampler]["inputs"]["model"], "lora_name": "tiny_sana_lora.safetensors",
+            "strength_model": strength}}
+        prompt[sampler]["inputs"]["model"] = ["lora", 0]
+        entry = server.run(prompt)
+        assert entry["status"]["status_str"] == "success", error_of(entry)
+        images.append(next(iter(_images(server, entry).values()))[0].astype(np.int16))
+    plain = next(iter(_images(server, server.run(_prepare(server, ROOT / "workflows" / "sana_text_to_image_1024.json"))).values()))[0]
+    assert np.abs(images[0] - plain).max() <= 1
+    assert np.abs(images[1] - plain).max() > 10
 
 
 def test_unchanged_prompt_reuses_loaded_models(server):

@@ -56,6 +56,17 @@ def _key_map(depth: int, qk_norm: bool, guidance: bool) -> list[tuple[str, list[
     return pairs
 
 
+_POINTWISE = (".mlp.inverted_conv.conv.weight", ".mlp.point_conv.conv.weight")
+
+
+def _pointwise(sd: dict[str, torch.Tensor], ndim: int) -> dict[str, torch.Tensor]:
+    """The Mix-FFN's 1x1 conv kernels as our Linear weights (ndim 2) or as the checkpoints' (out, in, 1, 1) (4)."""
+    for k in sd:
+        if k.endswith(_POINTWISE) and sd[k].ndim != ndim:
+            sd[k] = sd[k].reshape(sd[k].shape[:2] + (1, 1) * (ndim == 4))
+    return sd
+
+
 def _depth(sd: dict[str, torch.Tensor], prefix: str) -> int:
     found = {int(m.group(1)) for k in sd if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
     if not found or found != set(range(len(found))):
@@ -84,6 +95,7 @@ def nvlabs_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our (NVlabs) keys -> diffusers keys (fused q/k/v split on dim 0). Used to write diffusers files."""
     depth = _depth(sd, "blocks.")
     qk_norm, guidance = "blocks.0.attn.q_norm.weight" in sd, "cfg_embedder.mlp.0.weight" in sd
+    sd = _pointwise(dict(sd), 4)
     out = {}
     for ours, theirs in _key_map(depth, qk_norm, guidance):
         out.update(zip(theirs, sd[ours].chunk(len(theirs), dim=0)))
@@ -91,14 +103,15 @@ def nvlabs_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def to_nvlabs(sd: dict[str, torch.Tensor], source: PathLike | str) -> dict[str, torch.Tensor]:
-    """Any supported DiT state dict (prefixed or not, either layout) -> our keys, training-only keys dropped."""
+    """Any supported DiT state dict (prefixed or not, either layout) -> our keys and shapes, training-only
+    keys dropped."""
     sd = strip_prefixes(sd, (NVLABS_ANCHOR, DIFFUSERS_ANCHOR))
     if NVLABS_ANCHOR in sd:
         for k in TRAINING_ONLY:
             sd.pop(k, None)
-        return sd
+        return _pointwise(sd, 2)
     if DIFFUSERS_ANCHOR in sd:
-        return diffusers_to_nvlabs(sd)
+        return _pointwise(diffusers_to_nvlabs(sd), 2)
     raise CheckpointError(f"{source}: not a Sana DiT checkpoint: {describe_keys(sd)}; expected keys such as "
                           f"'{NVLABS_ANCHOR}' (NVlabs) or '{DIFFUSERS_ANCHOR}' (diffusers)")
 
@@ -212,7 +225,7 @@ def save_dit(model: SanaDiT, path: PathLike, layout: str = "diffusers", prefix: 
     from safetensors.torch import save_file
 
     path = Path(path)
-    sd = {k: v.detach().to(dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
+    sd = _pointwise({k: v.detach().to(dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}, 4)
     if layout == "diffusers":
         sd = nvlabs_to_diffusers(sd)
     elif layout != "nvlabs":
