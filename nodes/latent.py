@@ -12,7 +12,11 @@ from .common import CATEGORY, DCAE, on_device
 
 log = logging.getLogger(__name__)
 PRESETS = {"custom": None, **presets()}
-TILING = ("auto", "on", "off")
+TILING = {"auto": None, "on": True, "off": False}  # the widget's choices -> DCAE's `tiled` argument
+
+
+def _check_tiling(tiling: str) -> bool | str:
+    return True if tiling in TILING else f"tiling must be one of {list(TILING)}, got {tiling!r}"
 
 
 class SanaEmptyLatentImage(io.ComfyNode):
@@ -60,8 +64,8 @@ class SanaDCAEDecode(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, tiling: str, tile_size: int, overlap: int) -> bool | str:
-        if tiling not in TILING:
-            return f"tiling must be one of {TILING}, got {tiling!r}"
+        if _check_tiling(tiling) is not True:
+            return _check_tiling(tiling)
         return True if overlap < tile_size else f"overlap ({overlap}) must be smaller than tile_size ({tile_size})"
 
     @classmethod
@@ -74,7 +78,7 @@ class SanaDCAEDecode(io.ComfyNode):
             raise ValueError(f"SanaDCAEDecode: expected a Sana latent (B, 32, H/32, W/32), got {tuple(z.shape)}; "
                              "use SanaEmptyLatentImage / SanaDCAEEncode to make Sana latents")
         dtype = next(vae.parameters()).dtype
-        tiled = {"auto": None, "on": True, "off": False}[tiling]
+        tiled = TILING[tiling]
         images = []
         for chunk in z.split(4):  # a few at a time: the decoder's activations dominate memory
             x = vae.decode(chunk.to(mm.get_torch_device(), dtype), tiled=tiled, tile_size=tile_size, overlap=overlap)
@@ -94,6 +98,10 @@ class SanaDCAEEncode(io.ComfyNode):
             outputs=[io.Latent.Output()])
 
     @classmethod
+    def validate_inputs(cls, tiling: str) -> bool | str:
+        return _check_tiling(tiling)
+
+    @classmethod
     def execute(cls, pixels: torch.Tensor, dcae, tiling: str) -> io.NodeOutput:
         import comfy.model_management as mm
 
@@ -107,6 +115,6 @@ class SanaDCAEEncode(io.ComfyNode):
         top, left = (H - h) // 2, (W - w) // 2
         x = pixels[:, top:top + h, left:left + w, :3].movedim(-1, 1) * 2 - 1
         dtype = next(vae.parameters()).dtype
-        tiled = {"auto": None, "on": True, "off": False}.get(tiling)
+        tiled = TILING[tiling]
         z = vae.encode(x.to(mm.get_torch_device(), dtype), tiled=tiled)
         return io.NodeOutput({"samples": z.float().to(mm.intermediate_device())})

@@ -94,33 +94,33 @@ def _sampler(steps: int = 20, cfg: float = 4.5, pag: float = 0.0, shift: float =
     return [42, "fixed", steps, cfg, pag, "8", shift, sampler, denoise]
 
 
+def _generate(g: Graph, dit: str = DIT, size: int = 1024, sampler: str = "SanaSampler", widgets: list | None = None,
+              title: str | None = None, tiling: str = "auto") -> int:
+    """Loaders, prompts, an empty latent, a sampler and the DC-AE decode; returns the decode node's id."""
+    model, pos, neg, dcae = _front(g, dit)
+    latent = g.add("SanaEmptyLatentImage", [size, size, 1, "custom"], 1, 2)
+    out = g.add(sampler, widgets or _sampler(), 2, 0, title, model=model, positive=pos, negative=neg,
+                latent_image=latent)
+    return g.add("SanaDCAEDecode", [tiling, 1024, 256], 3, 0, samples=out, dcae=dcae)
+
+
 def text_to_image() -> Graph:
     g = Graph()
-    model, pos, neg, dcae = _front(g)
-    latent = g.add("SanaEmptyLatentImage", [1024, 1024, 1, "custom"], 1, 2)
-    out = g.add("SanaSampler", _sampler(), 2, 0, model=model, positive=pos, negative=neg, latent_image=latent)
-    image = g.add("SanaDCAEDecode", ["auto", 1024, 256], 3, 0, samples=out, dcae=dcae)
-    g.add("SaveImage", ["Sana"], 4, 0, images=image)
+    g.add("SaveImage", ["Sana"], 4, 0, images=_generate(g))
     return g
 
 
 def text_to_image_4k() -> Graph:
     g = Graph()
-    model, pos, neg, dcae = _front(g, dit="Sana_1600M_4Kpx_BF16_diffusers/")
-    latent = g.add("SanaEmptyLatentImage", [4096, 4096, 1, "custom"], 1, 2)
-    out = g.add("SanaSampler", _sampler(shift=6.0), 2, 0, model=model, positive=pos, negative=neg, latent_image=latent)
-    image = g.add("SanaDCAEDecode", ["on", 1024, 256], 3, 0, "DC-AE Decode (tiled)", samples=out, dcae=dcae)
+    image = _generate(g, dit="Sana_1600M_4Kpx_BF16_diffusers/", size=4096, widgets=_sampler(shift=6.0), tiling="on")
     g.add("SaveImage", ["Sana_4K"], 4, 0, images=image)
     return g
 
 
 def sprint() -> Graph:
     g = Graph()
-    model, pos, neg, dcae = _front(g, dit="Sana_Sprint_1.6B_1024px_diffusers/")
-    latent = g.add("SanaEmptyLatentImage", [1024, 1024, 1, "custom"], 1, 2)
-    out = g.add("SanaSampler", _sampler(steps=2, sampler="scm"), 2, 0, "Sana Sampler (Sprint, 2 steps)",
-                model=model, positive=pos, negative=neg, latent_image=latent)
-    image = g.add("SanaDCAEDecode", ["auto", 1024, 256], 3, 0, samples=out, dcae=dcae)
+    image = _generate(g, dit="Sana_Sprint_1.6B_1024px_diffusers/", widgets=_sampler(steps=2, sampler="scm"),
+                      title="Sana Sampler (Sprint, 2 steps)")
     g.add("SaveImage", ["Sana_Sprint"], 4, 0, images=image)
     return g
 
@@ -140,10 +140,7 @@ def image_to_image() -> Graph:
 
 def upscale() -> Graph:
     g = Graph()
-    model, pos, neg, dcae = _front(g)
-    latent = g.add("SanaEmptyLatentImage", [1024, 1024, 1, "custom"], 1, 2)
-    out = g.add("SanaSampler", _sampler(), 2, 0, model=model, positive=pos, negative=neg, latent_image=latent)
-    image = g.add("SanaDCAEDecode", ["auto", 1024, 256], 3, 0, samples=out, dcae=dcae)
+    image = _generate(g)
     upscaler = g.add("UpscaleModelLoader", ["RealESRGAN_x4plus.pth"], 3, 1)
     big = g.add("ImageUpscaleWithModel", [], 4, 0, upscale_model=upscaler, image=image)
     g.add("PreviewImage", [], 4, 1, "Before upscaling", images=image)
@@ -153,11 +150,8 @@ def upscale() -> Graph:
 
 def ksampler() -> Graph:
     g = Graph()
-    model, pos, neg, dcae = _front(g)
-    latent = g.add("SanaEmptyLatentImage", [1024, 1024, 1, "custom"], 1, 2)
-    out = g.add("KSampler", [42, "fixed", 20, 4.5, "euler", "simple", 1.0], 2, 0, "KSampler (core)",
-                model=model, positive=pos, negative=neg, latent_image=latent)
-    image = g.add("SanaDCAEDecode", ["auto", 1024, 256], 3, 0, samples=out, dcae=dcae)
+    image = _generate(g, sampler="KSampler", widgets=[42, "fixed", 20, 4.5, "euler", "simple", 1.0],
+                      title="KSampler (core)")
     g.add("SaveImage", ["Sana_KSampler"], 4, 0, images=image)
     return g
 
