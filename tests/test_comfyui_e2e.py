@@ -166,6 +166,33 @@ def test_bundled_workflow_runs(server, workflow):
         assert images[0].shape[:2] == (SMALL[1], SMALL[0])
 
 
+def test_sampling_sends_live_previews(server):
+    """With --preview-method auto, SanaSampler's steps send preview images (Latent2RGB with the map the
+    DC-AE loader fitted) over the websocket."""
+    websocket = pytest.importorskip("websocket")
+    client_id = "sana-preview-test"
+    ws = websocket.create_connection(f"ws://{server.url.split('//')[1]}/ws?clientId={client_id}", timeout=120)
+    prompt = _prepare(server, ROOT / "workflows" / "sana_text_to_image_1024.json", steps=5)
+    sampler = next(k for k, n in prompt.items() if n["class_type"] == "SanaSampler")
+    prompt[sampler]["inputs"]["seed"] = 12345  # not cached: the sampler runs
+    code, answer = server.request("POST", "/prompt", {"prompt": prompt, "client_id": client_id})
+    assert code == 200
+    previews, progress = 0, []
+    while True:
+        message = ws.recv()
+        if isinstance(message, bytes):
+            previews += 1
+            continue
+        event = json.loads(message)
+        if event["type"] == "progress" and event["data"]["node"] == sampler:
+            progress.append(event["data"]["value"])
+        if event["type"] in ("executing", "execution_success") and event["data"].get("node") is None \
+                and event["data"].get("prompt_id") == answer["prompt_id"]:
+            break
+    ws.close()
+    assert progress[-1] == 5 and previews >= 5
+
+
 def test_sana_sampler_equals_engine_and_custom_advanced(server):
     """SanaSampler = the sana_core pipeline on the same files and seed; SamplerCustomAdvanced with our SAMPLER
     and SIGMAS = SanaSampler."""
