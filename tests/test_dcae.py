@@ -220,22 +220,11 @@ def test_oom_falls_back_to_tiles(tiny, monkeypatch):
             tiny.decode(z, tiled=False)
 
 
-def test_ops_injection_dtype_and_no_buffers(files):
-    made = []
-
-    class Conv2d(torch.nn.Conv2d):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            made.append(self)
-
-    class Linear(torch.nn.Linear):
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            made.append(self)
-
-    model = load_dcae(files[FULL, "diffusers"], dtype=torch.bfloat16, ops=SimpleNamespace(Conv2d=Conv2d, Linear=Linear))
+def test_ops_injection_dtype_and_no_buffers(files, recording_ops):
+    ops, made = recording_ops
+    model = load_dcae(files[FULL, "diffusers"], dtype=torch.bfloat16, ops=ops)
     layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-    assert layers and all(type(m) in (Conv2d, Linear) for m in layers) and len(made) == len(layers)
+    assert layers and all(type(m) in (ops.Conv2d, ops.Linear) for m in layers) and len(made) == len(layers)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16} and list(model.buffers()) == []
     ref = load_dcae(files[FULL, "diffusers"])
     z = torch.randn(1, 32, 2, 2, generator=torch.Generator().manual_seed(0))

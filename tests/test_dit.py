@@ -150,22 +150,10 @@ def test_real_size_06b_bf16_forward_matches_diffusers():
     assert rel(got, exact) <= 1.1 * rel(want, exact), (rel(got, exact), rel(want, exact))
 
 
-def test_layers_come_from_injected_ops():
+def test_layers_come_from_injected_ops(recording_ops):
     """Every Linear/Conv2d is built by `ops` (ComfyUI passes comfy.ops for casting and partial offload)."""
-    made = []
-
-    class Ops:
-        class Linear(torch.nn.Linear):
-            def __init__(self, *a, **k):
-                super().__init__(*a, **k)
-                made.append(self)
-
-        class Conv2d(torch.nn.Conv2d):
-            def __init__(self, *a, **k):
-                super().__init__(*a, **k)
-                made.append(self)
-
-    model = SanaDiT(replace(TINY, qk_norm=True, guidance_embed=True), ops=Ops)
+    ops, made = recording_ops
+    model = SanaDiT(replace(TINY, qk_norm=True, guidance_embed=True), ops=ops)
     layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     assert layers and all(any(m is n for n in made) for m in layers)
     assert not list(model.buffers())  # nothing left on meta after an assign-load
