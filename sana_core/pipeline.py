@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
@@ -22,6 +22,9 @@ from .denoiser import SanaDenoiser, TextCondition, sample
 from .dit import SanaDiT
 from .samplers import SAMPLERS, default_shift
 from .text_encoder import SanaTextEncoder
+
+if TYPE_CHECKING:
+    from PIL.PngImagePlugin import PngInfo
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +236,8 @@ class SanaPipeline:
         return (image / 2 + 0.5).clamp(0, 1)
 
 
-def png_metadata(settings: dict[str, Any]) -> "PngInfo":
+def png_metadata(settings: dict[str, Any]) -> PngInfo:
+    """PNG text chunks: the prompt, and every setting as JSON under "sana"."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
@@ -260,7 +264,3 @@ def save_images(images: Sequence, folder: str | Path, settings: Sequence[dict[st
         image.save(path, pnginfo=png_metadata(meta))
         paths.append(path)
     return paths
-
-
-def settings_dict(settings: GenerationSettings, **extra: Any) -> dict[str, Any]:
-    return {**asdict(settings), **extra}
