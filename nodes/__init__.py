@@ -5,10 +5,10 @@ from comfy_api.latest import ComfyExtension, io
 
 from .conditioning import SanaGemmaTextEncode
 from .latent import SanaDCAEDecode, SanaDCAEEncode, SanaEmptyLatentImage
-from .loaders import SanaCheckpointLoader, SanaDCAELoader, SanaGemmaLoader
+from .loaders import SanaCheckpointLoader, SanaDCAELoader, SanaGemmaLoader, SanaLoraLoader
 from .sampling import SanaSampler, SanaSamplerSelect, SanaScheduler
 
-NODES = [SanaCheckpointLoader, SanaGemmaLoader, SanaDCAELoader, SanaGemmaTextEncode, SanaEmptyLatentImage,
+NODES = [SanaCheckpointLoader, SanaLoraLoader, SanaGemmaLoader, SanaDCAELoader, SanaGemmaTextEncode, SanaEmptyLatentImage,
          SanaSampler, SanaSamplerSelect, SanaScheduler, SanaDCAEDecode, SanaDCAEEncode]
 
 

@@ -88,3 +88,36 @@ class SanaDCAELoader(io.ComfyNode):
                                            device=mm.get_torch_device(), dtype=next(vae.parameters()).dtype)
             SanaLatentFormat.latent_rgb_factors, SanaLatentFormat.latent_rgb_factors_bias = factors, bias
         return io.NodeOutput(model)
+
+
+class SanaLoraLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SanaLoraLoader", display_name="Load Sana LoRA", category=CATEGORY,
+            description="Applies a Sana LoRA from models/loras to a Sana MODEL: diffusers/PEFT files "
+                        "(transformer.transformer_blocks.N.attn1.to_q...), kohya-style lora_unet_/lora_transformer_ "
+                        "names and NVlabs names; q/k/v LoRAs patch their part of our fused weights. (Core's "
+                        "LoraLoaderModelOnly also works for LoRAs keyed by our module names.)",
+            inputs=[io.Model.Input("model"), io.Combo.Input("lora_name", options=choices("loras")),
+                    io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01)],
+            outputs=[io.Model.Output()])
+
+    @classmethod
+    def execute(cls, model, lora_name: str, strength: float) -> io.NodeOutput:
+        import comfy.lora
+        import comfy.utils
+
+        from sana_core.checkpoints.dit import lora_key_map
+
+        dit = getattr(model.model, "diffusion_model", None)
+        if not hasattr(dit, "cfg") or not hasattr(dit.cfg, "guidance_embed"):
+            raise ValueError("SanaLoraLoader: the MODEL is not a Sana model; load it with SanaCheckpointLoader")
+        lora = comfy.utils.load_torch_file(full_path(lora_name, "loras"), safe_load=True)
+        patches = comfy.lora.load_lora(lora, lora_key_map(dit.cfg))
+        if not patches:
+            raise ValueError(f"{lora_name}: no key matches a Sana DiT layer (found e.g. {list(lora)[:3]}); expected a "
+                             "Sana LoRA (diffusers, kohya or NVlabs names)")
+        patched = model.clone()
+        patched.add_patches(patches, strength)
+        return io.NodeOutput(patched)

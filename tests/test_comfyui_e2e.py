@@ -70,6 +70,11 @@ def server(tmp_path_factory):
     save_file({"diffusion_model.blocks.0.attn.qkv.lora_down.weight": torch.randn(4, 64, generator=g),
                "diffusion_model.blocks.0.attn.qkv.lora_up.weight": torch.randn(192, 4, generator=g)},
               str(models / "loras" / "tiny_sana_lora.safetensors"))
+    save_file({"transformer.transformer_blocks.0.attn1.to_k.lora_A.weight": torch.randn(4, 64, generator=g),
+               "transformer.transformer_blocks.0.attn1.to_k.lora_B.weight": torch.randn(64, 4, generator=g),
+               "transformer.transformer_blocks.1.attn2.to_v.lora_A.weight": torch.randn(4, 64, generator=g),
+               "transformer.transformer_blocks.1.attn2.to_v.lora_B.weight": torch.randn(64, 4, generator=g)},
+              str(models / "loras" / "diffusers_format_lora.safetensors"))
     (root / "input").mkdir()
     gradient = np.linspace(0, 255, SMALL[0] * SMALL[1] * 3).reshape(SMALL[1], SMALL[0], 3).astype(np.uint8)
     Image.fromarray(gradient).save(root / "input" / "example.png")
@@ -145,7 +150,7 @@ def _prepare(server, workflow: Path, steps: int = 3) -> dict:
 def test_nodes_are_registered_with_descriptions(server):
     ours = {k: v for k, v in server.info.items() if v.get("python_module", "").endswith("comfyui-sana")
             or k.startswith("Sana")}
-    assert {"SanaCheckpointLoader", "SanaGemmaLoader", "SanaDCAELoader", "SanaGemmaTextEncode", "SanaSampler",
+    assert {"SanaCheckpointLoader", "SanaLoraLoader", "SanaGemmaLoader", "SanaDCAELoader", "SanaGemmaTextEncode", "SanaSampler",
             "SanaEmptyLatentImage", "SanaDCAEDecode", "SanaDCAEEncode", "SanaSamplerSelect", "SanaScheduler"} <= set(ours)
     assert all(v["description"] and v["category"] == "Sana" for v in ours.values())
     choices = server.info["SanaCheckpointLoader"]["input"]["required"]["ckpt_name"][1]["options"]
@@ -226,15 +231,18 @@ def test_wrong_model_files_are_node_errors(server, file, message):
     assert error and error["node_type"] == "SanaCheckpointLoader" and message in error["exception_message"]
 
 
-def test_core_lora_loader_patches_our_model(server):
-    """LoraLoaderModelOnly on our MODEL: strength 0 gives the plain image, strength 1 another one."""
+@pytest.mark.parametrize("node,lora,strength_input", [
+    ("LoraLoaderModelOnly", "tiny_sana_lora.safetensors", "strength_model"),  # our module names, core node
+    ("SanaLoraLoader", "diffusers_format_lora.safetensors", "strength"),    # PEFT names into fused qkv / kv
+])
+def test_lora_loaders_patch_our_model(server, node, lora, strength_input):
+    """A LoRA loader on our MODEL: strength 0 gives the plain image, strength 1 another one."""
     images = []
     for strength in (0.0, 1.0):
         prompt = _prepare(server, ROOT / "workflows" / "sana_text_to_image_1024.json")
         sampler = next(k for k, n in prompt.items() if n["class_type"] == "SanaSampler")
-        prompt["lora"] = {"class_type": "LoraLoaderModelOnly", "inputs": {
-            "model": prompt[sampler]["inputs"]["model"], "lora_name": "tiny_sana_lora.safetensors",
-            "strength_model": strength}}
+        prompt["lora"] = {"class_type": node, "inputs": {
+            "model": prompt[sampler]["inputs"]["model"], "lora_name": lora, strength_input: strength}}
         prompt[sampler]["inputs"]["model"] = ["lora", 0]
         entry = server.run(prompt)
         assert entry["status"]["status_str"] == "success", error_of(entry)

@@ -183,3 +183,38 @@ def test_pickle_with_code_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="evil.pth.*weights_only"):
         load_dit(tmp_path / "evil.pth")
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_lora_key_map_patches_the_same_weights_as_diffusers(tiny):
+    """A diffusers-format LoRA (q/k/v of both attentions, the FFN, the output) merged through our key map (with
+    offsets into the fused qkv / kv) gives the same model as the LoRA merged into diffusers' split weights."""
+    from diffusers import SanaTransformer2DModel
+
+    from sana_core.checkpoints.dit import diffusers_config, lora_key_map, nvlabs_to_diffusers
+
+    g = torch.Generator().manual_seed(3)
+    targets = ["transformer_blocks.0.attn1.to_q", "transformer_blocks.0.attn1.to_k", "transformer_blocks.1.attn1.to_v",
+               "transformer_blocks.1.attn2.to_k", "transformer_blocks.1.attn2.to_v", "transformer_blocks.0.attn2.to_q",
+               "transformer_blocks.0.ff.conv_inverted", "proj_out"]
+    ref = SanaTransformer2DModel(**{k: v for k, v in diffusers_config(TINY).items() if not k.startswith("_")})
+    ref.load_state_dict(nvlabs_to_diffusers(tiny.state_dict()))
+    ref_sd, key_map = ref.state_dict(), lora_key_map(TINY, prefix="")
+    ours_sd = {k: v.clone() for k, v in tiny.state_dict().items()}  # the fixture model stays untouched
+    for name in targets:
+        weight = ref_sd[name + ".weight"]
+        delta = torch.randn(weight.shape[0], 4, generator=g) @ torch.randn(4, weight[0].numel(), generator=g) * 0.05
+        ref_sd[name + ".weight"] = weight + delta.reshape(weight.shape)
+        target = key_map[f"transformer.{name}"]
+        key, (dim, start, rows) = target if isinstance(target, tuple) else (target, (0, 0, ours_sd[target].shape[0]))
+        ours_sd[key].narrow(dim, start, rows).add_(delta.reshape(rows, *ours_sd[key].shape[1:]))
+    ref.load_state_dict(ref_sd)
+    ours = SanaDiT(TINY)
+    ours.load_state_dict(ours_sd)
+    x = torch.randn(2, 32, 3, 5, generator=g)
+    ctx = torch.randn(2, 6, 48, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, torch.tensor([700.0, 20.0]), ctx),
+                                   ref(x, encoder_hidden_states=ctx, timestep=torch.tensor([700.0, 20.0])).sample,
+                                   rtol=1e-5, atol=1e-5)
+    assert key_map["lora_unet_transformer_blocks_0_attn1_to_k"] == ("blocks.0.attn.qkv.weight", (0, 64, 64))
+    assert key_map["blocks.0.attn.qkv"] == "blocks.0.attn.qkv.weight"

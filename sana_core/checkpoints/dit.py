@@ -252,3 +252,23 @@ def save_dit(model: SanaDiT, path: PathLike, layout: str = "diffusers", prefix: 
         weight_map.update(dict.fromkeys(part, name))
     (path / f"{stem}.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return path
+
+
+def lora_key_map(cfg: DiTConfig, prefix: str = "diffusion_model.") -> dict[str, str | tuple[str, tuple[int, int, int]]]:
+    """LoRA module names -> the weight each patches (under `prefix`), for the formats Sana LoRAs come in:
+    diffusers/PEFT (`transformer.transformer_blocks.0.attn1.to_q`, also without `transformer.`), kohya-style
+    (`lora_unet_...`, `lora_transformer_...` with `_` for `.`) and NVlabs names (`blocks.0.attn.qkv`).
+    A part of one of our fused weights (q of qkv, k of kv) maps to (key, (0, first row, rows)): ComfyUI's
+    offset patch, which `comfy.lora.load_lora` takes as is."""
+    out: dict[str, str | tuple[str, tuple[int, int, int]]] = {}
+    for ours, theirs in _key_map(cfg.depth, cfg.qk_norm, cfg.guidance_embed):
+        if not ours.endswith(".weight"):
+            continue
+        target = prefix + ours
+        out[ours[: -len(".weight")]] = target
+        for i, name in enumerate(t[: -len(".weight")] for t in theirs):
+            value = target if len(theirs) == 1 else (target, (0, i * cfg.width, cfg.width))
+            flat = name.replace(".", "_")
+            out.update(dict.fromkeys((f"transformer.{name}", name, f"lora_unet_{flat}", f"lora_transformer_{flat}"),
+                                     value))
+    return out
