@@ -4,6 +4,7 @@ Flow space: x_t = (1 - s) x0 + s noise; the DiT predicts v = noise - x0, so x0 =
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +12,8 @@ import torch
 
 from .dit import SanaDiT
 from .samplers import default_noise_sampler, denoise_sigmas, flow_denoised, get_sampler, sigma_to_timestep
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,6 +36,8 @@ class SanaDenoiser:
           + p (v_c - v_pag)   (PAG: on when p > 0; the `pag_layers` self-attentions become the identity).
     Sprint models take no CFG branch: the guidance scale enters through the DiT's guidance embedder.
     `truncate_timesteps` feeds int(1000 * sigma), as NVlabs and diffusers' DPM-Solver do (not FlowMatchEuler).
+    `fp16_fallback`: if the DiT overflows in float16, convert it in place to bfloat16 (float32 where bf16 is not
+    supported) with a warning and go on; otherwise that is a FloatingPointError naming the dtype.
     The text side is prepared once (first call) and reused every step: the caption rows after the longest real
     prompt are dropped (padding every sample masks out anyway) and each block's text keys/values are kept.
     """
@@ -44,6 +49,7 @@ class SanaDenoiser:
     pag_scale: float = 0.0
     pag_layers: tuple[int, ...] = (8,)
     truncate_timesteps: bool = True
+    fp16_fallback: bool = False
     calls: int = field(default=0, init=False)
     _text: tuple | None = field(default=None, init=False, repr=False)
 
@@ -99,6 +105,13 @@ class SanaDenoiser:
                      text_kv=kv).float()
         self.calls += 1
         if not torch.isfinite(v).all():
+            if self.dit.dtype == torch.float16 and self.fp16_fallback:
+                wider = torch.bfloat16 if x.device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float32
+                log.warning("the DiT overflowed in float16 at sigma %.4f: converting it to %s for the rest of the run",
+                            sigma[0].item(), wider)
+                self.dit.to(wider)
+                self._text = None
+                return self(x, sigma)
             raise FloatingPointError(
                 f"the DiT produced inf/NaN at sigma {sigma[0].item():.4f} running in {self.dit.dtype}"
                 + (": float16 overflows here, load the model in bfloat16 or float32" if self.dit.dtype == torch.float16

@@ -208,7 +208,7 @@ class SanaPipeline:
             pixels = (image.to(self.device, next(vae.parameters()).dtype) * 2 - 1).expand(B, -1, -1, -1)
             init = vae.scale(vae.encode(pixels)).float()
         denoiser = SanaDenoiser(self._on_device(self.dit), cond, uncond, guidance_scale, pag_guidance_scale,
-                                tuple(pag_layers), truncate_timesteps=truncate_timesteps)
+                                tuple(pag_layers), truncate_timesteps=truncate_timesteps, fp16_fallback=True)
         x0 = sample(denoiser, latents.to(self.device), sampler, num_inference_steps,
                     shift if shift is not None else default_shift(height, width),
                     denoise=strength if image is not None else 1.0, init=init, generator=generator,
@@ -225,14 +225,19 @@ class SanaPipeline:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:
-        """Scaled latents (B, 32, h, w) -> images (B, 3, 32h, 32w) float32 in 0..1."""
+        """Scaled latents (B, 32, h, w) -> images (B, 3, 32h, 32w) float32 in 0..1.
+
+        A float16 DC-AE that overflows is converted to bfloat16 (with a warning) and the decode repeated."""
         vae = self._on_device(self.vae)
         z = latents.to(self.device) / vae.cfg.scaling_factor
         dtype = next(vae.parameters()).dtype
         image = vae.decode(z.to(dtype), tiled=tiled).float()
         if not torch.isfinite(image).all():
-            raise FloatingPointError(f"the DC-AE decoder produced inf/NaN in {dtype}"
-                                     + (": load it in bfloat16 or float32" if dtype == torch.float16 else ""))
+            if dtype != torch.float16:
+                raise FloatingPointError(f"the DC-AE decoder produced inf/NaN in {dtype}: check the checkpoint")
+            log.warning("the DC-AE overflowed in float16: converting it to bfloat16")
+            vae.to(torch.bfloat16)
+            return self.decode(latents, tiled)
         return (image / 2 + 0.5).clamp(0, 1)
 
 

@@ -120,13 +120,25 @@ def test_bad_arguments(ours, kw, match):
         ours(**args)
 
 
-def test_fp16_overflow_is_a_clear_error(folder):
+def test_fp16_overflow_falls_back_or_is_a_clear_error(folder, caplog):
+    """The pipeline converts an overflowing fp16 DiT to bf16 and finishes; with the fallback off (ComfyUI's
+    SanaSampler) the overflow is a FloatingPointError naming the dtype."""
+    import logging
+
+    from sana_core.denoiser import SanaDenoiser
+
     pipe = SanaPipeline.from_pretrained(folder, dtype=torch.float16, vae_dtype=torch.float32, device="cpu")
     assert pipe.text_encoder.dtype != torch.float16  # Gemma is never run in fp16
     with torch.no_grad():
         pipe.dit.final_layer.linear.weight.mul_(1e5)  # forces an fp16 overflow in the output projection
+    cond, uncond = pipe.encode_prompt(["a cat"], [""])
+    x = torch.randn(1, 32, 4, 6)
     with pytest.raises(FloatingPointError, match="inf/NaN.*float16 overflows here, load the model in bfloat16"):
-        pipe("a cat", seed=0, num_inference_steps=2, progress=False, **SIZE)
+        SanaDenoiser(pipe.dit, cond, uncond)(x, torch.tensor([0.9]))
+    with caplog.at_level(logging.WARNING):
+        out = pipe("a cat", seed=0, num_inference_steps=2, output_type="latent", progress=False, **SIZE)
+    assert torch.isfinite(out).all() and pipe.dit.dtype == torch.bfloat16
+    assert "overflowed in float16" in caplog.text
 
 
 def test_separate_files_give_the_same_images(folder, ours, tmp_path):
@@ -177,3 +189,16 @@ def test_image_to_image_starts_part_way(ours):
     assert dist(light) < 0.1 < dist(out) < dist(full)
     with pytest.raises(ValueError, match="image has shape"):
         ours("a cat", image=image[..., :64], strength=0.5, progress=False, **SIZE)
+
+
+def test_fp16_dcae_overflow_falls_back_to_bf16(folder, caplog):
+    import logging
+
+    pipe = SanaPipeline.from_pretrained(folder, dtype=torch.float32, vae_dtype=torch.float16, device="cpu")
+    with torch.no_grad():
+        pipe.vae.decoder.conv_in.weight.mul_(1e4)  # overflows fp16 activations
+        latents = torch.randn(1, 32, 4, 6, generator=torch.Generator().manual_seed(0))
+        with caplog.at_level(logging.WARNING):
+            image = pipe.decode(latents)
+    assert torch.isfinite(image).all() and next(pipe.vae.parameters()).dtype == torch.bfloat16
+    assert "DC-AE overflowed in float16" in caplog.text
