@@ -2,6 +2,8 @@
 SamplerCustomAdvanced."""
 from __future__ import annotations
 
+import logging
+
 import torch
 from comfy_api.latest import io
 
@@ -9,6 +11,7 @@ from sana_core.samplers import SAMPLERS
 
 from .common import CATEGORY
 
+log = logging.getLogger(__name__)
 SAMPLER_NAMES = list(SAMPLERS)
 
 
@@ -30,6 +33,9 @@ def text_condition(conditioning: list, batch: int, name: str):
 
     if not conditioning:
         raise ValueError(f"{name}: empty conditioning; connect a SanaGemmaTextEncode")
+    if len(conditioning) > 1:
+        log.warning("SanaSampler: %s has %d entries (combined/area conditioning); using the first, as a whole "
+                    "image prompt (KSampler handles combined conditioning)", name, len(conditioning))
     embeds, extra = conditioning[0][0], conditioning[0][1]
     if embeds.ndim != 3 or "attention_mask" not in extra:
         raise ValueError(f"{name}: not Sana conditioning (shape {tuple(embeds.shape)}, no attention mask); "
