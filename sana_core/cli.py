@@ -141,8 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     for settings, recs in tqdm(jobs, desc="batches", disable=args.no_progress or len(jobs) == 1):
         shape = (1, pipe.dit.cfg.in_channels, settings["height"] // 32, settings["width"] // 32)
         noise = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(r["seed"])) for r in recs])
-        images = pipe([r["prompt"] for r in recs], latents=noise, progress=not args.no_progress,
-                      tiled_decode=args.tiled_decode, **settings)
+        images = pipe([r["prompt"] for r in recs], latents=noise, seed=recs[0]["seed"],  # seed: SCM's re-noising
+                      progress=not args.no_progress, tiled_decode=args.tiled_decode, **settings)
         metas = [{**settings, "prompt": r["prompt"], "seed": r["seed"], "model": model, "variant": pipe.dit.variant}
                  for r in recs]
         for path in save_images(images, args.output_dir, metas, [r["name"] for r in recs]):
