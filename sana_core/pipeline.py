@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -88,13 +89,17 @@ class SanaPipeline:
     """Text -> Gemma-2 (with the complex human instruction) -> linear DiT + flow sampler -> DC-AE -> images.
 
     With `offload=True` each model sits on the CPU until its turn (text encoder, DiT, DC-AE), for small GPUs.
+    With `compile=True` the DiT runs through `torch.compile` (compiled on the first generation, and again for a
+    new image size; the time it took is logged).
     """
 
     def __init__(self, dit: SanaDiT, vae: DCAE, text_encoder: SanaTextEncoder,
-                 device: torch.device | str | None = None, offload: bool = False):
+                 device: torch.device | str | None = None, offload: bool = False, compile: bool = False):
         self.dit, self.vae, self.text_encoder = dit, vae, text_encoder
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.offload = offload
+        self.compiled = torch.compile(dit, dynamic=False) if compile else None
+        self._compiled_shapes: set[tuple[int, ...]] = set()
         for m in (dit, vae, text_encoder):
             m.to("cpu" if offload else self.device)
 
@@ -103,7 +108,7 @@ class SanaPipeline:
                         vae: str | Path | None = None, text_encoder: str | Path | None = None,
                         dtype: torch.dtype = torch.bfloat16, vae_dtype: torch.dtype | None = None,
                         device: torch.device | str | None = None, variant: str | None = None,
-                        use_pe: bool | None = None, offload: bool = False) -> "SanaPipeline":
+                        use_pe: bool | None = None, offload: bool = False, compile: bool = False) -> "SanaPipeline":
         """Load from a diffusers Sana folder or repo (`model`), or from separate files: `dit` (NVlabs `.pth`,
         safetensors or diffusers folder), `vae` (DC-AE) and `text_encoder` (Gemma-2 folder or single file).
         Parts given separately override the folder's; parts missing from both come from the default repos."""
@@ -120,7 +125,7 @@ class SanaPipeline:
         return cls(load_dit(dit_path, dtype=dtype, variant=variant, use_pe=use_pe),
                    load_dcae(vae_path, dtype=vae_dtype or dtype),
                    load_text_encoder(te_path, dtype=te_dtype),
-                   device=device, offload=offload)
+                   device=device, offload=offload, compile=compile)
 
     def _on_device(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.offload:
@@ -207,12 +212,18 @@ class SanaPipeline:
             vae = self._on_device(self.vae)
             pixels = (image.to(self.device, next(vae.parameters()).dtype) * 2 - 1).expand(B, -1, -1, -1)
             init = vae.scale(vae.encode(pixels)).float()
-        denoiser = SanaDenoiser(self._on_device(self.dit), cond, uncond, guidance_scale, pag_guidance_scale,
+        self._on_device(self.dit)
+        denoiser = SanaDenoiser(self.dit if self.compiled is None else self.compiled, cond, uncond, guidance_scale, pag_guidance_scale,
                                 tuple(pag_layers), truncate_timesteps=truncate_timesteps, fp16_fallback=True)
+        started, new_shape = time.perf_counter(), self.compiled is not None and shape not in self._compiled_shapes
         x0 = sample(denoiser, latents.to(self.device), sampler, num_inference_steps,
                     shift if shift is not None else default_shift(height, width),
                     denoise=strength if image is not None else 1.0, init=init, generator=generator,
                     callback=callback, progress=progress)
+        if new_shape:
+            self._compiled_shapes.add(shape)
+            log.info("torch.compile: sampling at %s, compilation included, took %.1f s", shape,
+                     time.perf_counter() - started)
         if output_type == "latent":
             return x0
         images = self.decode(x0, tiled=tiled_decode)

@@ -202,3 +202,14 @@ def test_fp16_dcae_overflow_falls_back_to_bf16(folder, caplog):
             image = pipe.decode(latents)
     assert torch.isfinite(image).all() and next(pipe.vae.parameters()).dtype == torch.bfloat16
     assert "DC-AE overflowed in float16" in caplog.text
+
+
+def test_compiled_dit_gives_the_eager_result(folder, ours, caplog):
+    import logging
+
+    pipe = SanaPipeline.from_pretrained(folder, dtype=torch.float32, device="cpu", compile=True)
+    kw = dict(seed=4, num_inference_steps=2, output_type="latent", progress=False, **SIZE)
+    with caplog.at_level(logging.INFO):
+        got = pipe("a red fox", **kw)
+    assert "torch.compile: sampling at (1, 32, 4, 6), compilation included" in caplog.text
+    torch.testing.assert_close(got, ours("a red fox", **kw), rtol=1e-4, atol=1e-4)
