@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from .dit import SanaDiT
-from .samplers import default_noise_sampler, denoise_sigmas, flow_denoised, get_sampler, sigma_to_timestep
+from .samplers import (cfg, default_noise_sampler, denoise_sigmas, flow_denoised, get_sampler, pag,
+                       sigma_to_timestep)
 
 log = logging.getLogger(__name__)
 
@@ -116,13 +117,12 @@ class SanaDenoiser:
                 f"the DiT produced inf/NaN at sigma {sigma[0].item():.4f} running in {self.dit.dtype}"
                 + (": float16 overflows here, load the model in bfloat16 or float32" if self.dit.dtype == torch.float16
                    else ": check the checkpoint and the inputs"))
-        parts = v.chunk(n)
-        v_c = parts[0]
-        out = v_c
-        if self.use_cfg:
-            out = parts[1] + self.guidance_scale * (v_c - parts[1])
+        parts = v.chunk(n)                                   # [cond | uncond (CFG) | perturbed (PAG)]
+        v_c, v_u = parts[0], parts[1] if self.use_cfg else None
         if self.pag_scale > 0:
-            out = out + self.pag_scale * (v_c - parts[-1])
+            out = pag(v_u, v_c, parts[-1], self.guidance_scale, self.pag_scale)
+        else:
+            out = v_c if v_u is None else cfg(v_u, v_c, self.guidance_scale)
         return flow_denoised(x.float(), sigma, out)
 
 
