@@ -1,7 +1,10 @@
-"""End to end, ours vs diffusers in the same run: text encode + 20 steps with CFG 4.5 + DC-AE decode.
+"""End to end, ours vs diffusers in the same run: text encode + sampling + DC-AE decode, one image.
+
+Sana models: 20 steps of DPM-Solver++ with CFG 4.5 (diffusers' SanaPipeline); Sprint models: 1 step of SCM
+(SanaSprintPipeline), `--steps` to change either.
 
     python bench/e2e.py --model 0.6b --size 512 --device cpu --dtype bf16 --runs 2
-    python bench/e2e.py --model 0.6b 1.6b --size 1024 --device cuda          (the GPU targets)
+    python bench/e2e.py --model 0.6b 1.6b sprint-0.6b --size 1024 --device cuda      (the GPU targets)
 """
 from __future__ import annotations
 
@@ -13,37 +16,52 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import DTYPES, PROMPT, dcae_pair, dit_pair, gemma, measure, parser, report  # noqa: E402
+from harness import DTYPES, PROMPT, dcae_pair, dit_pair, gemma, measure, parser, report, sizes  # noqa: E402
 
 
-def main() -> None:
-    p = parser(__doc__)
-    p.add_argument("--steps", type=int, default=20)
-    args = p.parse_args()
-    from diffusers import DPMSolverMultistepScheduler
+def bench_model(model: str, args, text_encoder: tuple, vae) -> list[dict]:
+    from diffusers import DPMSolverMultistepScheduler, SCMScheduler
     from diffusers import SanaPipeline as Diffusers
+    from diffusers import SanaSprintPipeline as DiffusersSprint
 
     from sana_core.pipeline import SanaPipeline
     from sana_core.text_encoder import SanaTextEncoder
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    te_dtype = torch.bfloat16 if dtype == torch.float16 else dtype
-    text_model, tokenizer = gemma(device, te_dtype)
-    dit, vae = dit_pair(args.model, device, dtype), dcae_pair(device, dtype)
+    (text_model, tokenizer), dit = text_encoder, dit_pair(model, device, dtype, args.tiny)
     ours = SanaPipeline(dit.ours, vae.ours, SanaTextEncoder(text_model, tokenizer), device=device)
-    scheduler = DPMSolverMultistepScheduler(flow_shift=3.0, use_flow_sigmas=True, prediction_type="flow_prediction")
-    theirs = Diffusers(tokenizer=tokenizer, text_encoder=text_model, vae=vae.theirs, transformer=dit.theirs,
-                       scheduler=scheduler)
+    parts = dict(tokenizer=tokenizer, text_encoder=text_model, vae=vae.theirs, transformer=dit.theirs)
+    if dit.ours.cfg.guidance_embed:
+        steps = args.steps or 1
+        theirs = DiffusersSprint(**parts, scheduler=SCMScheduler())
+        extra = {"intermediate_timesteps": None} if steps != 2 else {}
+        name = f"{model} {{size}}px {steps} step{'s' * (steps > 1)}"
+    else:
+        steps = args.steps or 20
+        theirs = Diffusers(**parts, scheduler=DPMSolverMultistepScheduler(
+            flow_shift=3.0, use_flow_sigmas=True, prediction_type="flow_prediction"))
+        extra, name = {}, f"{model} {{size}}px {steps} steps CFG"
     theirs.set_progress_bar_config(disable=True)
     rows = []
-    for size in args.size:
-        common = dict(height=size, width=size, num_inference_steps=args.steps, guidance_scale=4.5)
+    for size in sizes(args):
+        common = dict(height=size, width=size, num_inference_steps=steps, guidance_scale=4.5)
         with torch.no_grad():
             o = measure(lambda: ours(PROMPT, seed=0, output_type="pt", progress=False, **common), device,
                         args.warmup, args.runs)
             d = measure(lambda: theirs(PROMPT, generator=torch.Generator().manual_seed(0), output_type="pt",
-                                       use_resolution_binning=False, **common), device, args.warmup, args.runs)
-        rows.append({"case": f"{args.model} {size}px {args.steps} steps CFG", "ours": o, "diffusers": d})
+                                       use_resolution_binning=False, **extra, **common), device, args.warmup, args.runs)
+        rows.append({"case": name.format(size=size), "ours": o, "diffusers": d})
+    return rows
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--steps", type=int, help="default: 20 (Sana), 1 (Sprint)")
+    args = p.parse_args()
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    text_encoder = gemma(device, torch.bfloat16 if dtype == torch.float16 else dtype, args.tiny)
+    vae = dcae_pair(device, dtype, args.tiny)
+    rows = [row for model in args.model for row in bench_model(model, args, text_encoder, vae)]
     report(f"end to end ({args.device}, {args.dtype})", rows, args.json)
 
 

@@ -23,7 +23,7 @@ def main() -> None:
     from sana_core.text_encoder import SanaTextEncoder
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    model, tokenizer = gemma(device, torch.bfloat16 if dtype == torch.float16 else dtype)
+    model, tokenizer = gemma(device, torch.bfloat16 if dtype == torch.float16 else dtype, args.tiny)
     ours = SanaTextEncoder(model, tokenizer)
     theirs = Diffusers(tokenizer=tokenizer, text_encoder=model, vae=None, transformer=None, scheduler=None)
 

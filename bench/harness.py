@@ -4,7 +4,13 @@ Both sides get the same weights: our modules are filled with random values and d
 their state dicts (key conversion as in the checkpoint loaders); Gemma-2 is one shared transformers module.
 Random weights have the real shapes, so timings and memory hold for the released checkpoints. The tokenizer
 is the tiny one of `sana_core.tiny` (real Gemma's cannot be downloaded here): prompts tokenize into more
-tokens than with Gemma's 256k vocabulary, the same for both sides.
+tokens than with Gemma's 256k vocabulary, the same for both sides. `--tiny` swaps every model for the tiny
+test-size one and caps sizes at 512 px: a smoke test of the benchmark itself (its timings mean nothing).
+
+Memory is reported as the peak *over what was allocated when the measurement began* (activations and
+workspaces; both sides' weights are resident throughout): `torch.cuda.max_memory_allocated` on CUDA, the
+kernel's resident-set high-water mark (reset through /proc/self/clear_refs) on the CPU. Whole-pipeline peaks
+with only our models resident come from `bench/memory.py`.
 """
 from __future__ import annotations
 
@@ -23,24 +29,31 @@ import torch
 from sana_core.checkpoints.dit import diffusers_config, nvlabs_to_diffusers
 from sana_core.dcae import DCAE
 from sana_core.dcae import VARIANTS as DCAE_VARIANTS
-from sana_core.dit import VARIANTS, SanaDiT
-from sana_core.tiny import randomize_
+from sana_core.dit import VARIANTS, DiTConfig, SanaDiT
+from sana_core.tiny import randomize_, tiny_dcae_config, tiny_dit_config
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-MODELS = {"0.6b": "sana-0.6b", "1.6b": "sana-1.6b", "sprint-0.6b": "sana-sprint-0.6b"}
+MODELS = {"0.6b": "sana-0.6b", "1.6b": "sana-1.6b", "sprint-0.6b": "sana-sprint-0.6b",
+          "sprint-1.6b": "sana-sprint-1.6b"}
 PROMPT = "a cyberpunk cat with a neon sign that says Sana, highly detailed, cinematic lighting"
 
 
 def parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--model", choices=list(MODELS), default="0.6b")
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=list(MODELS), nargs="+", default=["0.6b"])
     p.add_argument("--size", type=int, nargs="+", default=[1024], help="image sizes in pixels (square)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--tiny", action="store_true", help="tiny models: checks that the benchmark runs (no real times)")
     p.add_argument("--json", help="also write the results here")
     return p
+
+
+def sizes(args: argparse.Namespace) -> list[int]:
+    """The --size list; with --tiny capped at 512 px (the smoke test checks the code paths, not the sizes)."""
+    return [min(s, 512) for s in args.size] if args.tiny else args.size
 
 
 def sync(device: torch.device) -> None:
@@ -48,12 +61,22 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _rss_kib(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
 def measure(fn: Callable[[], object], device: torch.device, warmup: int, runs: int) -> dict:
-    """Median wall time (CUDA events on GPU) over `runs` after `warmup`, and peak memory in GiB."""
+    """Median wall time (CUDA events on GPU) over `runs` after `warmup`, and the peak memory in GiB over what
+    was allocated before (see the module docstring)."""
     for _ in range(warmup):
         fn()
+    sync(device)
     if device.type == "cuda":
+        base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # high-water mark := current resident set
+        base = _rss_kib("VmRSS") * 1024
     times = []
     for _ in range(runs):
         sync(device)
@@ -68,11 +91,8 @@ def measure(fn: Callable[[], object], device: torch.device, warmup: int, runs: i
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2**30
-    else:  # the process's high-water mark (both sides together): an upper bound
-        peak = int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 2**20
-    return {"median_s": statistics.median(times), "runs_s": times, "peak_gib": peak}
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss_kib("VmHWM") * 1024
+    return {"median_s": statistics.median(times), "runs_s": times, "peak_gib": max(peak - base, 0) / 2**30}
 
 
 @dataclass
@@ -81,10 +101,15 @@ class Pair:
     theirs: torch.nn.Module
 
 
-def dit_pair(model: str, device: torch.device, dtype: torch.dtype) -> Pair:
+def dit_config(model: str, tiny: bool = False) -> DiTConfig:
+    cfg = VARIANTS[MODELS[model]]
+    return tiny_dit_config(sprint=cfg.guidance_embed) if tiny else cfg
+
+
+def dit_pair(model: str, device: torch.device, dtype: torch.dtype, tiny: bool = False) -> Pair:
     from diffusers import SanaTransformer2DModel
 
-    cfg = VARIANTS[MODELS[model]]
+    cfg = dit_config(model, tiny)
     ours = randomize_(SanaDiT(cfg, dtype=dtype), seed=0).eval()
     dc = {k: v for k, v in diffusers_config(cfg).items() if not k.startswith("_")}
     with torch.device("meta"):
@@ -93,10 +118,10 @@ def dit_pair(model: str, device: torch.device, dtype: torch.dtype) -> Pair:
     return Pair(ours.to(device), theirs.eval().to(device, dtype))
 
 
-def dcae_pair(device: torch.device, dtype: torch.dtype) -> Pair:
+def dcae_pair(device: torch.device, dtype: torch.dtype, tiny: bool = False) -> Pair:
     from diffusers import AutoencoderDC
 
-    cfg = DCAE_VARIANTS["dc-ae-f32c32-sana-1.1"]
+    cfg = tiny_dcae_config("dc-ae-f32c32-sana-1.1") if tiny else DCAE_VARIANTS["dc-ae-f32c32-sana-1.1"]
     ours = randomize_(DCAE(cfg), seed=1).eval().to(dtype)
     with torch.device("meta"):
         theirs = AutoencoderDC(**{k: v for k, v in cfg.to_diffusers().items() if not k.startswith("_")})
@@ -104,16 +129,16 @@ def dcae_pair(device: torch.device, dtype: torch.dtype) -> Pair:
     return Pair(ours.to(device, memory_format=torch.channels_last), theirs.eval().to(device, dtype))
 
 
-def gemma(device: torch.device, dtype: torch.dtype):
-    """(real-size random Gemma2Model, tiny Gemma tokenizer)."""
-    from transformers import AutoTokenizer, Gemma2Config, Gemma2Model
+def gemma(device: torch.device, dtype: torch.dtype, tiny: bool = False):
+    """(real-size random Gemma2Model, or the tiny one; the tiny Gemma tokenizer)."""
+    from transformers import AutoConfig, AutoTokenizer, Gemma2Config, Gemma2Model
 
     from sana_core.checkpoints.gemma import GEMMA2_2B
     from sana_core.tiny import write_tiny_gemma
 
     folder = write_tiny_gemma(Path(tempfile.mkdtemp()) / "gemma")
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    config = Gemma2Config(**GEMMA2_2B)
+    config = AutoConfig.from_pretrained(folder) if tiny else Gemma2Config(**GEMMA2_2B)
     config._attn_implementation = "eager"
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype if dtype != torch.float16 else torch.bfloat16)
@@ -128,10 +153,23 @@ def gemma(device: torch.device, dtype: torch.dtype):
 def report(title: str, rows: list[dict], path: str | None) -> None:
     """Print a table (ours, diffusers, speed-up, peak memory) and optionally write JSON."""
     print(f"\n{title}")
-    print(f"{'case':<34}{'ours':>11}{'diffusers':>11}{'speed-up':>10}{'ours GiB':>10}{'diff. GiB':>10}")
+    print(f"{'case':<34}{'ours':>11}{'diffusers':>11}{'speed-up':>10}{'ours +GiB':>10}{'diff. +GiB':>11}")
     for r in rows:
         print(f"{r['case']:<34}{r['ours']['median_s'] * 1e3:>9.1f}ms{r['diffusers']['median_s'] * 1e3:>9.1f}ms"
               f"{r['diffusers']['median_s'] / r['ours']['median_s']:>9.2f}x"
-              f"{r['ours']['peak_gib']:>10.2f}{r['diffusers']['peak_gib']:>10.2f}")
+              f"{r['ours']['peak_gib']:>10.2f}{r['diffusers']['peak_gib']:>11.2f}")
     if path:
-        Path(path).write_text(json.dumps({"title": title, "rows": rows}, indent=1))
+        for r in rows:
+            r["speedup"] = r["diffusers"]["median_s"] / r["ours"]["median_s"]
+        Path(path).write_text(json.dumps({"title": title, "environment": environment(), "rows": rows}, indent=1))
+
+
+def environment() -> dict:
+    import platform
+
+    import diffusers
+    import transformers
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+            "gpu": gpu, "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}

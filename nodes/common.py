@@ -45,7 +45,8 @@ def patcher(module: torch.nn.Module) -> comfy.model_patcher.ModelPatcher:
                                             offload_device=mm.unet_offload_device())
 
 
-def on_device(model: comfy.model_patcher.ModelPatcher) -> torch.nn.Module:
-    """Load a patcher's module onto its device (evicting idle models if needed) and return the module."""
-    mm.load_models_gpu([model], force_full_load=True)
+def on_device(model: comfy.model_patcher.ModelPatcher, memory_required: int = 0) -> torch.nn.Module:
+    """Load a patcher's module onto its device (evicting idle models if needed, also to leave
+    `memory_required` bytes free for the work to come) and return the module."""
+    mm.load_models_gpu([model], memory_required=memory_required, force_full_load=True)
     return model.model.inner

@@ -72,15 +72,16 @@ class SanaDCAEDecode(io.ComfyNode):
     def execute(cls, samples: dict, dcae, tiling: str, tile_size: int, overlap: int) -> io.NodeOutput:
         import comfy.model_management as mm
 
-        vae = on_device(dcae)
-        z = samples["samples"]
+        vae, z = dcae.model.inner, samples["samples"]
         if z.ndim != 4 or z.shape[1] != vae.cfg.latent_channels:
             raise ValueError(f"SanaDCAEDecode: expected a Sana latent (B, 32, H/32, W/32), got {tuple(z.shape)}; "
                              "use SanaEmptyLatentImage / SanaDCAEEncode to make Sana latents")
-        dtype = next(vae.parameters()).dtype
-        tiled = TILING[tiling]
+        dtype, tiled, per_pass = next(vae.parameters()).dtype, TILING[tiling], 4  # activations dominate memory
+        # ask ComfyUI to make room for an untiled decode (it unloads idle models); what still does not fit is tiled
+        need = 0 if tiled else vae.memory_needed((min(per_pass, len(z)), *z.shape[1:]), dtype)
+        vae = on_device(dcae, memory_required=need)
         images = []
-        for chunk in z.split(4):  # a few at a time: the decoder's activations dominate memory
+        for chunk in z.split(per_pass):
             x = vae.decode(chunk.to(mm.get_torch_device(), dtype), tiled=tiled, tile_size=tile_size, overlap=overlap)
             images.append((x.float() / 2 + 0.5).clamp(0, 1).movedim(1, -1).to(mm.intermediate_device()))
         return io.NodeOutput(torch.cat(images))
@@ -105,7 +106,7 @@ class SanaDCAEEncode(io.ComfyNode):
     def execute(cls, pixels: torch.Tensor, dcae, tiling: str) -> io.NodeOutput:
         import comfy.model_management as mm
 
-        vae = on_device(dcae)
+        vae = dcae.model.inner
         _, H, W, _ = pixels.shape
         h, w = H // 32 * 32, W // 32 * 32
         if h == 0 or w == 0:
@@ -114,7 +115,7 @@ class SanaDCAEEncode(io.ComfyNode):
             log.warning("SanaDCAEEncode: cropping %dx%d to %dx%d (multiples of 32)", W, H, w, h)
         top, left = (H - h) // 2, (W - w) // 2
         x = pixels[:, top:top + h, left:left + w, :3].movedim(-1, 1) * 2 - 1
-        dtype = next(vae.parameters()).dtype
-        tiled = TILING[tiling]
+        dtype, tiled = next(vae.parameters()).dtype, TILING[tiling]
+        vae = on_device(dcae, memory_required=0 if tiled else vae.memory_needed(x.shape, dtype, decode=False))
         z = vae.encode(x.to(mm.get_torch_device(), dtype), tiled=tiled)
         return io.NodeOutput({"samples": z.float().to(mm.intermediate_device())})

@@ -22,6 +22,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
+MIN_TILE, MAX_TILE = 256, 2048  # automatic tile sizes in image pixels (bigger tiles gain little, use more memory)
 ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"silu": F.silu, "relu": F.relu}
 BLOCKS = ("ResBlock", "EfficientViTBlock")
 _R, _E = "ResBlock", "EfficientViTBlock"
@@ -340,12 +341,14 @@ def peak_activation_bytes(widths: tuple[int, ...], depths: tuple[int, ...], pixe
     return int(7 * per_pixel * pixels * torch.finfo(dtype).bits // 8)
 
 
-def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Evenly spread starts of `tile`-long tiles covering [0, length), neighbours sharing >= `overlap`."""
+def tile_plan(length: int, tile: int, overlap: int) -> tuple[int, list[int]]:
+    """Fewest tiles of at most `tile` covering [0, length) with neighbours sharing >= `overlap`, made as small
+    as that count allows (so the tiles overlap no more than needed). Returns (tile length, starts)."""
     if length <= tile:
-        return [0]
+        return length, [0]
     n = -(-(length - overlap) // (tile - overlap))  # ceil: tiles needed at a stride of tile - overlap
-    return [i * (length - tile) // (n - 1) for i in range(n)]
+    size = -(-(length + (n - 1) * overlap) // n)    # <= tile; consecutive starts differ by <= size - overlap
+    return size, [i * (length - size) // (n - 1) for i in range(n)]
 
 
 def _ramp(n: int, ramp: int, start: bool, end: bool, device: torch.device) -> torch.Tensor:
@@ -364,15 +367,16 @@ def tiled_apply(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, til
     """Run `fn` on overlapping tiles of x and blend the outputs with linear ramps (weights normalised).
 
     Sizes are in latent pixels: x has `scale_in` pixels per latent pixel (32 for images, 1 for latents) and
-    fn's output `scale_out`. Tiles are `tile` latent pixels wide, neighbours share >= `overlap`, and each output
-    tile fades over `overlap * scale_out` pixels on its shared sides. Returns fn's full-size output.
+    fn's output `scale_out`. Tiles are at most `tile` latent pixels wide (see `tile_plan`), neighbours share
+    >= `overlap`, and each output tile fades over `overlap * scale_out` pixels on its shared sides. Returns fn's
+    full-size output.
     """
     B, _, H, W = x.shape
     gh, gw = H // scale_in, W // scale_in
-    th, tw = min(tile, gh), min(tile, gw)
+    (th, rows_at), (tw, cols_at) = tile_plan(gh, tile, overlap), tile_plan(gw, tile, overlap)
     out = weight = None
-    for y in tile_starts(gh, tile, overlap):
-        for x0 in tile_starts(gw, tile, overlap):
+    for y in rows_at:
+        for x0 in cols_at:
             t = fn(x[:, :, y * scale_in:(y + th) * scale_in, x0 * scale_in:(x0 + tw) * scale_in])
             if out is None:
                 out = torch.zeros(B, t.shape[1], gh * scale_out, gw * scale_out, device=t.device)
@@ -405,12 +409,15 @@ class DCAE(nn.Module):
         """The DiT's latent space -> raw latent."""
         return z / self.cfg.scaling_factor
 
-    def encode(self, x: torch.Tensor, tiled: bool | None = None, tile_size: int = 1024,
-               overlap: int | None = None) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, tiled: bool | None = None, tile_size: int | None = None,
+               overlap: int | None = None, max_memory: int | None = None) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1], H and W multiples of 32 -> raw latents (B, 32, H/32, W/32).
 
-        tiled: None tiles when the untiled pass would not fit in memory or runs out of it; True/False forces.
-        tile_size, overlap: in image pixels, multiples of 32; overlap defaults to a quarter of the tile.
+        tiled: None tiles when the untiled pass would need more than `max_memory` bytes (default: the device's
+        free memory) or runs out of memory; True/False forces. tile_size: the largest tile in image pixels
+        (default: the largest of 256..2048 px that fits the memory); overlap: pixels neighbouring tiles share
+        at least (default: a quarter of the tile, at most 256). Both multiples of 32. A tiled pass that runs out
+        of memory is repeated with tiles half as wide.
         """
         if self.encoder is None:
             raise ValueError(f"{self.source}: encoder weights are missing (a decoder-only DC-AE file), so this model "
@@ -419,44 +426,79 @@ class DCAE(nn.Module):
         if x.shape[-2] % f or x.shape[-1] % f:
             raise ValueError(f"DC-AE encode: image size {x.shape[-2]}x{x.shape[-1]} is not a multiple of {f}; "
                              "crop or pad it")
-        return self._run(self.encoder, x, tiled, tile_size, overlap, f, 1,
-                         self.cfg.encoder_widths, self.cfg.encoder_depths)
+        return self._run(self.encoder, x, tiled, tile_size, overlap, max_memory, 1, self.cfg.encoder_widths,
+                         self.cfg.encoder_depths)
 
-    def decode(self, z: torch.Tensor, tiled: bool | None = None, tile_size: int = 1024,
-               overlap: int | None = None) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, tiled: bool | None = None, tile_size: int | None = None,
+               overlap: int | None = None, max_memory: int | None = None) -> torch.Tensor:
         """Raw latents (B, 32, h, w) -> images (B, 3, 32h, 32w), roughly in [-1, 1]. Options as in `encode`."""
-        return self._run(self.decoder, z, tiled, tile_size, overlap, 1, self.cfg.factor,
+        return self._run(self.decoder, z, tiled, tile_size, overlap, max_memory, self.cfg.factor,
                          self.cfg.decoder_widths, self.cfg.decoder_depths)
 
-    def _run(self, net: nn.Module, x: torch.Tensor, tiled: bool | None, tile_size: int, overlap: int | None,
-             scale_in: int, scale_out: int, widths: tuple[int, ...], depths: tuple[int, ...]) -> torch.Tensor:
+    def memory_needed(self, shape: tuple[int, ...], dtype: torch.dtype, decode: bool = True) -> int:
+        """Estimated peak activation bytes of an untiled decode of latents (or encode of images) of `shape`."""
+        pixels = shape[0] * shape[-2] * shape[-1] * (self.cfg.factor**2 if decode else 1)
+        widths, depths = ((self.cfg.decoder_widths, self.cfg.decoder_depths) if decode
+                          else (self.cfg.encoder_widths, self.cfg.encoder_depths))
+        return peak_activation_bytes(widths, depths, pixels, dtype)
+
+    def _run(self, net: nn.Module, x: torch.Tensor, tiled: bool | None, tile_size: int | None,
+             overlap: int | None, max_memory: int | None, scale_out: int, widths: tuple[int, ...],
+             depths: tuple[int, ...]) -> torch.Tensor:
         f = self.cfg.factor
+        scale_in = f // scale_out  # 32 for images in, 1 for latents in
         x = x.contiguous(memory_format=torch.channels_last)  # as the weights are stored (see load_dcae)
-        overlap = tile_size // 4 // f * f if overlap is None else overlap
+        budget = free_memory(x.device) if max_memory is None else min(max_memory, free_memory(x.device))
+
+        def need(pixels: int) -> int:  # estimated bytes for `pixels` image pixels per sample
+            return peak_activation_bytes(widths, depths, x.shape[0] * pixels, x.dtype)
+
+        if tile_size is None:  # the largest tile that fits
+            tile_size = next((t for t in range(MAX_TILE, MIN_TILE, -f) if need(t * t) <= budget), MIN_TILE)
+        overlap = min(256, tile_size // 4) // f * f if overlap is None else overlap
         if tile_size % f or overlap % f or not 0 <= overlap < tile_size:
             raise ValueError(f"DC-AE tiling: tile_size {tile_size} and overlap {overlap} must be multiples of {f} "
                              "with 0 <= overlap < tile_size")
         if tiled is None:
-            pixels = x.shape[0] * x.shape[-2] * x.shape[-1] * (f // scale_in) ** 2
-            tiled = _too_big(peak_activation_bytes(widths, depths, pixels, x.dtype), pixels, x.device)
-            if not tiled:
+            untiled = self.memory_needed(x.shape, x.dtype, decode=net is self.decoder)
+            tiled = untiled > budget
+            if tiled:
+                log.info("DC-AE: ~%.1f GiB needed untiled, %.1f GiB allowed: %d px tiles", untiled / 2**30,
+                         budget / 2**30, tile_size)
+            else:
                 try:
                     return net(x)
                 except torch.OutOfMemoryError:
                     log.warning("DC-AE: out of memory on %s; retrying in %d px tiles", tuple(x.shape), tile_size)
-                if x.device.type == "cuda":
-                    torch.cuda.empty_cache()
+                    _release(x.device)
                 tiled = True
-        return tiled_apply(net, x, tile_size // f, overlap // f, scale_in, scale_out) if tiled else net(x)
+        if not tiled:
+            return net(x)
+        while True:
+            try:
+                return tiled_apply(net, x, tile_size // f, overlap // f, scale_in, scale_out)
+            except torch.OutOfMemoryError:
+                if tile_size <= MIN_TILE:
+                    raise
+                _release(x.device)
+                tile_size = max(MIN_TILE, tile_size // 2 // f * f)
+                overlap = min(overlap, tile_size // 4 // f * f)
+                log.warning("DC-AE: out of memory in tiles; retrying in %d px tiles", tile_size)
 
 
-def _too_big(need: int, pixels: int, device: torch.device) -> bool:
-    """Whether an untiled pass needing `need` bytes should be tiled: CUDA compares with the free memory
-    (driver-free plus PyTorch's cached blocks); elsewhere only batches over 4096x4096 pixels are tiled."""
-    if device.type != "cuda":
-        return pixels > 4096 * 4096
-    free, _ = torch.cuda.mem_get_info(device)
-    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    if need > free:
-        log.info("DC-AE: ~%.1f GiB needed untiled, %.1f GiB free: tiling", need / 2**30, free / 2**30)
-    return need > free
+def free_memory(device: torch.device) -> int:
+    """Bytes a pass may allocate on `device`: CUDA's free memory plus PyTorch's cached blocks; on the CPU the
+    kernel's MemAvailable (Linux; elsewhere unlimited)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return 2**62
+
+
+def _release(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

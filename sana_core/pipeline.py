@@ -85,10 +85,14 @@ class GenerationSettings:
             raise ValueError(f"unknown sampler {self.sampler!r}; valid: {', '.join(SAMPLERS)}")
 
 
+OFFLOAD_DECODE_BYTES = 4 * 2**30  # with offload: the most a DC-AE decode may use (4K decodes in 1536 px tiles)
+
+
 class SanaPipeline:
     """Text -> Gemma-2 (with the complex human instruction) -> linear DiT + flow sampler -> DC-AE -> images.
 
-    With `offload=True` each model sits on the CPU until its turn (text encoder, DiT, DC-AE), for small GPUs.
+    With `offload=True` each model sits on the CPU until its turn (text encoder, DiT, DC-AE) and the DC-AE
+    decodes in tiles once a whole image would need more than `OFFLOAD_DECODE_BYTES`, for small GPUs.
     With `compile=True` the DiT runs through `torch.compile` (compiled on the first generation, and again for a
     new image size; the time it took is logged).
     """
@@ -242,7 +246,8 @@ class SanaPipeline:
         vae = self._on_device(self.vae)
         z = latents.to(self.device) / vae.cfg.scaling_factor
         dtype = next(vae.parameters()).dtype
-        image = vae.decode(z.to(dtype), tiled=tiled).float()
+        budget = OFFLOAD_DECODE_BYTES if self.offload else None
+        image = vae.decode(z.to(dtype), tiled=tiled, max_memory=budget).float()
         if not torch.isfinite(image).all():
             if dtype != torch.float16:
                 raise FloatingPointError(f"the DC-AE decoder produced inf/NaN in {dtype}: check the checkpoint")

@@ -213,3 +213,20 @@ def test_compiled_dit_gives_the_eager_result(folder, ours, caplog):
         got = pipe("a red fox", **kw)
     assert "torch.compile: sampling at (1, 32, 4, 6), compilation included" in caplog.text
     torch.testing.assert_close(got, ours("a red fox", **kw), rtol=1e-4, atol=1e-4)
+
+
+def test_offload_gives_the_same_images_and_caps_the_decode(folder, ours, monkeypatch):
+    """offload=True: the same images; a decode needing more than OFFLOAD_DECODE_BYTES runs in tiles."""
+    import sana_core.pipeline as pipeline
+
+    pipe = SanaPipeline.from_pretrained(folder, dtype=torch.float32, device="cpu", offload=True)
+    kw = dict(seed=3, num_inference_steps=2, progress=False, height=320, width=320)
+    latents = ours("a lighthouse at dusk", output_type="latent", **kw)
+    torch.testing.assert_close(pipe("a lighthouse at dusk", output_type="latent", **kw), latents, rtol=0, atol=0)
+    untiled = ours.decode(latents)
+    torch.testing.assert_close(pipe.decode(latents), untiled, rtol=0, atol=0)  # the budget is not reached
+    monkeypatch.setattr(pipeline, "OFFLOAD_DECODE_BYTES", 1)
+    tiled = (ours.vae.decode(latents / ours.vae.cfg.scaling_factor, tiled=True, tile_size=256) / 2 + 0.5).clamp(0, 1)
+    capped = pipe.decode(latents)
+    torch.testing.assert_close(capped, tiled, rtol=0, atol=0)
+    assert not torch.equal(capped, untiled)

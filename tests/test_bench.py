@@ -1,0 +1,31 @@
+"""The benchmarks run: the GPU suite's whole list, with tiny models on the CPU (times are not checked)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import suite  # noqa: E402
+
+
+def test_gpu_suite_runs_with_tiny_models(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "suite.py"), "--tiny", "--plan", "gpu",
+                          "--device", "cpu", "--out", str(tmp_path)], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = (tmp_path / "summary.md").read_text()
+    for name, script, _ in suite.GPU:
+        result = json.loads((tmp_path / f"{name}.json").read_text())
+        assert f"(`{name}`)" in summary and result["environment"]["torch"]
+        for row in result["rows"]:
+            assert row["case"] in summary
+            if script == "memory.py":  # our pipeline alone, in its own process
+                assert row["peak_gib"] > 0.05 and row["seconds"] > 0
+            else:
+                o, d = row["ours"], row["diffusers"]
+                assert len(o["runs_s"]) == len(d["runs_s"]) == 1 and min(o["median_s"], d["median_s"]) > 0
+                assert row["speedup"] == d["median_s"] / o["median_s"] and o["peak_gib"] >= 0
+    cases = {r["case"] for n in ("e2e_bf16", "memory_1024")
+             for r in json.loads((tmp_path / f"{n}.json").read_text())["rows"]}
+    assert {"0.6b 512px 20 steps CFG", "sprint-0.6b 512px 1 step", "1.6b 512px 2 steps offload"} <= cases
