@@ -6,6 +6,7 @@ import logging
 import torch
 from comfy_api.latest import io
 
+from sana_core.dcae import decode_finite
 from sana_core.resolutions import presets
 
 from .common import CATEGORY, DCAE, on_device
@@ -55,7 +56,9 @@ class SanaDCAEDecode(io.ComfyNode):
         return io.Schema(
             node_id="SanaDCAEDecode", display_name="Sana DC-AE Decode", category=CATEGORY,
             description="Decodes a Sana LATENT into an IMAGE. Tiling: auto tiles when the image would not fit in "
-                        "memory (or after an out-of-memory error); on forces it, off forbids it.",
+                        "memory (or after an out-of-memory error); on forces it, off forbids it. tile_size is the "
+                        "largest tile; tiles are made as small as their count allows. A float16 DC-AE that "
+                        "overflows is switched to bfloat16 with a warning.",
             inputs=[io.Latent.Input("samples"), DCAE.Input("dcae"),
                     io.Combo.Input("tiling", options=list(TILING), default="auto"),
                     io.Int.Input("tile_size", default=1024, min=256, max=8192, step=32, tooltip="pixels"),
@@ -82,7 +85,7 @@ class SanaDCAEDecode(io.ComfyNode):
         vae = on_device(dcae, memory_required=need)
         images = []
         for chunk in z.split(per_pass):
-            x = vae.decode(chunk.to(mm.get_torch_device(), dtype), tiled=tiled, tile_size=tile_size, overlap=overlap)
+            x = decode_finite(vae, chunk.to(mm.get_torch_device()), tiled=tiled, tile_size=tile_size, overlap=overlap)
             images.append((x.float() / 2 + 0.5).clamp(0, 1).movedim(1, -1).to(mm.intermediate_device()))
         return io.NodeOutput(torch.cat(images))
 

@@ -35,13 +35,45 @@ class SanaLatentFormat(comfy.latent_formats.LatentFormat):
 
 
 class ComfySanaDiT(SanaDiT):
-    """`SanaDiT` also answering the call ComfyUI's `BaseModel` makes (text mask as `attention_mask`)."""
+    """`SanaDiT` also answering the call ComfyUI's `BaseModel` makes (text mask as `attention_mask`).
+
+    A float16 model whose output overflows (inf/NaN) is run again in bfloat16 (float32 where the GPU has no
+    bf16), with a warning, and stays there: the weights stay float16 and comfy.ops casts them layer by layer,
+    so ComfyUI's memory manager and LoRA patches are untouched. Overflow in any other dtype is an error.
+    """
+
+    upcast: torch.dtype | None = None  # the compute dtype after a float16 overflow
+
+    @property
+    def dtype(self) -> torch.dtype:  # what BaseModel casts the inputs to and the blocks compute in
+        return self.upcast or super().dtype
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
                 attention_mask: torch.Tensor | None = None, guidance: torch.Tensor | None = None,
                 pag_layers: tuple[int, ...] = (), pag_batch: torch.Tensor | None = None, text_kv: list | None = None,
                 transformer_options: dict | None = None, control: object = None, **kwargs: object) -> torch.Tensor:
-        return super().forward(x, timestep, context, attention_mask, guidance, pag_layers, pag_batch, text_kv)
+        args = (timestep, context, attention_mask, guidance, pag_layers, pag_batch)
+        out = self._run(x, args, text_kv)
+        if torch.isfinite(out).all():
+            return out
+        if self.upcast is None and super().dtype == torch.float16:
+            self.upcast = torch.bfloat16 if mm.should_use_bf16(x.device) else torch.float32
+            log.warning("Sana: the DiT overflowed in float16 (inf/NaN); computing in %s from now on (the weights stay "
+                        "float16, cast layer by layer)", self.upcast)
+            out = self._run(x, args, text_kv)
+            if torch.isfinite(out).all():
+                return out
+        raise FloatingPointError(f"Sana DiT ({getattr(self, 'variant', None)}) produced inf/NaN computing in "
+                                 f"{self.dtype}: check the checkpoint, the LoRA strengths and the inputs")
+
+    def _run(self, x: torch.Tensor, args: tuple, text_kv: list | None) -> torch.Tensor:
+        if self.upcast is not None:
+            for m in self.modules():  # re-asserted each call: ComfyUI resets the flag when it unpatches
+                if hasattr(m, "comfy_cast_weights"):
+                    m.comfy_cast_weights = True
+            if text_kv is not None:  # keys/values a sampler computed before the switch
+                text_kv = [(k.to(self.upcast), v.to(self.upcast)) for k, v in text_kv]
+        return super().forward(x, *args, text_kv=text_kv)
 
 
 class SanaModelSampling(comfy.model_sampling.ModelSamplingDiscreteFlow, comfy.model_sampling.CONST):

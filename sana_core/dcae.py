@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .precision import fp16_fallback_dtype
+
 log = logging.getLogger(__name__)
 
 MIN_TILE, MAX_TILE = 256, 2048  # automatic tile sizes in image pixels (bigger tiles gain little, use more memory)
@@ -141,10 +143,11 @@ VARIANTS: dict[str, DCAEConfig] = {
 
 
 def rms_norm_2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """RMSNorm over the channels of (B, C, H, W); statistics in fp32, weight/bias cast to x's dtype."""
-    y = x.float()
-    y = (y * torch.rsqrt(y.pow(2).mean(1, keepdim=True) + eps)).to(x.dtype)
-    return y * weight.to(x.dtype)[:, None, None] + bias.to(x.dtype)[:, None, None]
+    """RMSNorm over the channels of (B, C, H, W): the mean square accumulates in fp32 (without an fp32 copy of
+    x); the (B, 1, H, W) scale, weight and bias are applied in x's dtype."""
+    ms = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float32).square_().div_(x.shape[1])
+    scale = torch.rsqrt(ms.add_(eps)).to(x.dtype)
+    return torch.addcmul(bias.to(x.dtype)[:, None, None], x * scale, weight.to(x.dtype)[:, None, None])
 
 
 class RMSNorm2d(nn.Module):
@@ -484,6 +487,22 @@ class DCAE(nn.Module):
                 tile_size = max(MIN_TILE, tile_size // 2 // f * f)
                 overlap = min(overlap, tile_size // 4 // f * f)
                 log.warning("DC-AE: out of memory in tiles; retrying in %d px tiles", tile_size)
+
+
+def decode_finite(vae: DCAE, z: torch.Tensor, **options: Any) -> torch.Tensor:
+    """`vae.decode(z.to(vae's dtype), **options)`, checked: a float16 DC-AE whose output overflows (inf/NaN) is
+    converted in place to bfloat16 (float32 on a GPU without it), with a warning, and the decode repeated;
+    inf/NaN in any other dtype is a FloatingPointError."""
+    dtype = next(vae.parameters()).dtype
+    image = vae.decode(z.to(dtype), **options)
+    if torch.isfinite(image).all():
+        return image
+    if dtype != torch.float16:
+        raise FloatingPointError(f"{vae.source}: the DC-AE decoder produced inf/NaN in {dtype}: check the checkpoint")
+    wider = fp16_fallback_dtype(z.device)
+    log.warning("the DC-AE overflowed in float16: converting it to %s", wider)
+    vae.to(wider)
+    return decode_finite(vae, z, **options)
 
 
 def free_memory(device: torch.device) -> int:

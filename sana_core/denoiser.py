@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from .dit import SanaDiT
+from .precision import fp16_fallback_dtype
 from .samplers import (cfg, default_noise_sampler, denoise_sigmas, flow_denoised, get_sampler, pag,
                        sigma_to_timestep)
 
@@ -107,7 +108,7 @@ class SanaDenoiser:
         self.calls += 1
         if not torch.isfinite(v).all():
             if self.dit.dtype == torch.float16 and self.fp16_fallback:
-                wider = torch.bfloat16 if x.device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float32
+                wider = fp16_fallback_dtype(x.device)
                 log.warning("the DiT overflowed in float16 at sigma %.4f: converting it to %s for the rest of the run",
                             sigma[0].item(), wider)
                 self.dit.to(wider)

@@ -18,7 +18,7 @@ import torch
 from .checkpoints.dcae import load_dcae
 from .checkpoints.dit import load_dit
 from .checkpoints.gemma import load_text_encoder
-from .dcae import DCAE
+from .dcae import DCAE, decode_finite
 from .denoiser import SanaDenoiser, TextCondition, sample
 from .dit import SanaDiT
 from .samplers import SAMPLERS, default_shift
@@ -245,15 +245,8 @@ class SanaPipeline:
         A float16 DC-AE that overflows is converted to bfloat16 (with a warning) and the decode repeated."""
         vae = self._on_device(self.vae)
         z = latents.to(self.device) / vae.cfg.scaling_factor
-        dtype = next(vae.parameters()).dtype
         budget = OFFLOAD_DECODE_BYTES if self.offload else None
-        image = vae.decode(z.to(dtype), tiled=tiled, max_memory=budget).float()
-        if not torch.isfinite(image).all():
-            if dtype != torch.float16:
-                raise FloatingPointError(f"the DC-AE decoder produced inf/NaN in {dtype}: check the checkpoint")
-            log.warning("the DC-AE overflowed in float16: converting it to bfloat16")
-            vae.to(torch.bfloat16)
-            return self.decode(latents, tiled)
+        image = decode_finite(vae, z, tiled=tiled, max_memory=budget).float()
         return (image / 2 + 0.5).clamp(0, 1)
 
 

@@ -21,6 +21,8 @@ from collections import OrderedDict
 import torch
 from transformers import Gemma2Model, PreTrainedTokenizerBase
 
+from .precision import fp16_fallback_dtype
+
 log = logging.getLogger(__name__)
 
 # diffusers SanaPipeline.__call__'s default `complex_human_instruction` (joined with "\n", prompt appended).
@@ -43,11 +45,10 @@ def resolve_dtype(dtype: torch.dtype | None, device: torch.device | str) -> torc
     without bfloat16.
     """
     device = torch.device(device)
-    bf16_ok = device.type != "cuda" or torch.cuda.is_bf16_supported()
     if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" and bf16_ok else torch.float32
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     if dtype == torch.float16:
-        upcast = torch.bfloat16 if bf16_ok else torch.float32
+        upcast = fp16_fallback_dtype(device)
         log.warning("Gemma-2 overflows in float16; running the text encoder in %s instead", upcast)
         return upcast
     if dtype not in (torch.bfloat16, torch.float32):

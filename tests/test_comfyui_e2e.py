@@ -50,6 +50,7 @@ def server(tmp_path_factory):
     from PIL import Image
     from safetensors.torch import save_file
 
+    from sana_core.checkpoints.dit import load_dit, save_dit
     from sana_core.tiny import write_tiny_gemma, write_tiny_pipeline
 
     root = tmp_path_factory.mktemp("comfy")
@@ -66,6 +67,11 @@ def server(tmp_path_factory):
     save_file({"input_blocks.0.0.weight": torch.zeros(4, 4), "middle_block.0.in_layers.0.weight": torch.zeros(4)},
               str(models / "diffusion_models" / "sdxl_unet.safetensors"))
     _tiny_upscaler(models / "upscale_models" / "tiny_compact_x2.safetensors")
+    overflowing = load_dit(sana)
+    with torch.no_grad():
+        overflowing.final_layer.linear.weight.mul_(1e5)  # its output overflows float16 (65504)
+    save_dit(overflowing, models / "diffusion_models" / "tiny_fp16_overflow.safetensors", layout="nvlabs",
+             dtype=torch.float16)
     g = torch.Generator().manual_seed(1)  # a LoRA on the fused qkv of block 0, in ComfyUI's generic key layout
     save_file({"diffusion_model.blocks.0.attn.qkv.lora_down.weight": torch.randn(4, 64, generator=g),
                "diffusion_model.blocks.0.attn.qkv.lora_up.weight": torch.randn(192, 4, generator=g)},
@@ -250,6 +256,22 @@ def test_lora_loaders_patch_our_model(server, node, lora, strength_input):
     plain = next(iter(_images(server, server.run(_prepare(server, ROOT / "workflows" / "sana_text_to_image_1024.json"))).values()))[0]
     assert np.abs(images[0] - plain).max() <= 1
     assert np.abs(images[1] - plain).max() > 10
+
+
+@pytest.mark.parametrize("workflow", ["sana_text_to_image_1024.json", "sana_ksampler.json"])
+def test_fp16_overflow_is_recomputed_wider(server, workflow):
+    """A float16 DiT that overflows finishes (SanaSampler and core KSampler), computing in a wider dtype from
+    the overflowing step on, with a warning; the image equals the float32 run of the same weights."""
+    images = []
+    for dtype in ("fp16", "fp32"):
+        prompt = _prepare(server, ROOT / "workflows" / workflow)
+        loader = next(n for n in prompt.values() if n["class_type"] == "SanaCheckpointLoader")
+        loader["inputs"]["ckpt_name"], loader["inputs"]["weight_dtype"] = "tiny_fp16_overflow.safetensors", dtype
+        entry = server.run(prompt)
+        assert entry["status"]["status_str"] == "success", error_of(entry)
+        images.append(next(iter(_images(server, entry).values()))[0].astype(np.int16))
+    assert np.abs(images[0] - images[1]).max() <= 1
+    assert "the DiT overflowed in float16 (inf/NaN); computing in torch.float32" in (server.root / "comfy.log").read_text()
 
 
 def test_unchanged_prompt_reuses_loaded_models(server):

@@ -202,6 +202,10 @@ def test_fp16_dcae_overflow_falls_back_to_bf16(folder, caplog):
             image = pipe.decode(latents)
     assert torch.isfinite(image).all() and next(pipe.vae.parameters()).dtype == torch.bfloat16
     assert "DC-AE overflowed in float16" in caplog.text
+    with torch.no_grad():
+        pipe.vae.decoder.conv_in.weight[0, 0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="vae.*DC-AE decoder produced inf/NaN in torch.bfloat16"):
+        pipe.decode(latents)
 
 
 def test_compiled_dit_gives_the_eager_result(folder, ours, caplog):
