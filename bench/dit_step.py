@@ -25,16 +25,24 @@ def bench_model(model: str, args) -> list[dict]:
     t, extra = torch.tensor([500.0, 500.0], device=device), {}
     if pair.ours.cfg.guidance_embed:  # Sprint: the guidance (scale 4.5 x 0.1) is an input of the model
         t, extra = t / 1000, {"guidance": torch.tensor([0.45, 0.45], device=device)}
+    ours = pair.ours
+    if args.compile:
+        compiled = torch.compile(ours, dynamic=False, mode=None if args.compile == "default" else args.compile)
+
+        def ours(*a, **kw):  # a new CUDA-graph step per call, as the pipeline marks them
+            torch.compiler.cudagraph_mark_step_begin()
+            return compiled(*a, **kw)
     rows = []
     for size in sizes(args):
         x = torch.randn(2, 32, size // 32, size // 32, generator=g).to(device, dtype)
         with torch.no_grad():
             kv = pair.ours.text_kv(context[:, :60])  # as the sampler does: once per generation, real tokens
-            o = measure(lambda: pair.ours(x, t, None, mask[:, :60], text_kv=kv, **extra), device,
+            o = measure(lambda: ours(x, t, None, mask[:, :60], text_kv=kv, **extra), device,
                         args.warmup, args.runs)
             d = measure(lambda: pair.theirs(x, encoder_hidden_states=context, timestep=t,
                                             encoder_attention_mask=mask, **extra), device, args.warmup, args.runs)
-        rows.append({"case": f"{model} {size}px batch 2", "ours": o, "diffusers": d})
+        compiled = f" (ours compiled: {args.compile})" if args.compile else ""
+        rows.append({"case": f"{model} {size}px batch 2{compiled}", "ours": o, "diffusers": d})
     return rows
 
 

@@ -29,7 +29,8 @@ def bench_model(model: str, args, text_encoder: tuple, vae) -> list[dict]:
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     (text_model, tokenizer), dit = text_encoder, dit_pair(model, device, dtype, args.tiny)
-    ours = SanaPipeline(dit.ours, vae.ours, SanaTextEncoder(text_model, tokenizer), device=device)
+    ours = SanaPipeline(dit.ours, vae.ours, SanaTextEncoder(text_model, tokenizer), device=device,
+                        compile=args.compile or False)
     parts = dict(tokenizer=tokenizer, text_encoder=text_model, vae=vae.theirs, transformer=dit.theirs)
     if dit.ours.cfg.guidance_embed:
         steps = args.steps or 1
@@ -50,7 +51,8 @@ def bench_model(model: str, args, text_encoder: tuple, vae) -> list[dict]:
                         args.warmup, args.runs)
             d = measure(lambda: theirs(PROMPT, generator=torch.Generator().manual_seed(0), output_type="pt",
                                        use_resolution_binning=False, **extra, **common), device, args.warmup, args.runs)
-        rows.append({"case": name.format(size=size), "ours": o, "diffusers": d})
+        compiled = f" (ours compiled: {args.compile})" if args.compile else ""
+        rows.append({"case": name.format(size=size) + compiled, "ours": o, "diffusers": d})
     return rows
 
 

@@ -47,6 +47,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--tiny", action="store_true", help="tiny models: checks that the benchmark runs (no real times)")
+    p.add_argument("--compile", nargs="?", const="default", metavar="MODE",
+                   help="torch.compile our DiT (default, reduce-overhead...); give --warmup 3: CUDA graphs record late")
     p.add_argument("--json", help="also write the results here")
     return p
 

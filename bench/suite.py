@@ -15,11 +15,14 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+COMPILED = "--compile reduce-overhead --warmup 3"  # CUDA graphs record on the first calls
 GPU = [  # (file name, script, arguments)
     ("dit_step_bf16", "dit_step.py", "--model 0.6b 1.6b --size 512 1024 2048 4096 --dtype bf16"),
     ("dit_step_fp16", "dit_step.py", "--model 0.6b 1.6b --size 1024 --dtype fp16"),
+    ("dit_step_compiled", "dit_step.py", f"--model 0.6b 1.6b --size 1024 --dtype bf16 {COMPILED}"),
     ("e2e_bf16", "e2e.py", "--model 0.6b 1.6b sprint-0.6b --size 1024 --dtype bf16"),
     ("e2e_fp16", "e2e.py", "--model 0.6b 1.6b sprint-0.6b --size 1024 --dtype fp16"),
+    ("e2e_compiled", "e2e.py", f"--model 0.6b 1.6b sprint-0.6b --size 1024 --dtype bf16 {COMPILED}"),
     ("e2e_2048", "e2e.py", "--model 1.6b --size 2048 --dtype bf16"),
     ("decode", "decode.py", "--size 1024 2048 4096 --dtype bf16"),
     ("decode_tiled", "decode.py", "--size 4096 --dtype bf16 --tiled --max-memory 4"),

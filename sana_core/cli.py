@@ -57,7 +57,7 @@ def read_prompts(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .pipeline import DEFAULT_MODEL
+    from .pipeline import COMPILE_MODES, DEFAULT_MODEL
     from .samplers import SAMPLERS
 
     p = argparse.ArgumentParser(prog="python -m sana_core.cli", description=__doc__,
@@ -86,8 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     p.add_argument("--device", help="cuda, cuda:1, cpu, mps (default: cuda if available)")
     p.add_argument("--offload", action="store_true", help="keep idle models on the CPU (small GPUs)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the DiT (pays off over many images: the first one includes compiling)")
+    p.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, default=None,
+                   help="torch.compile the DiT, optionally naming the mode (reduce-overhead: CUDA graphs); pays "
+                        "off over many images: the first one includes compiling")
     p.add_argument("--tiled_decode", action=argparse.BooleanOptionalAction, default=None,
                    help="force (or forbid) tiled DC-AE decoding; default decides from free memory")
     p.add_argument("--no_chi", action="store_true", help="encode prompts without the complex human instruction")
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             GenerationSettings("", **settings).validate()
         pipe = SanaPipeline.from_pretrained(args.model, dit=args.dit, vae=args.vae, text_encoder=args.text_encoder,
                                             dtype=DTYPES[args.dtype], device=args.device, use_pe=args.use_pe,
-                                            offload=args.offload, compile=args.compile)
+                                            offload=args.offload, compile=args.compile or False)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -40,6 +40,8 @@ class SanaDenoiser:
     `truncate_timesteps` feeds int(1000 * sigma), as NVlabs and diffusers' DPM-Solver do (not FlowMatchEuler).
     `fp16_fallback`: if the DiT overflows in float16, convert it in place to bfloat16 (float32 where bf16 is not
     supported) with a warning and go on; otherwise that is a FloatingPointError naming the dtype.
+    `cudagraph_steps`: mark each DiT call as a new step for a DiT compiled with CUDA graphs (a call's outputs
+    are not read after the next call, which reuses their memory).
     The text side is prepared once (first call) and reused every step: the caption rows after the longest real
     prompt are dropped (padding every sample masks out anyway) and each block's text keys/values are kept.
     """
@@ -52,6 +54,7 @@ class SanaDenoiser:
     pag_layers: tuple[int, ...] = (8,)
     truncate_timesteps: bool = True
     fp16_fallback: bool = False
+    cudagraph_steps: bool = False
     calls: int = field(default=0, init=False)
     _text: tuple | None = field(default=None, init=False, repr=False)
 
@@ -102,6 +105,8 @@ class SanaDenoiser:
         guidance = None
         if self.sprint:
             guidance = torch.full((n * B,), self.guidance_scale * self.dit.cfg.guidance_embeds_scale, device=x.device)
+        if self.cudagraph_steps:
+            torch.compiler.cudagraph_mark_step_begin()
         v = self.dit(x.repeat(n, 1, 1, 1), self.timestep(sigma).repeat(n), None, mask, guidance=guidance,
                      pag_layers=self.pag_layers if self.pag_scale > 0 else (), pag_batch=pag_batch,
                      text_kv=kv).float()

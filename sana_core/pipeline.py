@@ -85,6 +85,7 @@ class GenerationSettings:
             raise ValueError(f"unknown sampler {self.sampler!r}; valid: {', '.join(SAMPLERS)}")
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 OFFLOAD_DECODE_BYTES = 4 * 2**30  # with offload: the most a DC-AE decode may use (4K decodes in 1536 px tiles)
 
 
@@ -93,16 +94,21 @@ class SanaPipeline:
 
     With `offload=True` each model sits on the CPU until its turn (text encoder, DiT, DC-AE) and the DC-AE
     decodes in tiles once a whole image would need more than `OFFLOAD_DECODE_BYTES`, for small GPUs.
-    With `compile=True` the DiT runs through `torch.compile` (compiled on the first generation, and again for a
-    new image size; the time it took is logged).
+    With `compile=True` (or a torch.compile mode from `COMPILE_MODES`) the DiT runs through `torch.compile`
+    (compiled on the first generation, and again for a new image size; the time it took is logged); the modes
+    with CUDA graphs mark every DiT call as a new graph step.
     """
 
     def __init__(self, dit: SanaDiT, vae: DCAE, text_encoder: SanaTextEncoder,
-                 device: torch.device | str | None = None, offload: bool = False, compile: bool = False):
+                 device: torch.device | str | None = None, offload: bool = False, compile: bool | str = False):
         self.dit, self.vae, self.text_encoder = dit, vae, text_encoder
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.offload = offload
-        self.compiled = torch.compile(dit, dynamic=False) if compile else None
+        mode = "default" if compile is True else compile or None
+        if mode is not None and mode not in COMPILE_MODES:
+            raise ValueError(f"compile={compile!r}: expected True/False or one of {', '.join(COMPILE_MODES)}")
+        self.compiled = torch.compile(dit, dynamic=False, mode=None if mode == "default" else mode) if mode else None
+        self._cudagraphs = mode in ("reduce-overhead", "max-autotune")
         self._compiled_shapes: set[tuple[int, ...]] = set()
         for m in (dit, vae, text_encoder):
             m.to("cpu" if offload else self.device)
@@ -112,7 +118,8 @@ class SanaPipeline:
                         vae: str | Path | None = None, text_encoder: str | Path | None = None,
                         dtype: torch.dtype = torch.bfloat16, vae_dtype: torch.dtype | None = None,
                         device: torch.device | str | None = None, variant: str | None = None,
-                        use_pe: bool | None = None, offload: bool = False, compile: bool = False) -> "SanaPipeline":
+                        use_pe: bool | None = None, offload: bool = False,
+                        compile: bool | str = False) -> "SanaPipeline":
         """Load from a diffusers Sana folder or repo (`model`), or from separate files: `dit` (NVlabs `.pth`,
         safetensors or diffusers folder), `vae` (DC-AE) and `text_encoder` (Gemma-2 folder or single file).
         Parts given separately override the folder's; parts missing from both come from the default repos."""
@@ -217,8 +224,9 @@ class SanaPipeline:
             pixels = (image.to(self.device, next(vae.parameters()).dtype) * 2 - 1).expand(B, -1, -1, -1)
             init = vae.scale(vae.encode(pixels)).float()
         self._on_device(self.dit)
-        denoiser = SanaDenoiser(self.dit if self.compiled is None else self.compiled, cond, uncond, guidance_scale, pag_guidance_scale,
-                                tuple(pag_layers), truncate_timesteps=truncate_timesteps, fp16_fallback=True)
+        denoiser = SanaDenoiser(self.dit if self.compiled is None else self.compiled, cond, uncond, guidance_scale,
+                                pag_guidance_scale, tuple(pag_layers), truncate_timesteps=truncate_timesteps,
+                                fp16_fallback=True, cudagraph_steps=self._cudagraphs)
         started, new_shape = time.perf_counter(), self.compiled is not None and shape not in self._compiled_shapes
         x0 = sample(denoiser, latents.to(self.device), sampler, num_inference_steps,
                     shift if shift is not None else default_shift(height, width),

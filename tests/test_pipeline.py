@@ -234,3 +234,21 @@ def test_offload_gives_the_same_images_and_caps_the_decode(folder, ours, monkeyp
     capped = pipe.decode(latents)
     torch.testing.assert_close(capped, tiled, rtol=0, atol=0)
     assert not torch.equal(capped, untiled)
+
+
+def test_compile_modes_reach_torch_compile(folder, monkeypatch):
+    """compile=<mode> goes to torch.compile; the CUDA-graph modes mark every DiT call as a new graph step."""
+    import sana_core.pipeline as pipeline
+
+    seen, steps = [], []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: seen.append(kw) or model)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(1))
+    parts = pipeline.SanaPipeline.from_pretrained(folder, dtype=torch.float32, device="cpu")
+    for compile, mode in ((True, None), ("reduce-overhead", "reduce-overhead"), ("max-autotune", "max-autotune")):
+        pipe = SanaPipeline(parts.dit, parts.vae, parts.text_encoder, device="cpu", compile=compile)
+        assert seen[-1] == {"dynamic": False, "mode": mode}
+        steps.clear()
+        pipe("a red fox", seed=0, num_inference_steps=3, output_type="latent", progress=False, **SIZE)
+        assert len(steps) == (0 if compile is True else 3)
+    with pytest.raises(ValueError, match="compile='fast': expected True/False or one of default, reduce-overhead"):
+        SanaPipeline(parts.dit, parts.vae, parts.text_encoder, device="cpu", compile="fast")
