@@ -506,11 +506,14 @@ def decode_finite(vae: DCAE, z: torch.Tensor, **options: Any) -> torch.Tensor:
 
 
 def free_memory(device: torch.device) -> int:
-    """Bytes a pass may allocate on `device`: CUDA's free memory plus PyTorch's cached blocks; on the CPU the
-    kernel's MemAvailable (Linux; elsewhere unlimited)."""
+    """Bytes a pass may allocate on `device`: CUDA's free memory plus PyTorch's cached blocks; on Apple GPUs
+    the recommended working set less what is allocated; on the CPU the kernel's MemAvailable (Linux; elsewhere
+    unlimited)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    if device.type == "mps":
+        return torch.mps.recommended_max_memory() - torch.mps.current_allocated_memory()
     try:
         with open("/proc/meminfo") as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
