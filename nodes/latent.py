@@ -6,7 +6,7 @@ import logging
 import torch
 from comfy_api.latest import io
 
-from sana_core.dcae import decode_finite
+from sana_core.dcae import run_finite
 from sana_core.resolutions import presets
 
 from .common import CATEGORY, DCAE, on_device
@@ -38,7 +38,8 @@ class SanaEmptyLatentImage(io.ComfyNode):
         if preset not in PRESETS:
             return f"unknown preset {preset!r}"
         if width % 32 or height % 32:
-            return f"width and height must be multiples of 32 (got {width}x{height}); Sana's latent is 1/32 of the image"
+            return (f"width and height must be multiples of 32 (got {width}x{height}); "
+                    "Sana's latent is 1/32 of the image")
         return True
 
     @classmethod
@@ -85,7 +86,8 @@ class SanaDCAEDecode(io.ComfyNode):
         vae = on_device(dcae, memory_required=need)
         images = []
         for chunk in z.split(per_pass):
-            x = decode_finite(vae, chunk.to(mm.get_torch_device()), tiled=tiled, tile_size=tile_size, overlap=overlap)
+            x = run_finite(vae, "decode", chunk.to(mm.get_torch_device()), tiled=tiled, tile_size=tile_size,
+                           overlap=overlap)
             images.append((x.float() / 2 + 0.5).clamp(0, 1).movedim(1, -1).to(mm.intermediate_device()))
         return io.NodeOutput(torch.cat(images))
 
@@ -120,5 +122,5 @@ class SanaDCAEEncode(io.ComfyNode):
         x = pixels[:, top:top + h, left:left + w, :3].movedim(-1, 1) * 2 - 1
         dtype, tiled = next(vae.parameters()).dtype, TILING[tiling]
         vae = on_device(dcae, memory_required=0 if tiled else vae.memory_needed(x.shape, dtype, decode=False))
-        z = vae.encode(x.to(mm.get_torch_device(), dtype), tiled=tiled)
+        z = run_finite(vae, "encode", x.to(mm.get_torch_device()), tiled=tiled)
         return io.NodeOutput({"samples": z.float().to(mm.intermediate_device())})

@@ -489,20 +489,20 @@ class DCAE(nn.Module):
                 log.warning("DC-AE: out of memory in tiles; retrying in %d px tiles", tile_size)
 
 
-def decode_finite(vae: DCAE, z: torch.Tensor, **options: Any) -> torch.Tensor:
-    """`vae.decode(z.to(vae's dtype), **options)`, checked: a float16 DC-AE whose output overflows (inf/NaN) is
-    converted in place to bfloat16 (float32 on a GPU without it), with a warning, and the decode repeated;
-    inf/NaN in any other dtype is a FloatingPointError."""
+def run_finite(vae: DCAE, op: str, x: torch.Tensor, **options: Any) -> torch.Tensor:
+    """`vae.encode` or `vae.decode` (`op`) of x cast to the DC-AE's dtype, checked: a float16 DC-AE whose output
+    overflows (inf/NaN) is converted in place to bfloat16 (float32 on a GPU without it), with a warning, and the
+    pass repeated; inf/NaN in any other dtype is a FloatingPointError."""
     dtype = next(vae.parameters()).dtype
-    image = vae.decode(z.to(dtype), **options)
-    if torch.isfinite(image).all():
-        return image
+    out = getattr(vae, op)(x.to(dtype), **options)
+    if torch.isfinite(out).all():
+        return out
     if dtype != torch.float16:
-        raise FloatingPointError(f"{vae.source}: the DC-AE decoder produced inf/NaN in {dtype}: check the checkpoint")
-    wider = fp16_fallback_dtype(z.device)
-    log.warning("the DC-AE overflowed in float16: converting it to %s", wider)
+        raise FloatingPointError(f"{vae.source}: the DC-AE {op}r produced inf/NaN in {dtype}: check the checkpoint")
+    wider = fp16_fallback_dtype(x.device)
+    log.warning("the DC-AE overflowed in float16 (%s): converting it to %s", op, wider)
     vae.to(wider)
-    return decode_finite(vae, z, **options)
+    return run_finite(vae, op, x, **options)
 
 
 def free_memory(device: torch.device) -> int:

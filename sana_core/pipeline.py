@@ -18,7 +18,7 @@ import torch
 from .checkpoints.dcae import load_dcae
 from .checkpoints.dit import load_dit
 from .checkpoints.gemma import load_text_encoder
-from .dcae import DCAE, decode_finite
+from .dcae import DCAE, run_finite
 from .denoiser import SanaDenoiser, TextCondition, sample
 from .dit import SanaDiT
 from .samplers import SAMPLERS, default_shift
@@ -187,8 +187,8 @@ class SanaPipeline:
         (the default for Sprint models, 1-4 steps). shift: timestep shift (3.0, or 6.0 from 4K upwards).
         generator or seed: the initial noise is drawn on the CPU, so a seed gives the same image on any device.
         latents: (B, 32, H/32, W/32) initial noise instead. image: (B, 3, H, W) in 0..1 to start from
-        (image-to-image) and strength in (0, 1]: how much of the schedule runs on it. output_type: "pil" (list of PIL images),
-        "pt" ((B, 3, H, W) in 0..1), or "latent" (the sampled latent, scaled space).
+        (image-to-image) and strength in (0, 1]: how much of the schedule runs on it. output_type: "pil" (list of
+        PIL images), "pt" ((B, 3, H, W) in 0..1), or "latent" (the sampled latent, scaled space).
         tiled_decode: None decides from memory; True/False forces. callback: called each step (k-diffusion dict).
         truncate_timesteps: feed the DiT int(1000 * sigma) as NVlabs' model does (and diffusers' DPM-Solver);
         False feeds 1000 * sigma (diffusers' FlowMatchEuler).
@@ -221,8 +221,8 @@ class SanaPipeline:
             if tuple(image.shape[-2:]) != (height, width) or image.shape[0] not in (1, B):
                 raise ValueError(f"image has shape {tuple(image.shape)}, expected (1 or {B}, 3, {height}, {width})")
             vae = self._on_device(self.vae)
-            pixels = (image.to(self.device, next(vae.parameters()).dtype) * 2 - 1).expand(B, -1, -1, -1)
-            init = vae.scale(vae.encode(pixels)).float()
+            pixels = (image.to(self.device, torch.float32) * 2 - 1).expand(B, -1, -1, -1)
+            init = vae.scale(run_finite(vae, "encode", pixels).float())
         self._on_device(self.dit)
         denoiser = SanaDenoiser(self.dit if self.compiled is None else self.compiled, cond, uncond, guidance_scale,
                                 pag_guidance_scale, tuple(pag_layers), truncate_timesteps=truncate_timesteps,
@@ -250,11 +250,12 @@ class SanaPipeline:
     def decode(self, latents: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:
         """Scaled latents (B, 32, h, w) -> images (B, 3, 32h, 32w) float32 in 0..1.
 
-        A float16 DC-AE that overflows is converted to bfloat16 (with a warning) and the decode repeated."""
+        A float16 DC-AE that overflows is converted to bfloat16 (with a warning) and the decode repeated
+        (`dcae.run_finite`)."""
         vae = self._on_device(self.vae)
         z = latents.to(self.device) / vae.cfg.scaling_factor
         budget = OFFLOAD_DECODE_BYTES if self.offload else None
-        image = decode_finite(vae, z, tiled=tiled, max_memory=budget).float()
+        image = run_finite(vae, "decode", z, tiled=tiled, max_memory=budget).float()
         return (image / 2 + 0.5).clamp(0, 1)
 
 

@@ -358,3 +358,20 @@ def test_real_size_bf16_decode_error_no_larger_than_diffusers():
         got = ours.to(torch.bfloat16).decode(z.bfloat16(), tiled=False)
         want = ref.to(torch.bfloat16).decode(z.bfloat16()).sample
     assert rel(got, exact) <= 1.1 * rel(want, exact_ref), (rel(got, exact), rel(want, exact_ref))
+
+
+def test_float16_overflow_switches_to_bfloat16(files, caplog):
+    """run_finite: an overflowing float16 encode (or decode) is redone in bfloat16 with a warning; inf/NaN in
+    another dtype is an error naming the file."""
+    vae = load_dcae(files[FULL, "diffusers"], dtype=torch.float16)
+    with torch.no_grad():
+        vae.encoder.conv_in.weight.mul_(1e5)  # activations beyond float16's 65504
+        img = smooth_image(64, 96)
+        assert not torch.isfinite(vae.encode(img.half())).all()
+        with caplog.at_level("WARNING", logger="sana_core.dcae"):
+            z = dcae.run_finite(vae, "encode", img)
+        assert torch.isfinite(z).all() and z.dtype == torch.bfloat16 and next(vae.parameters()).dtype == torch.bfloat16
+        assert "overflowed in float16 (encode): converting it to torch.bfloat16" in caplog.text
+        vae.decoder.conv_in.weight[0, 0, 0, 0] = float("nan")
+        with pytest.raises(FloatingPointError, match=r"dc-ae.*: the DC-AE decoder produced inf/NaN in torch.bfloat16"):
+            dcae.run_finite(vae, "decode", z)
