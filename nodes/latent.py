@@ -58,11 +58,12 @@ class SanaDCAEDecode(io.ComfyNode):
             node_id="SanaDCAEDecode", display_name="Sana DC-AE Decode", category=CATEGORY,
             description="Decodes a Sana LATENT into an IMAGE. Tiling: auto tiles when the image would not fit in "
                         "memory (or after an out-of-memory error); on forces it, off forbids it. tile_size is the "
-                        "largest tile; tiles are made as small as their count allows. A float16 DC-AE that "
+                        "largest tile (0: the largest that fits); tiles are made as small as their count allows. A float16 DC-AE that "
                         "overflows is switched to bfloat16 with a warning.",
             inputs=[io.Latent.Input("samples"), DCAE.Input("dcae"),
                     io.Combo.Input("tiling", options=list(TILING), default="auto"),
-                    io.Int.Input("tile_size", default=1024, min=256, max=8192, step=32, tooltip="pixels"),
+                    io.Int.Input("tile_size", default=0, min=0, max=8192, step=32,
+                                 tooltip="largest tile in pixels; 0: the largest that fits the free memory (<= 2048)"),
                     io.Int.Input("overlap", default=256, min=0, max=4096, step=32, tooltip="pixels")],
             outputs=[io.Image.Output()])
 
@@ -70,7 +71,9 @@ class SanaDCAEDecode(io.ComfyNode):
     def validate_inputs(cls, tiling: str, tile_size: int, overlap: int) -> bool | str:
         if _check_tiling(tiling) is not True:
             return _check_tiling(tiling)
-        return True if overlap < tile_size else f"overlap ({overlap}) must be smaller than tile_size ({tile_size})"
+        if tile_size and (tile_size < 64 or overlap >= tile_size):
+            return f"tile_size ({tile_size}) must be 0 (automatic) or >= 64 and larger than overlap ({overlap})"
+        return True
 
     @classmethod
     def execute(cls, samples: dict, dcae, tiling: str, tile_size: int, overlap: int) -> io.NodeOutput:
@@ -86,7 +89,7 @@ class SanaDCAEDecode(io.ComfyNode):
         vae = on_device(dcae, memory_required=need)
         images = []
         for chunk in z.split(per_pass):
-            x = run_finite(vae, "decode", chunk.to(mm.get_torch_device()), tiled=tiled, tile_size=tile_size,
+            x = run_finite(vae, "decode", chunk.to(mm.get_torch_device()), tiled=tiled, tile_size=tile_size or None,
                            overlap=overlap)
             images.append((x.float() / 2 + 0.5).clamp(0, 1).movedim(1, -1).to(mm.intermediate_device()))
         return io.NodeOutput(torch.cat(images))

@@ -419,8 +419,8 @@ class DCAE(nn.Module):
         tiled: None tiles when the untiled pass would need more than `max_memory` bytes (default: the device's
         free memory) or runs out of memory; True/False forces. tile_size: the largest tile in image pixels
         (default: the largest of 256..2048 px that fits the memory); overlap: pixels neighbouring tiles share
-        at least (default: a quarter of the tile, at most 256). Both multiples of 32. A tiled pass that runs out
-        of memory is repeated with tiles half as wide.
+        at least (default, and the most with an automatic tile: a quarter of the tile, at most 256). Both
+        multiples of 32. A tiled pass that runs out of memory is repeated with tiles half as wide.
         """
         if self.encoder is None:
             raise ValueError(f"{self.source}: encoder weights are missing (a decoder-only DC-AE file), so this model "
@@ -456,9 +456,11 @@ class DCAE(nn.Module):
         def need(pixels: int) -> int:  # estimated bytes for `pixels` image pixels per sample
             return peak_activation_bytes(widths, depths, x.shape[0] * pixels, x.dtype)
 
-        if tile_size is None:  # the largest tile that fits
+        automatic = tile_size is None
+        if automatic:  # the largest tile that fits
             tile_size = next((t for t in range(MAX_TILE, MIN_TILE, -f) if need(t * t) <= budget), MIN_TILE)
-        overlap = min(256, tile_size // 4) // f * f if overlap is None else overlap
+        quarter = min(256, tile_size // 4) // f * f
+        overlap = quarter if overlap is None else min(overlap, quarter) if automatic else overlap
         if tile_size % f or overlap % f or not 0 <= overlap < tile_size:
             raise ValueError(f"DC-AE tiling: tile_size {tile_size} and overlap {overlap} must be multiples of {f} "
                              "with 0 <= overlap < tile_size")

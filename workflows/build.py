@@ -101,7 +101,7 @@ def _generate(g: Graph, dit: str = DIT, size: int = 1024, sampler: str = "SanaSa
     latent = g.add("SanaEmptyLatentImage", [size, size, 1, "custom"], 1, 2)
     out = g.add(sampler, widgets or _sampler(), 2, 0, title, model=model, positive=pos, negative=neg,
                 latent_image=latent)
-    return g.add("SanaDCAEDecode", [tiling, 1024, 256], 3, 0, samples=out, dcae=dcae)
+    return g.add("SanaDCAEDecode", [tiling, 0, 256], 3, 0, samples=out, dcae=dcae)
 
 
 def text_to_image() -> Graph:
@@ -133,7 +133,7 @@ def image_to_image() -> Graph:
     latent = g.add("SanaDCAEEncode", ["auto"], 3, 2, pixels=scaled, dcae=dcae)
     out = g.add("SanaSampler", _sampler(denoise=0.6), 2, 0, model=model, positive=pos, negative=neg,
                 latent_image=latent)
-    decoded = g.add("SanaDCAEDecode", ["auto", 1024, 256], 3, 0, samples=out, dcae=dcae)
+    decoded = g.add("SanaDCAEDecode", ["auto", 0, 256], 3, 0, samples=out, dcae=dcae)
     g.add("SaveImage", ["Sana_img2img"], 4, 0, images=decoded)
     return g
 
@@ -166,7 +166,7 @@ def custom_sampler() -> Graph:
     sigmas = g.add("SanaScheduler", ["flow_dpmpp_2m", 20, 3.0, 1.0], 2, 3)
     out = g.add("SamplerCustomAdvanced", [], 3, 0, noise=noise, guider=guider, sampler=sampler, sigmas=sigmas,
                 latent_image=latent)
-    image = g.add("SanaDCAEDecode", ["auto", 1024, 256], 4, 0, samples=(out, 0), dcae=dcae)
+    image = g.add("SanaDCAEDecode", ["auto", 0, 256], 4, 0, samples=(out, 0), dcae=dcae)
     g.add("SaveImage", ["Sana_custom_sampler"], 5, 0, images=image)
     return g
 
