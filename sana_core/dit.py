@@ -330,7 +330,7 @@ class SanaDiT(nn.Module):
         if H % p or W % p:
             raise ValueError(f"latent size {H}x{W} is not a multiple of the patch size {p}")
         h, w = H // p, W // p
-        tokens = self.x_embedder.proj(x.to(dtype)).flatten(2).transpose(1, 2)   # (B, N, C)
+        tokens = self.x_embedder.proj(x.to(dtype)).flatten(2).mT.contiguous()  # (B, N, C), token-major
         if cfg.use_pe:
             pe = sincos_pos_embed(cfg.width, h, w, cfg.base_size, cfg.pe_interpolation, tokens.device)
             tokens = (tokens.float() + pe[None]).to(dtype)
