@@ -96,13 +96,18 @@ def sincos_pos_embed(dim: int, h: int, w: int, base_size: int, interpolation: fl
 def relu_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-15) -> torch.Tensor:
     """ReLU linear attention, O(N): out_n = sum_m (q_n . k_m) v_m / sum_m (q_n . k_m), q and k after ReLU.
 
-    q, k, v: (B, N, heads, d) in any dtype; accumulated in fp32; returns (B, N, heads, d) fp32.
+    q, k, v: (B, heads, N, d), any dtype and strides; accumulated in fp32; returns (B, heads, N, d) fp32.
     """
-    q, k, v = F.relu(q).float(), F.relu(k).float(), v.float()
-    kv = torch.einsum("bnhd,bnhe->bhde", k, v)                  # (B, heads, d, d)
-    num = torch.einsum("bnhd,bhde->bnhe", q, kv)                 # (B, N, heads, d)
-    den = torch.einsum("bnhd,bhd->bnh", q, k.sum(dim=1))         # (B, N, heads)
-    return num / (den[..., None] + eps)
+    q, k = _fp32(q, relu=True), _fp32(k, relu=True)
+    kv = k.mT @ _fp32(v)                                   # (B, heads, d, d)
+    den = q @ k.sum(dim=2, keepdim=True).mT                # (B, heads, N, 1)
+    return (q @ kv).div_(den.add_(eps))                    # (B, heads, N, d)
+
+
+def _fp32(t: torch.Tensor, relu: bool = False) -> torch.Tensor:
+    """A contiguous fp32 copy of t, made in one pass (cast and layout change together), ReLU'd if asked."""
+    out = torch.empty(t.shape, dtype=torch.float32, device=t.device).copy_(t)
+    return out.relu_() if relu else out
 
 
 class _CaptionProjection(nn.Module):
@@ -175,8 +180,9 @@ class LinearSelfAttention(nn.Module):
         q, k, v = self.qkv(x).chunk(3, dim=-1)                   # (B, N, C) each
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        out = relu_linear_attention(*(t.reshape(B, N, self.heads, -1) for t in (q, k, v)))
-        out = out.reshape(B, N, C).to(x.dtype)
+        out = relu_linear_attention(*(t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v)))
+        out = torch.empty(B, N, self.heads, C // self.heads, dtype=x.dtype, device=x.device).copy_(out.transpose(1, 2))
+        out = out.view(B, N, C)                                  # one pass: back to token-major and x's dtype
         if identity is not None:
             out = torch.where(identity[:, None, None], v, out)
         return self.proj(out)
@@ -228,8 +234,8 @@ class _Norm(nn.Module):
 
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """LayerNorm (no affine, eps 1e-6) then AdaLN: x * (1 + scale) + shift."""
-    return F.layer_norm(x, x.shape[-1:], eps=1e-6) * (1 + scale) + shift
+    """LayerNorm (no affine, eps 1e-6) then AdaLN: x * (1 + scale) + shift (one fused multiply-add)."""
+    return torch.addcmul(shift, F.layer_norm(x, x.shape[-1:], eps=1e-6), 1 + scale)
 
 
 class SanaBlock(nn.Module):
@@ -247,9 +253,9 @@ class SanaBlock(nn.Module):
         """x: (B, N, C); kv: this block's text keys/values; t6: (B, 6, C) modulation from `t_block`."""
         mod = self.scale_shift_table.to(t6)[None] + t6               # (B, 6, C)
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mod.to(x.dtype).chunk(6, dim=1)
-        x = x + gate_sa * self.attn(_modulate(x, shift_sa, scale_sa), identity)
+        x = torch.addcmul(x, gate_sa, self.attn(_modulate(x, shift_sa, scale_sa), identity))  # x + gate * attn
         x = x + self.cross_attn(x, kv, bias)
-        return x + gate_ff * self.mlp(_modulate(x, shift_ff, scale_ff), hw)
+        return torch.addcmul(x, gate_ff, self.mlp(_modulate(x, shift_ff, scale_ff), hw))
 
 
 class FinalLayer(nn.Module):

@@ -70,18 +70,23 @@ def test_batch_masks_are_per_sample():
 
 def test_linear_attention_matches_quadratic_form():
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 10, 3, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    q, k, v = (torch.randn(2, 3, 10, 8, generator=g, dtype=torch.float64) for _ in range(3))
     rq, rk = q.relu(), k.relu()
-    w = torch.einsum("bnhd,bmhd->bhnm", rq, rk)                        # (B, h, N, N) unnormalised
-    want = torch.einsum("bhnm,bmhd->bnhd", w / w.sum(-1, keepdim=True), v.float().double())
-    got = relu_linear_attention(q, k, v)
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
-    assert got.dtype == torch.float32
+    w = rq @ rk.mT                                                      # (B, h, N, N) unnormalised
+    want = (w / w.sum(-1, keepdim=True)) @ v.float().double()
+    for layout in (lambda t: t, lambda t: t.transpose(1, 2).contiguous().transpose(1, 2)):  # any strides
+        qq, kk, vv = (layout(t.clone()) for t in (q, k, v))
+        got = relu_linear_attention(qq, kk, vv)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+        assert got.dtype == torch.float32 and torch.equal(qq, q) and torch.equal(kk, k)  # inputs untouched
+    q32 = q.float()
+    relu_linear_attention(q32, q32, q32)
+    assert torch.equal(q32, q.float())  # fp32 contiguous inputs are not ReLU'd in place
 
 
 def test_linear_attention_accumulates_in_fp32():
-    q = k = torch.full((1, 4096, 1, 32), 8.0, dtype=torch.float16)  # sums overflow fp16 (max 65504)
-    v = torch.ones(1, 4096, 1, 32, dtype=torch.float16)
+    q = k = torch.full((1, 1, 4096, 32), 8.0, dtype=torch.float16)  # sums overflow fp16 (max 65504)
+    v = torch.ones(1, 1, 4096, 32, dtype=torch.float16)
     out = relu_linear_attention(q, k, v)
     assert torch.isfinite(out).all() and torch.allclose(out, torch.ones_like(out))
 
