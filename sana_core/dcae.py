@@ -145,6 +145,7 @@ VARIANTS: dict[str, DCAEConfig] = {
 def rms_norm_2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """RMSNorm over the channels of (B, C, H, W): the mean square accumulates in fp32 (without an fp32 copy of
     x); the (B, 1, H, W) scale, weight and bias are applied in x's dtype."""
+    # fp32 norm: a bf16 one is 20x faster on the CPU but makes the decode's bf16 error ~1% larger than diffusers'
     ms = torch.linalg.vector_norm(x, dim=1, keepdim=True, dtype=torch.float32).square_().div_(x.shape[1])
     scale = torch.rsqrt(ms.add_(eps)).to(x.dtype)
     return torch.addcmul(bias.to(x.dtype)[:, None, None], x * scale, weight.to(x.dtype)[:, None, None])
@@ -283,7 +284,17 @@ class Upsample(nn.Module):
             y = self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
         else:
             y = F.pixel_shuffle(self.conv(x), 2)
-        return y + F.pixel_shuffle(x.repeat_interleave(self.repeats, dim=1), 2) if self.repeats else y
+        if not self.repeats:
+            return y
+        if self.repeats not in (1, 2, 4):
+            return y + F.pixel_shuffle(x.repeat_interleave(self.repeats, dim=1), 2)
+        # pixel_shuffle(repeat_interleave(x, r)) at (c, 2i + a, 2j + b) is x[(4c + 2a + b) // r] at (i, j): added
+        # in place through broadcasting views, without materialising the repeated tensor
+        B, C, H, W = y.shape
+        r = self.repeats
+        src = x.view(B, C, 2 if r < 4 else 1, 2 if r == 1 else 1, H // 2, W // 2)   # (B, C, a, b, i, j)
+        y.view(B, C, H // 2, 2, W // 2, 2).add_(src.permute(0, 1, 4, 2, 5, 3))   # y as (B, C, i, a, j, b)
+        return y
 
 
 def _blocks(kind: str, depth: int, ch: int, act: str, scales: tuple[int, ...], cfg: DCAEConfig, ops: Any) -> list:
