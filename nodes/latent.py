@@ -58,8 +58,8 @@ class SanaDCAEDecode(io.ComfyNode):
             node_id="SanaDCAEDecode", display_name="Sana DC-AE Decode", category=CATEGORY,
             description="Decodes a Sana LATENT into an IMAGE. Tiling: auto tiles when the image would not fit in "
                         "memory (or after an out-of-memory error); on forces it, off forbids it. tile_size is the "
-                        "largest tile (0: the largest that fits); tiles are made as small as their count allows. A float16 DC-AE that "
-                        "overflows is switched to bfloat16 with a warning.",
+                        "largest tile (0: the largest that fits); tiles are made as small as their count allows. "
+                        "A float16 DC-AE that overflows is switched to bfloat16 with a warning.",
             inputs=[io.Latent.Input("samples"), DCAE.Input("dcae"),
                     io.Combo.Input("tiling", options=list(TILING), default="auto"),
                     io.Int.Input("tile_size", default=0, min=0, max=8192, step=32,
