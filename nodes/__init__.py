@@ -8,8 +8,8 @@ from .latent import SanaDCAEDecode, SanaDCAEEncode, SanaEmptyLatentImage
 from .loaders import SanaCheckpointLoader, SanaDCAELoader, SanaGemmaLoader, SanaLoraLoader
 from .sampling import SanaSampler, SanaSamplerSelect, SanaScheduler
 
-NODES = [SanaCheckpointLoader, SanaLoraLoader, SanaGemmaLoader, SanaDCAELoader, SanaGemmaTextEncode, SanaEmptyLatentImage,
-         SanaSampler, SanaSamplerSelect, SanaScheduler, SanaDCAEDecode, SanaDCAEEncode]
+NODES = [SanaCheckpointLoader, SanaLoraLoader, SanaGemmaLoader, SanaDCAELoader, SanaGemmaTextEncode,
+         SanaEmptyLatentImage, SanaSampler, SanaSamplerSelect, SanaScheduler, SanaDCAEDecode, SanaDCAEEncode]
 
 
 class SanaExtension(ComfyExtension):

@@ -210,7 +210,8 @@ class CrossAttention(nn.Module):
             k = self.k_norm(k)
         return tuple(t.reshape(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (k, v))
 
-    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], bias: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
+                bias: torch.Tensor | None) -> torch.Tensor:
         """x: (B, N, C) image tokens; kv: `kv(y)`; bias: (B, 1, 1, T) additive or None."""
         B, N, C = x.shape
         q = self.q_linear(x)
