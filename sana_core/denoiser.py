@@ -39,7 +39,8 @@ class SanaDenoiser:
     Sprint models take no CFG branch: the guidance scale enters through the DiT's guidance embedder.
     `truncate_timesteps` feeds int(1000 * sigma), as NVlabs and diffusers' DPM-Solver do (not FlowMatchEuler).
     `fp16_fallback`: if the DiT overflows in float16, convert it in place to bfloat16 (float32 where bf16 is not
-    supported) with a warning and go on; otherwise that is a FloatingPointError naming the dtype.
+    supported) with a warning and go on; otherwise that is a FloatingPointError naming the dtype. float16 output
+    is checked every step; other dtypes without a host sync per step, once at the end (`check_finite`).
     `cudagraph_steps`: mark each DiT call as a new step for a DiT compiled with CUDA graphs (a call's outputs
     are not read after the next call, which reuses their memory).
     The text side is prepared once (first call) and reused every step: the caption rows after the longest real
@@ -57,6 +58,7 @@ class SanaDenoiser:
     cudagraph_steps: bool = False
     calls: int = field(default=0, init=False)
     _text: tuple | None = field(default=None, init=False, repr=False)
+    _finite: torch.Tensor | None = field(default=None, init=False, repr=False)  # all outputs finite so far
 
     def __post_init__(self) -> None:
         depth = self.dit.cfg.depth
@@ -111,18 +113,19 @@ class SanaDenoiser:
                      pag_layers=self.pag_layers if self.pag_scale > 0 else (), pag_batch=pag_batch,
                      text_kv=kv).float()
         self.calls += 1
-        if not torch.isfinite(v).all():
-            if self.dit.dtype == torch.float16 and self.fp16_fallback:
+        if self.dit.dtype != torch.float16:  # no host sync per step: `check_finite` looks once, after sampling
+            finite = torch.isfinite(v).all()
+            self._finite = finite if self._finite is None else self._finite & finite
+        elif not torch.isfinite(v).all():
+            if self.fp16_fallback:
                 wider = fp16_fallback_dtype(x.device)
                 log.warning("the DiT overflowed in float16 at sigma %.4f: converting it to %s for the rest of the run",
                             sigma[0].item(), wider)
                 self.dit.to(wider)
                 self._text = None
                 return self(x, sigma)
-            raise FloatingPointError(
-                f"the DiT produced inf/NaN at sigma {sigma[0].item():.4f} running in {self.dit.dtype}"
-                + (": float16 overflows here, load the model in bfloat16 or float32" if self.dit.dtype == torch.float16
-                   else ": check the checkpoint and the inputs"))
+            raise FloatingPointError(f"the DiT produced inf/NaN at sigma {sigma[0].item():.4f} running in "
+                                     "torch.float16: float16 overflows here, load the model in bfloat16 or float32")
         parts = v.chunk(n)                                   # [cond | uncond (CFG) | perturbed (PAG)]
         v_c, v_u = parts[0], parts[1] if self.use_cfg else None
         if self.pag_scale > 0:
@@ -130,6 +133,12 @@ class SanaDenoiser:
         else:
             out = v_c if v_u is None else cfg(v_u, v_c, self.guidance_scale)
         return flow_denoised(x.float(), sigma, out)
+
+    def check_finite(self) -> None:
+        """Raise FloatingPointError if any DiT output so far (bfloat16/float32 runs) had inf/NaN."""
+        if self._finite is not None and not self._finite:
+            raise FloatingPointError(f"the DiT produced inf/NaN while sampling in {self.dit.dtype}: check the "
+                                     "checkpoint (and any LoRA) and the inputs")
 
 
 def sample(denoiser: SanaDenoiser, noise: torch.Tensor, sampler: str = "flow_dpmpp_2m", steps: int = 20,
@@ -148,4 +157,6 @@ def sample(denoiser: SanaDenoiser, noise: torch.Tensor, sampler: str = "flow_dpm
             raise ValueError("denoise < 1 needs the latent to start from (init)")
         x = (1 - sigmas[0]) * init.to(x) + sigmas[0] * x
     extra = {"noise_sampler": default_noise_sampler(x, generator)} if sampler == "scm" else {}
-    return get_sampler(sampler)(denoiser, x, sigmas.to(x.device), callback=callback, disable=not progress, **extra)
+    x0 = get_sampler(sampler)(denoiser, x, sigmas.to(x.device), callback=callback, disable=not progress, **extra)
+    denoiser.check_finite()
+    return x0

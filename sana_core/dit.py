@@ -234,9 +234,9 @@ class _Norm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """LayerNorm (no affine, eps 1e-6) then AdaLN: x * (1 + scale) + shift (one fused multiply-add)."""
-    return torch.addcmul(shift, F.layer_norm(x, x.shape[-1:], eps=1e-6), 1 + scale)
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale1: torch.Tensor) -> torch.Tensor:
+    """LayerNorm (no affine, eps 1e-6) then AdaLN: x * scale1 + shift, scale1 = 1 + scale (one fused multiply-add)."""
+    return torch.addcmul(shift, F.layer_norm(x, x.shape[-1:], eps=1e-6), scale1)
 
 
 class SanaBlock(nn.Module):
@@ -251,12 +251,13 @@ class SanaBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], t6: torch.Tensor,
                 bias: torch.Tensor | None, hw: tuple[int, int], identity: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, N, C); kv: this block's text keys/values; t6: (B, 6, C) modulation from `t_block`."""
+        """x: (B, N, C); kv: this block's text keys/values; t6: (B, 6, C) modulation from `t_block`, with 1 already
+        added to the two scales (rows 1 and 4), once for all blocks."""
         mod = self.scale_shift_table.to(t6)[None] + t6               # (B, 6, C)
-        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mod.to(x.dtype).chunk(6, dim=1)
-        x = torch.addcmul(x, gate_sa, self.attn(_modulate(x, shift_sa, scale_sa), identity))  # x + gate * attn
+        shift_sa, scale1_sa, gate_sa, shift_ff, scale1_ff, gate_ff = mod.to(x.dtype).chunk(6, dim=1)
+        x = torch.addcmul(x, gate_sa, self.attn(_modulate(x, shift_sa, scale1_sa), identity))  # x + gate * attn
         x = x + self.cross_attn(x, kv, bias)
-        return torch.addcmul(x, gate_ff, self.mlp(_modulate(x, shift_ff, scale_ff), hw))
+        return torch.addcmul(x, gate_ff, self.mlp(_modulate(x, shift_ff, scale1_ff), hw))
 
 
 class FinalLayer(nn.Module):
@@ -268,7 +269,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # (B, N, C), (B, C) -> (B, N, p*p*32)
         shift, scale = (self.scale_shift_table.to(t)[None] + t[:, None]).to(x.dtype).chunk(2, dim=1)
-        return self.linear(_modulate(x, shift, scale))
+        return self.linear(_modulate(x, shift, 1 + scale))
 
 
 class SanaDiT(nn.Module):
@@ -349,6 +350,7 @@ class SanaDiT(nn.Module):
             g = torch.as_tensor(guidance, device=x.device).reshape(-1).expand(B)
             t = t + self.cfg_embedder(g, dtype)
         t6 = self.t_block(t).unflatten(1, (6, -1))                              # (B, 6, C)
+        t6[:, 1::3] += 1                                                         # the scales' 1 + (rows 1, 4)
         kv = text_kv if text_kv is not None else self.text_kv(context)          # per block 2 x (B, heads, T, d)
         bias = None
         if context_mask is not None:

@@ -252,3 +252,17 @@ def test_compile_modes_reach_torch_compile(folder, monkeypatch):
         assert len(steps) == (0 if compile is True else 3)
     with pytest.raises(ValueError, match="compile='fast': expected True/False or one of default, reduce-overhead"):
         SanaPipeline(parts.dit, parts.vae, parts.text_encoder, device="cpu", compile="fast")
+
+
+def test_nan_in_float32_is_an_error_after_sampling(folder):
+    """bf16/fp32 outputs are checked once, after the last step (no host sync per step); NaN is an error."""
+    from sana_core.denoiser import SanaDenoiser, sample
+
+    pipe = SanaPipeline.from_pretrained(folder, dtype=torch.float32, device="cpu")
+    cond, uncond = pipe.encode_prompt(["a cat"], [""])
+    with torch.no_grad():
+        pipe.dit.final_layer.linear.bias[0] = float("nan")
+        denoiser = SanaDenoiser(pipe.dit, cond, uncond)
+        denoiser(torch.randn(1, 32, 4, 6), torch.tensor([0.9]))  # no error yet
+        with pytest.raises(FloatingPointError, match="inf/NaN while sampling in torch.float32: check the checkpoint"):
+            sample(SanaDenoiser(pipe.dit, cond, uncond), torch.randn(1, 32, 4, 6), steps=2, progress=False)
