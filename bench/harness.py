@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 
 from sana_core.checkpoints.dit import diffusers_config, nvlabs_to_diffusers
-from sana_core.dcae import DCAE
+from sana_core.dcae import DCAE, DCAEConfig
 from sana_core.dcae import VARIANTS as DCAE_VARIANTS
 from sana_core.dit import VARIANTS, DiTConfig, SanaDiT
 from sana_core.tiny import randomize_, tiny_dcae_config, tiny_dit_config
@@ -120,10 +120,14 @@ def dit_pair(model: str, device: torch.device, dtype: torch.dtype, tiny: bool = 
     return Pair(ours.to(device), theirs.eval().to(device, dtype))
 
 
+def dcae_config(tiny: bool = False) -> DCAEConfig:
+    return tiny_dcae_config("dc-ae-f32c32-sana-1.1") if tiny else DCAE_VARIANTS["dc-ae-f32c32-sana-1.1"]
+
+
 def dcae_pair(device: torch.device, dtype: torch.dtype, tiny: bool = False) -> Pair:
     from diffusers import AutoencoderDC
 
-    cfg = tiny_dcae_config("dc-ae-f32c32-sana-1.1") if tiny else DCAE_VARIANTS["dc-ae-f32c32-sana-1.1"]
+    cfg = dcae_config(tiny)
     ours = randomize_(DCAE(cfg), seed=1).eval().to(dtype)
     with torch.device("meta"):
         theirs = AutoencoderDC(**{k: v for k, v in cfg.to_diffusers().items() if not k.startswith("_")})

@@ -22,24 +22,23 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import DTYPES, PROMPT, _rss_kib, dit_config, environment, gemma, parser, sizes  # noqa: E402
+from harness import DTYPES, PROMPT, _rss_kib, dcae_config, dit_config, environment, gemma, parser, sizes  # noqa: E402
 
 
 def child(model: str, size: int, args) -> dict:
     """One generation in this process; returns the peak memory and the time it took."""
     from sana_core.dcae import DCAE
-    from sana_core.dcae import VARIANTS as DCAE_VARIANTS
     from sana_core.dit import SanaDiT
     from sana_core.pipeline import SanaPipeline
     from sana_core.text_encoder import SanaTextEncoder
-    from sana_core.tiny import randomize_, tiny_dcae_config
+    from sana_core.tiny import randomize_
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     te_dtype = torch.bfloat16 if dtype == torch.float16 else dtype
     text_model, tokenizer = gemma(torch.device("cpu"), te_dtype, args.tiny)  # the pipeline places the models
     dit = randomize_(SanaDiT(dit_config(model, args.tiny), dtype=dtype), seed=0).eval()
-    vae_cfg = tiny_dcae_config("dc-ae-f32c32-sana-1.1") if args.tiny else DCAE_VARIANTS["dc-ae-f32c32-sana-1.1"]
-    vae = randomize_(DCAE(vae_cfg, encoder=False), seed=1).eval().to(dtype, memory_format=torch.channels_last)
+    vae = randomize_(DCAE(dcae_config(args.tiny), encoder=False), seed=1).eval()
+    vae = vae.to(dtype, memory_format=torch.channels_last)
     pipe = SanaPipeline(dit, vae, SanaTextEncoder(text_model, tokenizer), device=device, offload=args.offload)
     steps = args.steps or (1 if dit.cfg.guidance_embed else 20)
     t0 = time.perf_counter()

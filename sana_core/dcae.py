@@ -440,43 +440,41 @@ class DCAE(nn.Module):
         if x.shape[-2] % f or x.shape[-1] % f:
             raise ValueError(f"DC-AE encode: image size {x.shape[-2]}x{x.shape[-1]} is not a multiple of {f}; "
                              "crop or pad it")
-        return self._run(self.encoder, x, tiled, tile_size, overlap, max_memory, 1, self.cfg.encoder_widths,
-                         self.cfg.encoder_depths)
+        return self._run(x, tiled, tile_size, overlap, max_memory, decode=False)
 
     def decode(self, z: torch.Tensor, tiled: bool | None = None, tile_size: int | None = None,
                overlap: int | None = None, max_memory: int | None = None) -> torch.Tensor:
         """Raw latents (B, 32, h, w) -> images (B, 3, 32h, 32w), roughly in [-1, 1]. Options as in `encode`."""
-        return self._run(self.decoder, z, tiled, tile_size, overlap, max_memory, self.cfg.factor,
-                         self.cfg.decoder_widths, self.cfg.decoder_depths)
+        return self._run(z, tiled, tile_size, overlap, max_memory, decode=True)
 
     def memory_needed(self, shape: tuple[int, ...], dtype: torch.dtype, decode: bool = True) -> int:
         """Estimated peak activation bytes of an untiled decode of latents (or encode of images) of `shape`."""
-        pixels = shape[0] * shape[-2] * shape[-1] * (self.cfg.factor**2 if decode else 1)
+        return self._activation_bytes(shape[0], shape[-2] * shape[-1] * (self.cfg.factor**2 if decode else 1),
+                                      dtype, decode)
+
+    def _activation_bytes(self, batch: int, pixels: int, dtype: torch.dtype, decode: bool) -> int:
+        """Estimated peak activation bytes of a pass over `batch` images of `pixels` image pixels each."""
         widths, depths = ((self.cfg.decoder_widths, self.cfg.decoder_depths) if decode
                           else (self.cfg.encoder_widths, self.cfg.encoder_depths))
-        return peak_activation_bytes(widths, depths, pixels, dtype)
+        return peak_activation_bytes(widths, depths, batch * pixels, dtype)
 
-    def _run(self, net: nn.Module, x: torch.Tensor, tiled: bool | None, tile_size: int | None,
-             overlap: int | None, max_memory: int | None, scale_out: int, widths: tuple[int, ...],
-             depths: tuple[int, ...]) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, tiled: bool | None, tile_size: int | None, overlap: int | None,
+             max_memory: int | None, decode: bool) -> torch.Tensor:
         f = self.cfg.factor
-        scale_in = f // scale_out  # 32 for images in, 1 for latents in
+        net, scale_in, scale_out = (self.decoder, 1, f) if decode else (self.encoder, f, 1)  # pixels per latent
         x = x.contiguous(memory_format=torch.channels_last)  # as the weights are stored (see load_dcae)
         budget = free_memory(x.device) if max_memory is None else min(max_memory, free_memory(x.device))
-
-        def need(pixels: int) -> int:  # estimated bytes for `pixels` image pixels per sample
-            return peak_activation_bytes(widths, depths, x.shape[0] * pixels, x.dtype)
-
         automatic = tile_size is None
         if automatic:  # the largest tile that fits
-            tile_size = next((t for t in range(MAX_TILE, MIN_TILE, -f) if need(t * t) <= budget), MIN_TILE)
+            tile_size = next((t for t in range(MAX_TILE, MIN_TILE, -f)
+                              if self._activation_bytes(x.shape[0], t * t, x.dtype, decode) <= budget), MIN_TILE)
         quarter = min(256, tile_size // 4) // f * f
         overlap = quarter if overlap is None else min(overlap, quarter) if automatic else overlap
         if tile_size % f or overlap % f or not 0 <= overlap < tile_size:
             raise ValueError(f"DC-AE tiling: tile_size {tile_size} and overlap {overlap} must be multiples of {f} "
                              "with 0 <= overlap < tile_size")
         if tiled is None:
-            untiled = self.memory_needed(x.shape, x.dtype, decode=net is self.decoder)
+            untiled = self.memory_needed(x.shape, x.dtype, decode)
             tiled = untiled > budget
             if tiled:
                 log.info("DC-AE: ~%.1f GiB needed untiled, %.1f GiB allowed: %d px tiles", untiled / 2**30,
