@@ -5,11 +5,12 @@ from comfy_api.latest import ComfyExtension, io
 
 from .conditioning import SanaGemmaTextEncode
 from .latent import SanaDCAEDecode, SanaDCAEEncode, SanaEmptyLatentImage
-from .loaders import SanaCheckpointLoader, SanaDCAELoader, SanaGemmaLoader, SanaLoraLoader
-from .sampling import SanaSampler, SanaSamplerSelect, SanaScheduler
+from .loaders import SanaCheckpointLoader, SanaDCAELoader, SanaFolderLoader, SanaGemmaLoader, SanaLoraLoader
+from .sampling import SanaPAG, SanaSampler, SanaSamplerSelect, SanaScheduler
 
-NODES = [SanaCheckpointLoader, SanaLoraLoader, SanaGemmaLoader, SanaDCAELoader, SanaGemmaTextEncode,
-         SanaEmptyLatentImage, SanaSampler, SanaSamplerSelect, SanaScheduler, SanaDCAEDecode, SanaDCAEEncode]
+NODES = [SanaCheckpointLoader, SanaFolderLoader, SanaLoraLoader, SanaGemmaLoader, SanaDCAELoader,
+         SanaGemmaTextEncode, SanaEmptyLatentImage, SanaSampler, SanaPAG, SanaSamplerSelect, SanaScheduler,
+         SanaDCAEDecode, SanaDCAEEncode]
 
 
 class SanaExtension(ComfyExtension):

@@ -1,5 +1,7 @@
-"""Shared pieces of the node layer: socket types, model choices, dtype options, memory placement."""
+"""Shared pieces of the node layer: socket types, model choices, dtype options, memory placement, validation."""
 from __future__ import annotations
+
+import math
 
 import comfy.model_management as mm
 import comfy.model_patcher
@@ -10,15 +12,20 @@ from comfy_api.latest import io
 from .files import model_folders, resolve
 
 GEMMA = io.Custom("SANA_GEMMA")  # a ModelPatcher over sana_core's SanaTextEncoder
-DCAE = io.Custom("SANA_DCAE")    # a ModelPatcher over sana_core's DCAE
 CATEGORY = "Sana"
 DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+#: Subfolders of a diffusers pipeline folder that hold another component (not offered to a loader of this one).
+COMPONENTS = ("transformer", "text_encoder", "vae", "tokenizer", "scheduler")
 
 
-def choices(*folders: str) -> list[str]:
-    """Weight files and model folders of ComfyUI model folder types (e.g. "diffusion_models", "checkpoints")."""
+def choices(*folders: str, component: str | None = None) -> list[str]:
+    """Weight files and model folders of ComfyUI model folder types (e.g. "diffusion_models", "checkpoints").
+    With `component` (e.g. "vae"), pipeline subfolders holding another component are left out."""
     files = [f for name in folders for f in folder_paths.get_filename_list(name)]
     dirs = model_folders([p for name in folders for p in folder_paths.get_folder_paths(name)])
+    if component is not None:
+        other = {c for c in COMPONENTS if c != component}
+        dirs = [d for d in dirs if d.rstrip("/").rsplit("/", 1)[-1] not in other]
     return sorted(set(files)) + dirs
 
 
@@ -26,9 +33,11 @@ def full_path(name: str, *folders: str) -> str:
     return resolve([p for f in folders for p in folder_paths.get_folder_paths(f)], name)
 
 
-def pick_dtype(choice: str) -> torch.dtype:
-    """A dtype option; "default" is bf16 where the GPU supports it, else fp32."""
-    return DTYPES[choice] or (torch.bfloat16 if mm.should_use_bf16(mm.get_torch_device()) else torch.float32)
+def pick_dtype(choice: str, device: torch.device, allowed: tuple[torch.dtype, ...] = tuple(DTYPES.values())[1:]
+               ) -> torch.dtype:
+    """A dtype option for a model running on `device`; "default" is bf16 where supported, else fp32."""
+    dtype = DTYPES[choice] or (torch.bfloat16 if mm.should_use_bf16(device) else torch.float32)
+    return dtype if dtype in allowed else torch.float32
 
 
 class Holder(torch.nn.Module):
@@ -39,10 +48,10 @@ class Holder(torch.nn.Module):
         self.inner = inner
 
 
-def patcher(module: torch.nn.Module) -> comfy.model_patcher.ModelPatcher:
-    """Hand a module to ComfyUI's memory manager: loaded on the GPU when used, offloaded when idle."""
-    return comfy.model_patcher.ModelPatcher(Holder(module), load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device())
+def patcher(module: torch.nn.Module, load_device: torch.device,
+            offload_device: torch.device) -> comfy.model_patcher.ModelPatcher:
+    """Hand a module to ComfyUI's memory manager: loaded on `load_device` when used, offloaded when idle."""
+    return comfy.model_patcher.ModelPatcher(Holder(module), load_device=load_device, offload_device=offload_device)
 
 
 def on_device(model: comfy.model_patcher.ModelPatcher, memory_required: int = 0) -> torch.nn.Module:
@@ -50,3 +59,27 @@ def on_device(model: comfy.model_patcher.ModelPatcher, memory_required: int = 0)
     `memory_required` bytes free for the work to come) and return the module."""
     mm.load_models_gpu([model], memory_required=memory_required, force_full_load=True)
     return model.model.inner
+
+
+def check_widgets(node: type[io.ComfyNode], values: dict) -> bool | str:
+    """A node's `validate_inputs` (taking **kwargs): ComfyUI then skips its own min/max/option checks, so they
+    are made here from the schema, with NaN/inf refused (core lets NaN through min/max). Returns True or an
+    error naming the field."""
+    specs = {spec.id: spec for spec in node.define_schema().inputs}
+    for name, value in values.items():
+        spec = specs.get(name)
+        if spec is None or isinstance(value, (dict, list, torch.Tensor)):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"{name}: {value} is not a finite number"
+        low, high = getattr(spec, "min", None), getattr(spec, "max", None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if low is not None and value < low:
+                return f"{name}: {value} is below the minimum {low}"
+            if high is not None and value > high:
+                return f"{name}: {value} is above the maximum {high}"
+        options = getattr(spec, "options", None)
+        if isinstance(spec, io.Combo.Input) and options is not None and value not in options:
+            shown = options if len(options) <= 20 else f"{len(options)} choices"
+            return f"{name}: {value!r} is not one of {shown}"
+    return True

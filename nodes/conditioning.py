@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .common import CATEGORY, GEMMA, on_device
+from .common import CATEGORY, GEMMA, check_widgets, on_device
 
 ROLES = ("positive", "negative")
 
@@ -15,9 +15,9 @@ class SanaGemmaTextEncode(io.ComfyNode):
             node_id="SanaGemmaTextEncode", display_name="Sana Text Encode (Gemma-2)", category=CATEGORY,
             description="Encodes a prompt into Sana's 300 caption tokens with their attention mask. A positive "
                         "prompt gets Sana's complex human instruction (as NVlabs and diffusers do); a negative "
-                        "prompt is encoded plain.",
-            inputs=[GEMMA.Input("gemma"),
-                    io.String.Input("text", multiline=True, dynamic_prompts=True),
+                        "prompt is encoded plain. A longer prompt is cut, with a warning in the console.",
+            inputs=[GEMMA.Input("gemma", tooltip="Gemma-2 from SanaGemmaLoader or SanaFolderLoader"),
+                    io.String.Input("text", multiline=True, dynamic_prompts=True, tooltip="the prompt"),
                     io.Combo.Input("role", options=list(ROLES), default="positive",
                                    tooltip="positive: with the complex human instruction; negative: without"),
                     io.Boolean.Input("complex_human_instruction", default=True, optional=True,
@@ -25,8 +25,8 @@ class SanaGemmaTextEncode(io.ComfyNode):
             outputs=[io.Conditioning.Output()])
 
     @classmethod
-    def validate_inputs(cls, role: str) -> bool | str:
-        return True if role in ROLES else f"role must be one of {ROLES}, got {role!r}"
+    def validate_inputs(cls, **values) -> bool | str:
+        return check_widgets(cls, values)
 
     @classmethod
     def execute(cls, gemma, text: str, role: str, complex_human_instruction: bool = True) -> io.NodeOutput:

@@ -1,14 +1,97 @@
-"""Loader nodes: the Sana DiT as a MODEL, Gemma-2, and the DC-AE."""
+"""Loader nodes: the Sana DiT as a MODEL, Gemma-2, the DC-AE as a core VAE, a whole diffusers folder, LoRAs."""
 from __future__ import annotations
 
+import json
 import logging
+import os
 
 from comfy_api.latest import io
 
-from .common import CATEGORY, DCAE, DTYPES, GEMMA, choices, full_path, on_device, patcher, pick_dtype
+from .common import CATEGORY, DTYPES, GEMMA, choices, full_path, patcher, pick_dtype
 
 log = logging.getLogger(__name__)
 DIT_FOLDERS = ("diffusion_models", "checkpoints")
+USE_PE = {"auto": None, "on": True, "off": False}
+WEIGHT_DTYPE_TIP = ("storage dtype of the weights; default: ComfyUI's choice for this GPU (bf16 where supported). "
+                    "fp8 stores in 8 bits and computes in bf16/fp16 (half the memory); _fast uses fp8 matmuls "
+                    "where the GPU has them")
+USE_PE_TIP = ("the 2K/4K models' sin-cos positional embedding: auto reads it from the folder's config or the file "
+              "name (Sana_1600M_4Kpx...); on/off force it (for a renamed 2K/4K file)")
+
+
+def _weight_dtypes() -> list[str]:
+    from .model import WEIGHT_DTYPES
+
+    return list(WEIGHT_DTYPES)
+
+
+def load_model(path: str, name: str, weight_dtype: str, use_pe: str) -> io.NodeOutput:
+    """The MODEL output shared by the DiT and folder loaders (the variant is drawn on the node)."""
+    from .model import load_sana_model
+
+    model = load_sana_model(path, weight_dtype, USE_PE[use_pe])
+    log.info("Sana: %s is %s", name, model.model.sana_variant)
+    return model
+
+
+def load_gemma(path: str, dtype: str):
+    """A SANA_GEMMA on ComfyUI's text-encoder device, offloaded by its memory manager when idle."""
+    import comfy.model_management as mm
+    import torch
+
+    from sana_core.checkpoints.gemma import load_text_encoder
+
+    device = mm.text_encoder_device()
+    te = load_text_encoder(path, dtype=pick_dtype(dtype, device, (torch.bfloat16, torch.float32)),
+                           device=mm.text_encoder_offload_device())
+    return patcher(te, device, mm.text_encoder_offload_device())
+
+
+def load_vae(path: str, dtype: str):
+    """The DC-AE as a core VAE on ComfyUI's VAE device (`--cpu-vae`), with the preview map set."""
+    import comfy.model_management as mm
+
+    from sana_core.checkpoints.dcae import load_dcae
+
+    from .vae import SanaVAE
+
+    device = mm.vae_device()
+    chosen = DTYPES[dtype] or mm.vae_dtype(device, SanaVAE.working_dtypes)
+    vae = SanaVAE(load_dcae(path, dtype=chosen, device=mm.vae_offload_device()), device=device)
+    set_preview_map(vae)
+    return vae
+
+
+def set_preview_map(vae) -> None:
+    """Live previews: the latent -> RGB map of this DC-AE (shared by every Sana model), fitted once per weight
+    file and kept in ComfyUI's user folder; nothing is done while previews are off."""
+    import comfy.model_management as mm
+    import folder_paths
+    from comfy.cli_args import LatentPreviewMethod, args
+
+    from sana_core.previews import fit_latent_rgb
+
+    from .model import SanaLatentFormat
+
+    dcae = vae.first_stage_model
+    if args.preview_method == LatentPreviewMethod.NoPreviews or dcae.encoder is None:
+        return
+    stat = os.stat(dcae.source)
+    key = f"{os.path.realpath(dcae.source)}|{stat.st_size}|{stat.st_mtime_ns}"
+    cache = os.path.join(folder_paths.get_user_directory(), "sana", "preview_maps.json")
+    try:
+        with open(cache) as f:
+            known = json.load(f)
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        mm.load_models_gpu([vae.patcher], force_full_load=True)
+        known[key] = fit_latent_rgb(lambda x: dcae.scale(dcae.encode(x, tiled=False)), device=vae.device,
+                                    dtype=vae.vae_dtype)
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        with open(cache, "w") as f:
+            json.dump(known, f)
+    SanaLatentFormat.latent_rgb_factors, SanaLatentFormat.latent_rgb_factors_bias = known[key]
 
 
 class SanaCheckpointLoader(io.ComfyNode):
@@ -20,19 +103,18 @@ class SanaCheckpointLoader(io.ComfyNode):
                         "models/diffusion_models or models/checkpoints. The variant (0.6B, 1.6B, 2K/4K, Sana 1.5, "
                         "Sprint) is detected from the weights. Outputs a native MODEL for SanaSampler, KSampler, "
                         "SamplerCustomAdvanced, shift nodes and LoRA loaders.",
-            inputs=[io.Combo.Input("ckpt_name", options=choices(*DIT_FOLDERS), tooltip="DiT file or folder"),
-                    io.Combo.Input("weight_dtype", options=list(DTYPES), default="default",
-                                   tooltip="default: ComfyUI's choice for this GPU (bf16 where supported)")],
+            inputs=[io.Combo.Input("ckpt_name", options=choices(*DIT_FOLDERS, component="transformer"),
+                                   tooltip="DiT file or folder (a Sana diffusers folder or its transformer/)"),
+                    io.Combo.Input("weight_dtype", options=_weight_dtypes(), default="default",
+                                   tooltip=WEIGHT_DTYPE_TIP),
+                    io.Combo.Input("use_pe", options=list(USE_PE), default="auto", optional=True,
+                                   tooltip=USE_PE_TIP)],
             outputs=[io.Model.Output()])
 
     @classmethod
-    def execute(cls, ckpt_name: str, weight_dtype: str) -> io.NodeOutput:
-        from .model import load_sana_model
-
-        model = load_sana_model(full_path(ckpt_name, *DIT_FOLDERS), DTYPES[weight_dtype])
-        variant = model.model.sana_variant
-        log.info("Sana: %s is %s", ckpt_name, variant)
-        return io.NodeOutput(model, ui={"sana_variant": [variant]})
+    def execute(cls, ckpt_name: str, weight_dtype: str, use_pe: str = "auto") -> io.NodeOutput:
+        model = load_model(full_path(ckpt_name, *DIT_FOLDERS), ckpt_name, weight_dtype, use_pe)
+        return io.NodeOutput(model, ui={"sana_variant": [model.model.sana_variant]})
 
 
 class SanaGemmaLoader(io.ComfyNode):
@@ -42,20 +124,17 @@ class SanaGemmaLoader(io.ComfyNode):
             node_id="SanaGemmaLoader", display_name="Load Gemma-2 (Sana)", category=CATEGORY,
             description="Loads Sana's text encoder, Gemma-2-2B-IT, from models/text_encoders: an HF folder, a Sana "
                         "diffusers folder (text_encoder/ + tokenizer/) or ComfyUI's single-file gemma_2_2b with "
-                        "its embedded tokenizer. Runs in bf16 or fp32 (fp16 overflows in Gemma).",
-            inputs=[io.Combo.Input("text_encoder", options=choices("text_encoders")),
-                    io.Combo.Input("dtype", options=["default", "bf16", "fp32"], default="default")],
+                        "its embedded tokenizer. Runs on ComfyUI's text-encoder device, in bf16 or fp32 (fp16 "
+                        "overflows in Gemma), and is offloaded while other models run.",
+            inputs=[io.Combo.Input("text_encoder", options=choices("text_encoders", component="text_encoder"),
+                                   tooltip="Gemma-2-2B-IT folder, Sana diffusers folder or single file"),
+                    io.Combo.Input("dtype", options=["default", "bf16", "fp32"], default="default",
+                                   tooltip="default: bf16 where the text-encoder device supports it, else fp32")],
             outputs=[GEMMA.Output(display_name="gemma")])
 
     @classmethod
     def execute(cls, text_encoder: str, dtype: str) -> io.NodeOutput:
-        import comfy.model_management as mm
-
-        from sana_core.checkpoints.gemma import load_text_encoder
-
-        te = load_text_encoder(full_path(text_encoder, "text_encoders"), dtype=pick_dtype(dtype),
-                               device=mm.text_encoder_offload_device())
-        return io.NodeOutput(patcher(te))
+        return io.NodeOutput(load_gemma(full_path(text_encoder, "text_encoders"), dtype))
 
 
 class SanaDCAELoader(io.ComfyNode):
@@ -64,30 +143,61 @@ class SanaDCAELoader(io.ComfyNode):
         return io.Schema(
             node_id="SanaDCAELoader", display_name="Load DC-AE (Sana VAE)", category=CATEGORY,
             description="Loads Sana's 32x autoencoder (DC-AE f32c32 1.0 / 1.1 / lite) from models/vae: mit-han-lab "
-                        "efficientvit files, diffusers AutoencoderDC folders or a Sana folder's vae/. Also fits "
-                        "the latent-to-RGB map for live sampling previews (start ComfyUI with --preview-method auto).",
-            inputs=[io.Combo.Input("vae_name", options=choices("vae")),
+                        "efficientvit files, diffusers AutoencoderDC folders or a Sana folder's vae/. The output is a "
+                        "core VAE: VAEDecode, VAEDecodeTiled, VAEEncode, VAEEncodeForInpaint, "
+                        "InpaintModelConditioning and other nodes taking a VAE use it. Also sets the latent-to-RGB "
+                        "map for live sampling previews (fitted once per file when previews are on).",
+            inputs=[io.Combo.Input("vae_name", options=choices("vae", component="vae"),
+                                   tooltip="DC-AE file or folder"),
                     io.Combo.Input("dtype", options=list(DTYPES), default="default",
-                                   tooltip="default: bf16 on GPUs that support it, else fp32")],
-            outputs=[DCAE.Output(display_name="dcae")])
+                                   tooltip="default: ComfyUI's VAE dtype for its VAE device (bf16 or fp32); a "
+                                           "float16 DC-AE that overflows switches to bf16 with a warning")],
+            outputs=[io.Vae.Output()])
 
     @classmethod
     def execute(cls, vae_name: str, dtype: str) -> io.NodeOutput:
-        import comfy.model_management as mm
+        return io.NodeOutput(load_vae(full_path(vae_name, "vae"), dtype))
 
-        from sana_core.checkpoints.dcae import load_dcae
-        from sana_core.previews import fit_latent_rgb
 
-        from .model import SanaLatentFormat
+class SanaFolderLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SanaFolderLoader", display_name="Load Sana (diffusers folder)", category=CATEGORY,
+            description="Loads a whole Sana diffusers folder (model_index.json with transformer/, text_encoder/, "
+                        "tokenizer/, vae/) from models/diffusion_models or models/checkpoints: the DiT as a MODEL, "
+                        "Gemma-2 and the DC-AE as a VAE, like core's checkpoint loader.",
+            inputs=[io.Combo.Input("folder", options=[c for c in choices(*DIT_FOLDERS) if _is_pipeline(c)],
+                                   tooltip="a Sana diffusers folder (e.g. Sana_1600M_1024px_BF16_diffusers/)"),
+                    io.Combo.Input("weight_dtype", options=_weight_dtypes(), default="default",
+                                   tooltip=WEIGHT_DTYPE_TIP),
+                    io.Combo.Input("text_encoder_dtype", options=["default", "bf16", "fp32"], default="default",
+                                   tooltip="Gemma-2: bf16 where the text-encoder device supports it, else fp32"),
+                    io.Combo.Input("vae_dtype", options=list(DTYPES), default="default",
+                                   tooltip="DC-AE: ComfyUI's VAE dtype for its VAE device by default")],
+            outputs=[io.Model.Output(), GEMMA.Output(display_name="gemma"), io.Vae.Output()])
 
-        vae = load_dcae(full_path(vae_name, "vae"), dtype=pick_dtype(dtype), device=mm.vae_offload_device())
-        model = patcher(vae)
-        if vae.encoder is not None:  # live previews: fit the latent -> RGB map of this DC-AE (all Sana models share it)
-            on_device(model)
-            factors, bias = fit_latent_rgb(lambda x: vae.scale(vae.encode(x, tiled=False)),
-                                           device=mm.get_torch_device(), dtype=next(vae.parameters()).dtype)
-            SanaLatentFormat.latent_rgb_factors, SanaLatentFormat.latent_rgb_factors_bias = factors, bias
-        return io.NodeOutput(model)
+    @classmethod
+    def execute(cls, folder: str, weight_dtype: str, text_encoder_dtype: str, vae_dtype: str) -> io.NodeOutput:
+        path = full_path(folder, *DIT_FOLDERS)
+        if not os.path.isfile(os.path.join(path, "model_index.json")):
+            raise ValueError(f"{folder}: not a diffusers pipeline folder (no model_index.json); load its parts "
+                             "with SanaCheckpointLoader, SanaGemmaLoader and SanaDCAELoader")
+        model = load_model(path, folder, weight_dtype, "auto")
+        return io.NodeOutput(model, load_gemma(path, text_encoder_dtype), load_vae(path, vae_dtype),
+                             ui={"sana_variant": [model.model.sana_variant]})
+
+
+def _is_pipeline(choice: str) -> bool:
+    return choice.endswith("/") and any(
+        os.path.isfile(os.path.join(base, choice, "model_index.json"))
+        for base in _bases(DIT_FOLDERS))
+
+
+def _bases(folders: tuple[str, ...]) -> list[str]:
+    import folder_paths
+
+    return [p for f in folders for p in folder_paths.get_folder_paths(f)]
 
 
 class SanaLoraLoader(io.ComfyNode):
@@ -97,11 +207,19 @@ class SanaLoraLoader(io.ComfyNode):
             node_id="SanaLoraLoader", display_name="Load Sana LoRA", category=CATEGORY,
             description="Applies a Sana LoRA from models/loras to a Sana MODEL: diffusers/PEFT files "
                         "(transformer.transformer_blocks.N.attn1.to_q...), kohya-style lora_unet_/lora_transformer_ "
-                        "names and NVlabs names; q/k/v LoRAs patch their part of our fused weights. (Core's "
-                        "LoraLoaderModelOnly also works for LoRAs keyed by our module names.)",
-            inputs=[io.Model.Input("model"), io.Combo.Input("lora_name", options=choices("loras")),
-                    io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01)],
+                        "names, NVlabs names and ComfyUI's own (diffusion_model.blocks.N..., as its LoRA trainer "
+                        "writes); q/k/v LoRAs patch their part of our fused weights.",
+            inputs=[io.Model.Input("model"),
+                    io.Combo.Input("lora_name", options=choices("loras"), tooltip="a LoRA file in models/loras"),
+                    io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
+                                   tooltip="multiplier of the LoRA's change; 0 leaves the model as it is")],
             outputs=[io.Model.Output()])
+
+    @classmethod
+    def validate_inputs(cls, **values) -> bool | str:
+        from .common import check_widgets
+
+        return check_widgets(cls, values)
 
     @classmethod
     def execute(cls, model, lora_name: str, strength: float) -> io.NodeOutput:
@@ -110,14 +228,14 @@ class SanaLoraLoader(io.ComfyNode):
 
         from sana_core.checkpoints.dit import lora_key_map
 
-        dit = getattr(model.model, "diffusion_model", None)
+        dit = model.get_model_object("diffusion_model")
         if not hasattr(dit, "cfg") or not hasattr(dit.cfg, "guidance_embed"):
             raise ValueError("SanaLoraLoader: the MODEL is not a Sana model; load it with SanaCheckpointLoader")
         lora = comfy.utils.load_torch_file(full_path(lora_name, "loras"), safe_load=True)
         patches = comfy.lora.load_lora(lora, lora_key_map(dit.cfg))
         if not patches:
             raise ValueError(f"{lora_name}: no key matches a Sana DiT layer (found e.g. {list(lora)[:3]}); expected a "
-                             "Sana LoRA (diffusers, kohya or NVlabs names)")
+                             "Sana LoRA (diffusers, kohya, NVlabs or ComfyUI names)")
         patched = model.clone()
         patched.add_patches(patches, strength)
         return io.NodeOutput(patched)

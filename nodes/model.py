@@ -1,7 +1,8 @@
 """Sana as a native ComfyUI MODEL: our DiT inside a FLOW `BaseModel`, wrapped in a `ModelPatcher`.
 
-KSampler, SamplerCustomAdvanced, shift nodes, LoRA loaders and model patches then work on it, and ComfyUI's
-memory manager loads, offloads and partially loads it (its layers are built from `comfy.ops`).
+KSampler, SamplerCustomAdvanced, SanaSampler (which runs on ComfyUI's own sampling path), shift nodes,
+timestep ranges, area/mask conditioning, LoRA loaders and model patches then work on it, and ComfyUI's memory
+manager loads, offloads and partially loads it (its layers are built from `comfy.ops`).
 """
 from __future__ import annotations
 
@@ -15,15 +16,19 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.model_sampling
 import comfy.ops
+import comfy.patcher_extension
 import comfy.samplers
 import comfy.supported_models_base
 import torch
 
+from sana_core import precision
 from sana_core.checkpoints.dit import load_dit
-from sana_core.dit import SanaDiT
-from sana_core.samplers import sigma_to_timestep
+from sana_core.denoiser import trim_padding
+from sana_core.dit import SanaDiT, activation_bytes
 
 log = logging.getLogger(__name__)
+PAG_LAYERS = "sana_pag_layers"  # transformer_options key: blocks whose self-attention PAG makes the identity
+TEXT_KV = "sana_text_kv"        # transformer_options key: the text keys/values cache of one sampling run
 
 
 class SanaLatentFormat(comfy.latent_formats.LatentFormat):
@@ -34,55 +39,86 @@ class SanaLatentFormat(comfy.latent_formats.LatentFormat):
     scale_factor = 0.41407
 
 
-class ComfySanaDiT(SanaDiT):
-    """`SanaDiT` also answering the call ComfyUI's `BaseModel` makes (text mask as `attention_mask`).
+class TextKVCache:
+    """Every block's text keys/values for the captions of one sampling run (ComfyUI re-concatenates the same
+    captions every step). Keyed by the captions' content; cleared when the run ends, so LoRA or weight changes
+    between runs are never served stale values."""
 
-    A float16 model whose output overflows (inf/NaN) is run again in bfloat16 (float32 where the GPU has no
-    bf16), with a warning, and stays there: the weights stay float16 and comfy.ops casts them layer by layer,
-    so ComfyUI's memory manager and LoRA patches are untouched. Overflow in any other dtype is an error.
+    def __init__(self, size: int = 4):
+        self.size, self.entries = size, []  # [(context, mask, dtype, kv)]
+
+    def get(self, dit: SanaDiT, context: torch.Tensor, mask: torch.Tensor | None) -> list:
+        dtype = dit.compute_dtype
+        for c, m, d, kv in self.entries:
+            if d == dtype and c.shape == context.shape and torch.equal(c, context) and (
+                    m is mask or (m is not None and mask is not None and torch.equal(m, mask))):
+                return kv
+        kv = dit.text_kv(context)
+        self.entries = [(context, mask, dtype, kv)] + self.entries[: self.size - 1]
+        return kv
+
+
+class ComfySanaDiT(SanaDiT):
+    """`SanaDiT` answering the call ComfyUI's `BaseModel` makes.
+
+    It computes in the dtype ComfyUI hands it the latents in (the storage dtype, or the manual-cast dtype for
+    fp8 storage or a ModelComputeDtype node). A float16 pass that overflows is redone wider and stays so
+    (`precision.run_finite`); the weights stay as stored and comfy.ops casts them layer by layer, so ComfyUI's
+    memory manager and LoRA patches are untouched. PAG and the text keys/values cache come through
+    `transformer_options`; what it cannot honour (a ControlNet, attention patches) is an error, never ignored.
     """
 
-    upcast: torch.dtype | None = None  # the compute dtype after a float16 overflow
+    upcast: torch.dtype | None = None    # the compute dtype after a float16 overflow
+    _call_dtype: torch.dtype | None = None
 
     @property
-    def dtype(self) -> torch.dtype:  # what BaseModel casts the inputs to and the blocks compute in
-        return self.upcast or super().dtype
+    def compute_dtype(self) -> torch.dtype:
+        return self.upcast or self._call_dtype or self.dtype
+
+    def widen(self, dtype: torch.dtype) -> None:
+        self.upcast = dtype
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor,
                 attention_mask: torch.Tensor | None = None, guidance: torch.Tensor | None = None,
-                pag_layers: tuple[int, ...] = (), pag_batch: torch.Tensor | None = None, text_kv: list | None = None,
-                transformer_options: dict | None = None, control: object = None, **kwargs: object) -> torch.Tensor:
-        args = (timestep, context, attention_mask, guidance, pag_layers, pag_batch)
-        out = self._run(x, args, text_kv)
-        if torch.isfinite(out).all():
-            return out
-        if self.upcast is None and super().dtype == torch.float16:
-            self.upcast = torch.bfloat16 if mm.should_use_bf16(x.device) else torch.float32
-            log.warning("Sana: the DiT overflowed in float16 (inf/NaN); computing in %s from now on (the weights stay "
-                        "float16, cast layer by layer)", self.upcast)
-            out = self._run(x, args, text_kv)
-            if torch.isfinite(out).all():
-                return out
-        raise FloatingPointError(f"Sana DiT ({getattr(self, 'variant', None)}) produced inf/NaN computing in "
-                                 f"{self.dtype}: check the checkpoint, the LoRA strengths and the inputs")
+                control: object = None, transformer_options: dict | None = None, **kwargs: object) -> torch.Tensor:
+        options = transformer_options or {}
+        if control is not None:
+            raise ValueError("Sana: a ControlNet is connected, but this ControlNet cannot drive a Sana model; "
+                             "remove the Apply ControlNet node (Sana ControlNets load with SanaControlNetLoader)")
+        patches = [k for k in ("patches_replace", "patches") if options.get(k)]
+        if patches:
+            names = sorted({name for k in patches for name in options[k]})
+            raise ValueError(f"Sana: model patches {names} are for UNet/other DiT blocks and cannot apply to Sana's "
+                             "blocks (use SanaPAG for perturbed attention)")
+        self._call_dtype = x.dtype
+        layers = tuple(options.get(PAG_LAYERS, ()))
+        pag_batch = torch.ones(x.shape[0], dtype=torch.bool, device=x.device) if layers else None
+        if attention_mask is not None:
+            context, attention_mask = trim_padding(context, attention_mask)
+        cache = options.get(TEXT_KV)
 
-    def _run(self, x: torch.Tensor, args: tuple, text_kv: list | None) -> torch.Tensor:
-        if self.upcast is not None:
-            for m in self.modules():  # re-asserted each call: ComfyUI resets the flag when it unpatches
-                if hasattr(m, "comfy_cast_weights"):
-                    m.comfy_cast_weights = True
-            if text_kv is not None:  # keys/values a sampler computed before the switch
-                text_kv = [(k.to(self.upcast), v.to(self.upcast)) for k, v in text_kv]
-        return super().forward(x, *args, text_kv=text_kv)
+        def run() -> torch.Tensor:
+            if self.upcast is not None:
+                for m in self.modules():  # re-asserted each call: ComfyUI resets the flag when it unpatches
+                    if hasattr(m, "comfy_cast_weights"):
+                        m.comfy_cast_weights = True
+            kv = cache.get(self, context, attention_mask) if cache is not None else None
+            return super(ComfySanaDiT, self).forward(x.to(self.compute_dtype), timestep, context, attention_mask,
+                                                     guidance, layers, pag_batch, text_kv=kv)
+
+        return precision.run_finite(run, self, f"the Sana DiT ({getattr(self, 'variant', None)})")
+
+
+def check_flow(model_sampling: object) -> None:
+    """Sana is a flow model: only flow (CONST) model sampling can drive it."""
+    if not isinstance(model_sampling, comfy.model_sampling.CONST):
+        raise ValueError(f"Sana is a flow-matching model, but its model sampling was replaced by "
+                         f"{type(model_sampling).__name__} (a ModelSamplingDiscrete/Continuous node?); change the "
+                         "shift with ModelSamplingSD3 or ModelSamplingAuraFlow instead")
 
 
 class SanaModelSampling(comfy.model_sampling.ModelSamplingDiscreteFlow, comfy.model_sampling.CONST):
-    """Flow sampling whose DiT timestep is the engine's: int(1000 * sigma) for Sana, sigma for Sprint."""
-
-    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
-        if self.multiplier == 1:
-            return sigma
-        return sigma_to_timestep(sigma, truncate=True)
+    """Flow sampling with Sana's shift (3.0; 6.0 for 4K; 1.0 for Sprint, which uses its own SCM times)."""
 
 
 class SanaKSampler(comfy.samplers.KSAMPLER):
@@ -101,17 +137,44 @@ class SanaModelConfig(comfy.supported_models_base.BASE):
     unet_extra_config = {}
     sampling_settings = {"shift": 3.0, "multiplier": 1000}
     latent_format = SanaLatentFormat
-    memory_usage_factor = 1.0
     supported_inference_dtypes = [torch.bfloat16, torch.float16, torch.float32]
 
 
 class SanaModel(comfy.model_base.BaseModel):
-    """FLOW BaseModel around an already loaded `ComfySanaDiT`; text masks and Sprint guidance as extra conds."""
+    """FLOW BaseModel around an already loaded `ComfySanaDiT`; text masks and Sprint guidance as extra conds.
+
+    The DiT's timestep is always Sana's own function of sigma (`SanaDiT.timestep`), whatever model sampling a
+    shift node put in place (ModelSamplingSD3 multiplies by 1000, AuraFlow by 1: both give Sana's convention).
+    """
 
     def __init__(self, dit: ComfySanaDiT, model_config: SanaModelConfig, device: torch.device | None = None):
         super().__init__(model_config, comfy.model_base.ModelType.FLOW, device=device)
         self.diffusion_model = dit
         self.model_sampling = SanaModelSampling(model_config)
+        self._sigma = None
+
+    @property
+    def manual_cast_dtype(self) -> torch.dtype | None:
+        """The dtype BaseModel casts the DiT's inputs to: the widened one after a float16 overflow."""
+        return getattr(self._modules.get("diffusion_model"), "upcast", None) or self._manual_cast
+
+    @manual_cast_dtype.setter
+    def manual_cast_dtype(self, dtype: torch.dtype | None) -> None:  # set by BaseModel and ModelComputeDtype
+        self._manual_cast = dtype
+
+    def _apply_model(self, x, t, *args, **kwargs):
+        check_flow(self.model_sampling)
+        self._sigma = t  # read by process_timestep, which BaseModel calls with the model sampling's timestep
+        return super()._apply_model(x, t, *args, **kwargs)
+
+    def process_timestep(self, timestep: torch.Tensor, **kwargs: object) -> torch.Tensor:
+        return self.diffusion_model.timestep(self._sigma.float().to(timestep.device))
+
+    def memory_required(self, input_shape, cond_shapes={}) -> float:
+        """Activation bytes of one forward over `input_shape` (B, 32, h, w) (`sana_core.dit.activation_bytes`,
+        measured within 1.0-1.3x), in the dtype it will compute in."""
+        dtype = self.manual_cast_dtype or self.get_dtype()
+        return activation_bytes(self.diffusion_model.cfg, input_shape[0], input_shape[-2] * input_shape[-1], dtype)
 
     def extra_conds(self, **kwargs: object) -> dict:
         out = super().extra_conds(**kwargs)
@@ -120,21 +183,63 @@ class SanaModel(comfy.model_base.BaseModel):
         mask = kwargs.get("attention_mask")
         if mask is not None:
             out["attention_mask"] = comfy.conds.CONDRegular(mask)
+        if kwargs.get("concat_latent_image") is not None:
+            log.warning("Sana: the conditioning carries an inpainting image (InpaintModelConditioning); Sana has no "
+                        "inpainting model, so only the latent's noise mask is used")
         cfg = self.diffusion_model.cfg
-        if cfg.guidance_embed:  # Sprint: the scale of a FluxGuidance node, else Sprint's default 4.5
+        if cfg.guidance_embed:  # Sprint: the scale of a FluxGuidance node or SanaSampler, else Sprint's default 4.5
             scale = kwargs.get("guidance", 4.5)
             out["guidance"] = comfy.conds.CONDRegular(torch.FloatTensor([scale * cfg.guidance_embeds_scale]))
         return out
 
 
-def load_sana_model(path: str | Path, dtype: torch.dtype | None = None) -> comfy.model_patcher.ModelPatcher:
-    """A Sana DiT file or folder -> MODEL. dtype None: ComfyUI's choice for this device (bf16/fp16/fp32)."""
+def sana_outer_sample(executor, *args, **kwargs):
+    """Wraps every sampling run of a Sana MODEL (any sampler node): area conditioning set in pixels by core
+    nodes (stored in 1/8 units, as for SD latents) is converted to Sana's 1/32 latent, and the text
+    keys/values cache lives for the run (not with hooks, which may change weights between steps)."""
+    guider = executor.class_obj
+    hooks = False
+    for conds in getattr(guider, "conds", {}).values():
+        for c in conds:
+            area = c.get("area")
+            if area is not None and area[0] != "percentage":
+                c["area"] = _area_to_32(area)
+            hooks = hooks or c.get("hooks") is not None
+    options = guider.model_options.setdefault("transformer_options", {})
+    options[TEXT_KV] = None if hooks else TextKVCache()
+    try:
+        return executor(*args, **kwargs)
+    finally:
+        options.pop(TEXT_KV, None)
+
+
+def _area_to_32(area: tuple) -> tuple:
+    """(h, w, y, x) in 1/8 units (ConditioningSetArea) -> 1/32 units, covering the same pixels."""
+    h, w, y, x = (v * 8 for v in area[:4])
+    if any(v % 32 for v in (h, w, y, x)):
+        log.warning("Sana: area conditioning %dx%d at (%d, %d) px is rounded to Sana's 32 px latent grid", w, h, x, y)
+    y0, x0 = y // 32, x // 32
+    return (max(1, -(-(y + h) // 32) - y0), max(1, -(-(x + w) // 32) - x0), y0, x0, *area[4:])
+
+
+#: Storage choices of the DiT loader: name -> (storage dtype or None for ComfyUI's choice, fp8 fast matmuls).
+WEIGHT_DTYPES = {"default": (None, False), "bf16": (torch.bfloat16, False), "fp16": (torch.float16, False),
+                 "fp32": (torch.float32, False), "fp8_e4m3fn": (torch.float8_e4m3fn, False),
+                 "fp8_e4m3fn_fast": (torch.float8_e4m3fn, True), "fp8_e5m2": (torch.float8_e5m2, False)}
+
+
+def load_sana_model(path: str | Path, weight_dtype: str = "default",
+                    use_pe: bool | None = None) -> comfy.model_patcher.ModelPatcher:
+    """A Sana DiT file or folder -> MODEL. `weight_dtype` (a `WEIGHT_DTYPES` name) is the storage dtype; the
+    compute dtype is ComfyUI's choice for it on this device (fp8 computes in bf16/fp16). use_pe: force the 2K/4K
+    positional embedding on/off (None: from the config or the file name)."""
     load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
+    dtype, fast = WEIGHT_DTYPES[weight_dtype]
     if dtype is None:
         dtype = mm.unet_dtype(model_params=0, supported_dtypes=SanaModelConfig.supported_inference_dtypes)
     compute = mm.unet_manual_cast(dtype, load_device, SanaModelConfig.supported_inference_dtypes)
-    ops = comfy.ops.pick_operations(dtype, compute)
-    dit = load_dit(path, dtype=dtype, ops=ops, model_class=ComfySanaDiT)
+    ops = comfy.ops.pick_operations(dtype, compute, load_device=load_device, fp8_optimizations=fast)
+    dit = load_dit(path, dtype=dtype, ops=ops, model_class=ComfySanaDiT, use_pe=use_pe)
     config = SanaModelConfig({"disable_unet_model_creation": True})  # the DiT is built and loaded above
     config.manual_cast_dtype = compute
     if dit.cfg.guidance_embed:
@@ -143,4 +248,30 @@ def load_sana_model(path: str | Path, dtype: torch.dtype | None = None) -> comfy
         config.sampling_settings = {"shift": 6.0, "multiplier": 1000}
     model = SanaModel(dit, config, device=offload_device)
     model.sana_variant = dit.variant
-    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "sana", sana_outer_sample)
+    return patcher
+
+
+def add_pag(model: comfy.model_patcher.ModelPatcher, scale: float,
+            layers: tuple[int, ...]) -> comfy.model_patcher.ModelPatcher:
+    """A clone of a Sana MODEL with perturbed-attention guidance (as diffusers' SanaPAGPipeline):
+    denoised + scale * (cond - perturbed), the perturbed pass being the positive prompt with the
+    self-attention of `layers` replaced by the identity. Under CFG this is v_u + g (v_c - v_u) + p (v_c - v_pag)."""
+    dit = model.get_model_object("diffusion_model")
+    if not isinstance(dit, SanaDiT):
+        raise ValueError("SanaPAG: the MODEL is not a Sana model; load it with a Sana loader")
+    depth = dit.cfg.depth
+    if not layers or not all(0 <= i < depth for i in layers):
+        raise ValueError(f"pag_layers: {list(layers)} must be block numbers in 0..{depth - 1} for this model")
+
+    def post_cfg(args: dict) -> torch.Tensor:
+        options = args["model_options"].copy()
+        options["transformer_options"] = {**options.get("transformer_options", {}), PAG_LAYERS: layers}
+        (perturbed,) = comfy.samplers.calc_cond_batch(args["model"], [args["cond"]], args["input"], args["sigma"],
+                                                      options)
+        return args["denoised"] + scale * (args["cond_denoised"] - perturbed)
+
+    patched = model.clone()
+    patched.set_model_sampler_post_cfg_function(post_cfg)
+    return patched

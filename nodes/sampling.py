@@ -1,49 +1,78 @@
-"""Sampling nodes: SanaSampler (the engine's exact sampling), and the same solvers as SAMPLER / SIGMAS for
-SamplerCustomAdvanced."""
+"""Sampling nodes. SanaSampler runs Sana's solvers on ComfyUI's own sampling path (CFGGuider + our SAMPLER and
+SIGMAS), so everything wired into it keeps the host's meaning: noise masks (inpainting), several or
+area/masked conditionings, timestep ranges, shift nodes, batch_index, model patches. SanaPAG gives the same
+perturbed-attention guidance to any sampler; SanaSamplerSelect / SanaScheduler expose the solvers and schedules
+for SamplerCustomAdvanced."""
 from __future__ import annotations
 
 import logging
+import math
 
-import torch
 from comfy_api.latest import io
 
 from sana_core.samplers import SAMPLERS
 
-from .common import CATEGORY
+from .common import CATEGORY, check_widgets
 
 log = logging.getLogger(__name__)
 SAMPLER_NAMES = list(SAMPLERS)
-
-
-def _check(sampler: str) -> bool | str:
-    return True if sampler in SAMPLERS else f"unknown sampler {sampler!r}; valid: {', '.join(SAMPLERS)}"
+SHIFT_TIP = ("timestep shift of the schedule; 0: the model's (3.0, 6.0 for 4K, or what a ModelSamplingSD3/"
+             "AuraFlow node set). The scm sampler (Sprint) has no shift")
+SAMPLER_TIP = "flow_dpmpp_2m: Flow-DPM-Solver (Sana's default); flow_euler; scm: Sana-Sprint (1-4 steps)"
+DENOISE_TIP = "1: from noise; < 1: the last steps of a longer schedule, starting from the input latent"
 
 
 def parse_layers(text: str) -> tuple[int, ...]:
     """"8" or "7, 8" -> block indices; ValueError naming the field otherwise."""
     try:
-        return tuple(int(p) for p in text.replace(",", " ").split())
+        layers = tuple(int(p) for p in text.replace(",", " ").split())
     except ValueError:
-        raise ValueError(f"pag_layers: expected block numbers such as '8' or '7, 8', got {text!r}") from None
+        layers = ()
+    if not layers:
+        raise ValueError(f"pag_layers: expected block numbers such as '8' or '7, 8', got {text!r}")
+    return layers
 
 
-def text_condition(conditioning: list, batch: int, name: str):
-    """CONDITIONING -> the engine's TextCondition for `batch` samples (the first entry; masks per sample)."""
-    from sana_core.denoiser import TextCondition
+def resolve_shift(model, shift: float, sampler: str) -> float:
+    """The shift a Sana solver's schedule uses: the widget's when > 0, else the model's (the loader's default or
+    a shift node's). scm (Sprint) has none, so a shift there is an error, not ignored."""
+    from .model import check_flow
 
-    if not conditioning:
-        raise ValueError(f"{name}: empty conditioning; connect a SanaGemmaTextEncode")
-    if len(conditioning) > 1:
-        log.warning("SanaSampler: %s has %d entries (combined/area conditioning); using the first, as a whole "
-                    "image prompt (KSampler handles combined conditioning)", name, len(conditioning))
-    embeds, extra = conditioning[0][0], conditioning[0][1]
-    if embeds.ndim != 3 or "attention_mask" not in extra:
-        raise ValueError(f"{name}: not Sana conditioning (shape {tuple(embeds.shape)}, no attention mask); "
-                         "encode prompts with SanaGemmaTextEncode")
-    mask = extra["attention_mask"]
-    if embeds.shape[0] not in (1, batch):
-        raise ValueError(f"{name}: {embeds.shape[0]} prompts for a batch of {batch} latents")
-    return TextCondition(embeds.expand(batch, -1, -1), mask.expand(batch, -1))
+    sampling = model.get_model_object("model_sampling")
+    check_flow(sampling)
+    patched = "model_sampling" in model.object_patches  # a ModelSamplingSD3/AuraFlow/... node
+    if sampler == "scm":
+        if shift > 0 or (patched and not math.isclose(float(sampling.shift), 1.0)):
+            raise ValueError("shift: the scm sampler (Sana-Sprint) uses Sprint's fixed times and has no shift; set "
+                             "shift to 0 and remove the shift node, or use flow_euler")
+        return 1.0
+    if shift > 0:
+        if patched and not math.isclose(float(sampling.shift), shift):
+            log.warning("SanaSampler: its shift %.3g replaces the %.3g a model sampling node set", shift,
+                        float(sampling.shift))
+        return shift
+    return float(sampling.shift)
+
+
+def sprint_guidance(conditioning: list, scale: float) -> list:
+    """Sprint takes its guidance scale through an embedder: put `scale` on every entry that has none (a
+    FluxGuidance node's value is kept, with a warning that `cfg` does not apply to it)."""
+    out = []
+    for embeds, extra in conditioning:
+        if "guidance" in extra and not math.isclose(float(extra["guidance"]), scale):
+            log.warning("SanaSampler: the positive conditioning sets guidance %.3g (FluxGuidance); it is used instead "
+                        "of cfg %.3g", float(extra["guidance"]), scale)
+            out.append([embeds, extra])
+        else:
+            out.append([embeds, {**extra, "guidance": scale}])
+    return out
+
+
+def sana_dit(model, node: str):
+    dit = model.get_model_object("diffusion_model")
+    if not hasattr(dit, "cfg") or not hasattr(dit.cfg, "guidance_embed"):
+        raise ValueError(f"{node}: the MODEL is not a Sana model; load it with SanaCheckpointLoader")
+    return dit
 
 
 class SanaSampler(io.ComfyNode):
@@ -51,62 +80,109 @@ class SanaSampler(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="SanaSampler", display_name="Sana Sampler", category=CATEGORY,
-            description="Samples a Sana MODEL exactly as the sana_core engine (and NVlabs / diffusers) do: "
-                        "Flow-DPM-Solver (default), flow Euler, or SCM for Sana-Sprint; CFG on the negative prompt "
-                        "and PAG (perturbed-attention guidance) on chosen blocks. denoise < 1 starts from the "
-                        "input latent (image-to-image).",
-            inputs=[io.Model.Input("model"), io.Conditioning.Input("positive"), io.Conditioning.Input("negative"),
-                    io.Latent.Input("latent_image"),
-                    io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True),
+            description="Samples a Sana MODEL as the sana_core engine (and NVlabs / diffusers) do: Flow-DPM-Solver "
+                        "(default), flow Euler, or SCM for Sana-Sprint; CFG on the negative prompt and PAG on chosen "
+                        "blocks. Runs on ComfyUI's sampling path, so noise masks (inpainting), combined/area "
+                        "conditioning, timestep ranges, shift nodes and model patches apply as with KSampler. "
+                        "denoise < 1 starts from the input latent (image-to-image).",
+            inputs=[io.Model.Input("model", tooltip="a Sana MODEL"),
+                    io.Conditioning.Input("positive", tooltip="from SanaGemmaTextEncode (role positive)"),
+                    io.Conditioning.Input("negative", tooltip="from SanaGemmaTextEncode (role negative); unused by "
+                                                              "Sprint"),
+                    io.Latent.Input("latent_image", tooltip="an empty Sana latent, or an encoded image (with a noise "
+                                                            "mask for inpainting)"),
+                    io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                                 tooltip="the noise (and Sprint's re-noising) come from this seed"),
                     io.Int.Input("steps", default=20, min=1, max=200, tooltip="20 for Sana, 1-4 for Sprint"),
                     io.Float.Input("cfg", default=4.5, min=0.0, max=30.0, step=0.1, round=0.01,
-                                   tooltip="guidance scale (Sprint: fed to its guidance embedder)"),
+                                   tooltip="guidance scale; <= 1 runs no negative branch (as diffusers); Sprint: fed "
+                                           "to its guidance embedder"),
                     io.Float.Input("pag_scale", default=0.0, min=0.0, max=20.0, step=0.1, round=0.01,
                                    tooltip="perturbed-attention guidance; 0 turns it off"),
                     io.String.Input("pag_layers", default="8", tooltip="blocks whose self-attention PAG perturbs"),
-                    io.Float.Input("shift", default=3.0, min=0.1, max=20.0, step=0.1, tooltip="3.0; 6.0 for 4K"),
-                    io.Combo.Input("sampler", options=SAMPLER_NAMES, default="flow_dpmpp_2m",
-                                   tooltip="use scm for Sana-Sprint models"),
-                    io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01)],
+                    io.Float.Input("shift", default=0.0, min=0.0, max=20.0, step=0.1, tooltip=SHIFT_TIP),
+                    io.Combo.Input("sampler", options=SAMPLER_NAMES, default="flow_dpmpp_2m", tooltip=SAMPLER_TIP),
+                    io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01, tooltip=DENOISE_TIP)],
             outputs=[io.Latent.Output()])
 
     @classmethod
-    def validate_inputs(cls, sampler: str, pag_layers: str) -> bool | str:
-        try:
-            parse_layers(pag_layers)
-        except ValueError as e:
-            return str(e)
-        return _check(sampler)
+    def validate_inputs(cls, **values) -> bool | str:
+        checked = check_widgets(cls, values)
+        if checked is True and "pag_layers" in values:
+            try:
+                parse_layers(values["pag_layers"])
+            except ValueError as e:
+                return str(e)
+        return checked
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image: dict, seed: int, steps: int, cfg: float,
                 pag_scale: float, pag_layers: str, shift: float, sampler: str, denoise: float) -> io.NodeOutput:
         import comfy.model_management as mm
+        import comfy.sample
+        import comfy.samplers
         import comfy.utils
         import latent_preview
 
-        from sana_core.denoiser import SanaDenoiser, sample
+        from sana_core.samplers import denoise_sigmas
 
+        from .model import SanaKSampler, add_pag
+
+        dit = sana_dit(model, "SanaSampler")
         latent = latent_image["samples"]
-        if latent.ndim != 4 or latent.shape[1] != 32:
+        if latent.ndim != 4 or latent.shape[1] != dit.cfg.in_channels:
             raise ValueError(f"SanaSampler: latent_image must be a Sana latent (B, 32, H/32, W/32), got "
-                             f"{tuple(latent.shape)}; use SanaEmptyLatentImage or SanaDCAEEncode")
-        B = latent.shape[0]
-        mm.load_models_gpu([model])
-        dit, device = model.model.diffusion_model, model.load_device
-        fmt = model.model.latent_format
-        generator = torch.Generator().manual_seed(seed)  # = ComfyUI's prepare_noise; SCM continues from it
-        noise = torch.randn(latent.shape, generator=generator, dtype=torch.float32)
-        denoiser = SanaDenoiser(dit, text_condition(positive, B, "positive"), text_condition(negative, B, "negative"),
-                                cfg, pag_scale, parse_layers(pag_layers))
-        preview = latent_preview.prepare_callback(model, steps)
+                             f"{tuple(latent.shape)}; use SanaEmptyLatentImage or a VAE encode with the DC-AE")
+        sigmas = denoise_sigmas(sampler, steps, resolve_shift(model, shift, sampler), denoise)
+        if pag_scale > 0:
+            model = add_pag(model, pag_scale, parse_layers(pag_layers))
+        if dit.cfg.guidance_embed:  # Sprint: guidance enters through its embedder, no negative branch
+            positive, cfg = sprint_guidance(positive, cfg), 1.0
+        guider = comfy.samplers.CFGGuider(model)
+        guider.set_conds(positive, negative)
+        guider.set_cfg(cfg if cfg > 1 else 1.0)
+        latent = comfy.sample.fix_empty_latent_channels(model, latent)
+        noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
+        callback = latent_preview.prepare_callback(model, len(sigmas) - 1)  # progress, previews, cancel
+        samples = guider.sample(noise, latent, SanaKSampler(SAMPLERS[sampler]), sigmas,
+                                denoise_mask=latent_image.get("noise_mask"), callback=callback,
+                                disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
+        out = latent_image.copy()
+        out["samples"] = samples.to(mm.intermediate_device())
+        return io.NodeOutput(out)
 
-        def callback(d: dict) -> None:
-            preview(d["i"], d["denoised"], d["x"], steps)  # also ComfyUI's cancel point
 
-        x0 = sample(denoiser, noise.to(device), sampler, steps, shift, denoise, init=fmt.process_in(latent).to(device),
-                    generator=generator, callback=callback, progress=not comfy.utils.PROGRESS_BAR_ENABLED)
-        return io.NodeOutput({"samples": fmt.process_out(x0).to(mm.intermediate_device())})
+class SanaPAG(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SanaPAG", display_name="Sana PAG (perturbed attention)", category=CATEGORY,
+            description="Perturbed-attention guidance for a Sana MODEL under any sampler (KSampler, "
+                        "SamplerCustomAdvanced): the positive prompt is run again with the self-attention of the "
+                        "chosen blocks replaced by the identity, and the result pushed away from it, as diffusers' "
+                        "SanaPAGPipeline and SanaSampler's pag_scale do.",
+            inputs=[io.Model.Input("model", tooltip="a Sana MODEL"),
+                    io.Float.Input("scale", default=3.0, min=0.0, max=20.0, step=0.1, round=0.01,
+                                   tooltip="PAG scale; 0 turns it off"),
+                    io.String.Input("layers", default="8", tooltip="blocks whose self-attention PAG perturbs")],
+            outputs=[io.Model.Output()])
+
+    @classmethod
+    def validate_inputs(cls, **values) -> bool | str:
+        checked = check_widgets(cls, values)
+        if checked is True and "layers" in values:
+            try:
+                parse_layers(values["layers"])
+            except ValueError as e:
+                return str(e).replace("pag_layers", "layers")
+        return checked
+
+    @classmethod
+    def execute(cls, model, scale: float, layers: str) -> io.NodeOutput:
+        from .model import add_pag
+
+        sana_dit(model, "SanaPAG")
+        return io.NodeOutput(add_pag(model, scale, parse_layers(layers)) if scale > 0 else model)
 
 
 class SanaSamplerSelect(io.ComfyNode):
@@ -116,12 +192,12 @@ class SanaSamplerSelect(io.ComfyNode):
             node_id="SanaSamplerSelect", display_name="Sana Sampler Select", category=CATEGORY,
             description="Sana's solvers as a SAMPLER for SamplerCustomAdvanced: flow_dpmpp_2m (Flow-DPM-Solver), "
                         "flow_euler, scm (Sprint). With SanaScheduler's sigmas they reproduce SanaSampler.",
-            inputs=[io.Combo.Input("sampler", options=SAMPLER_NAMES, default="flow_dpmpp_2m")],
+            inputs=[io.Combo.Input("sampler", options=SAMPLER_NAMES, default="flow_dpmpp_2m", tooltip=SAMPLER_TIP)],
             outputs=[io.Sampler.Output()])
 
     @classmethod
-    def validate_inputs(cls, sampler: str) -> bool | str:
-        return _check(sampler)
+    def validate_inputs(cls, **values) -> bool | str:
+        return check_widgets(cls, values)
 
     @classmethod
     def execute(cls, sampler: str) -> io.NodeOutput:
@@ -135,21 +211,27 @@ class SanaScheduler(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="SanaScheduler", display_name="Sana Scheduler", category=CATEGORY,
-            description="The sigmas each Sana solver uses: the Flow-DPM-Solver or flow-Euler schedule with "
-                        "a timestep shift, or Sprint's SCM times. denoise < 1 keeps the last steps of a longer "
-                        "schedule, as KSampler does.",
-            inputs=[io.Combo.Input("sampler", options=SAMPLER_NAMES, default="flow_dpmpp_2m"),
-                    io.Int.Input("steps", default=20, min=1, max=200),
-                    io.Float.Input("shift", default=3.0, min=0.1, max=20.0, step=0.1),
-                    io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01)],
+            description="The sigmas each Sana solver uses: the Flow-DPM-Solver or flow-Euler schedule with a "
+                        "timestep shift, or Sprint's SCM times. denoise < 1 keeps the last steps of a longer "
+                        "schedule, as KSampler does. With a model connected, shift 0 takes the model's shift.",
+            inputs=[io.Combo.Input("sampler", options=SAMPLER_NAMES, default="flow_dpmpp_2m", tooltip=SAMPLER_TIP),
+                    io.Int.Input("steps", default=20, min=1, max=200, tooltip="20 for Sana, 1-4 for Sprint"),
+                    io.Float.Input("shift", default=0.0, min=0.0, max=20.0, step=0.1,
+                                   tooltip=SHIFT_TIP + "; without a model, 0 means 3.0"),
+                    io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01, tooltip=DENOISE_TIP),
+                    io.Model.Input("model", optional=True, tooltip="the Sana MODEL, for its shift")],
             outputs=[io.Sigmas.Output()])
 
     @classmethod
-    def validate_inputs(cls, sampler: str) -> bool | str:
-        return _check(sampler)
+    def validate_inputs(cls, **values) -> bool | str:
+        return check_widgets(cls, values)
 
     @classmethod
-    def execute(cls, sampler: str, steps: int, shift: float, denoise: float) -> io.NodeOutput:
+    def execute(cls, sampler: str, steps: int, shift: float, denoise: float, model=None) -> io.NodeOutput:
         from sana_core.samplers import denoise_sigmas
 
-        return io.NodeOutput(denoise_sigmas(sampler, steps, shift, denoise))
+        if model is not None:
+            shift = resolve_shift(model, shift, sampler)
+        elif sampler == "scm" and shift > 0:
+            raise ValueError("shift: the scm sampler (Sana-Sprint) has no shift; set it to 0")
+        return io.NodeOutput(denoise_sigmas(sampler, steps, shift or 3.0, denoise))

@@ -20,11 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .precision import fp16_fallback_dtype
+from . import precision
 
 log = logging.getLogger(__name__)
 
 MIN_TILE, MAX_TILE = 256, 2048  # automatic tile sizes in image pixels (bigger tiles gain little, use more memory)
+Progress = Callable[[int, int], None]  # (blocks done, blocks in all): after every block of every tile
 ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"silu": F.silu, "relu": F.relu}
 BLOCKS = ("ResBlock", "EfficientViTBlock")
 _R, _E = "ResBlock", "EfficientViTBlock"
@@ -315,10 +316,13 @@ class Encoder(nn.Module):
         self.conv_out = ops.Conv2d(w[-1], cfg.latent_channels, 3, 1, 1)
         self.group = w[-1] // cfg.latent_channels
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, 3, H, W) -> (B, 32, H/32, W/32)
+    def forward(self, x: torch.Tensor, tick: Callable[[], None] = lambda: None) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, 32, H/32, W/32); `tick()` after every block (progress and cancel points)."""
         h = self.conv_in(x)
         for stage in self.down_blocks:
-            h = stage(h)
+            for block in stage:
+                h = block(h)
+                tick()
         return self.conv_out(h) + h.unflatten(1, (-1, self.group)).mean(2)
 
 
@@ -338,10 +342,13 @@ class Decoder(nn.Module):
         self.conv_out = (ops.Conv2d(last, cfg.in_channels, 3, 1, 1) if d[0]
                          else Upsample(last, cfg.in_channels, cfg.upsample, ops, shortcut=False))
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:  # (B, 32, h, w) -> (B, 3, 32h, 32w)
+    def forward(self, z: torch.Tensor, tick: Callable[[], None] = lambda: None) -> torch.Tensor:
+        """(B, 32, h, w) -> (B, 3, 32h, 32w); `tick()` after every block (progress and cancel points)."""
         h = self.conv_in(z) + z.repeat_interleave(self.repeats, dim=1)
         for stage in reversed(self.up_blocks):
-            h = stage(h)
+            for block in stage:
+                h = block(h)
+                tick()
         return self.conv_out(self.act(self.norm_out(h)))
 
 
@@ -423,8 +430,17 @@ class DCAE(nn.Module):
         """The DiT's latent space -> raw latent."""
         return z / self.cfg.scaling_factor
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def widen(self, dtype: torch.dtype) -> None:
+        """Compute in `dtype` from now on (the weights are converted; see `precision.run_finite`)."""
+        self.to(dtype)
+
     def encode(self, x: torch.Tensor, tiled: bool | None = None, tile_size: int | None = None,
-               overlap: int | None = None, max_memory: int | None = None) -> torch.Tensor:
+               overlap: int | None = None, max_memory: int | None = None,
+               progress: Progress | None = None) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1], H and W multiples of 32 -> raw latents (B, 32, H/32, W/32).
 
         tiled: None tiles when the untiled pass would need more than `max_memory` bytes (default: the device's
@@ -432,6 +448,7 @@ class DCAE(nn.Module):
         (default: the largest of 256..2048 px that fits the memory); overlap: pixels neighbouring tiles share
         at least (default, and the most with an automatic tile: a quarter of the tile, at most 256). Both
         multiples of 32. A tiled pass that runs out of memory is repeated with tiles half as wide.
+        progress(done, total) is called after every block of every tile (a host can show it and cancel there).
         """
         if self.encoder is None:
             raise ValueError(f"{self.source}: encoder weights are missing (a decoder-only DC-AE file), so this model "
@@ -440,12 +457,13 @@ class DCAE(nn.Module):
         if x.shape[-2] % f or x.shape[-1] % f:
             raise ValueError(f"DC-AE encode: image size {x.shape[-2]}x{x.shape[-1]} is not a multiple of {f}; "
                              "crop or pad it")
-        return self._run(x, tiled, tile_size, overlap, max_memory, decode=False)
+        return self._run(x, tiled, tile_size, overlap, max_memory, progress, decode=False)
 
     def decode(self, z: torch.Tensor, tiled: bool | None = None, tile_size: int | None = None,
-               overlap: int | None = None, max_memory: int | None = None) -> torch.Tensor:
+               overlap: int | None = None, max_memory: int | None = None,
+               progress: Progress | None = None) -> torch.Tensor:
         """Raw latents (B, 32, h, w) -> images (B, 3, 32h, 32w), roughly in [-1, 1]. Options as in `encode`."""
-        return self._run(z, tiled, tile_size, overlap, max_memory, decode=True)
+        return self._run(z, tiled, tile_size, overlap, max_memory, progress, decode=True)
 
     def memory_needed(self, shape: tuple[int, ...], dtype: torch.dtype, decode: bool = True) -> int:
         """Estimated peak activation bytes of an untiled decode of latents (or encode of images) of `shape`."""
@@ -459,9 +477,11 @@ class DCAE(nn.Module):
         return peak_activation_bytes(widths, depths, batch * pixels, dtype)
 
     def _run(self, x: torch.Tensor, tiled: bool | None, tile_size: int | None, overlap: int | None,
-             max_memory: int | None, decode: bool) -> torch.Tensor:
+             max_memory: int | None, progress: Progress | None, decode: bool) -> torch.Tensor:
         f = self.cfg.factor
         net, scale_in, scale_out = (self.decoder, 1, f) if decode else (self.encoder, f, 1)  # pixels per latent
+        blocks = sum(len(stage) for stage in (net.up_blocks if decode else net.down_blocks))
+        counter = _Counter(progress, blocks)
         x = x.contiguous(memory_format=torch.channels_last)  # as the weights are stored (see load_dcae)
         budget = free_memory(x.device) if max_memory is None else min(max_memory, free_memory(x.device))
         automatic = tile_size is None
@@ -473,6 +493,11 @@ class DCAE(nn.Module):
         if tile_size % f or overlap % f or not 0 <= overlap < tile_size:
             raise ValueError(f"DC-AE tiling: tile_size {tile_size} and overlap {overlap} must be multiples of {f} "
                              "with 0 <= overlap < tile_size")
+
+        def whole() -> torch.Tensor:
+            counter.start(1)
+            return net(x, counter.tick)
+
         if tiled is None:
             untiled = self.memory_needed(x.shape, x.dtype, decode)
             tiled = untiled > budget
@@ -481,16 +506,19 @@ class DCAE(nn.Module):
                          budget / 2**30, tile_size)
             else:
                 try:
-                    return net(x)
+                    return whole()
                 except torch.OutOfMemoryError:
                     log.warning("DC-AE: out of memory on %s; retrying in %d px tiles", tuple(x.shape), tile_size)
                     _release(x.device)
                 tiled = True
         if not tiled:
-            return net(x)
+            return whole()
         while True:
             try:
-                return tiled_apply(net, x, tile_size // f, overlap // f, scale_in, scale_out)
+                tile, lap = tile_size // f, overlap // f
+                H, W = x.shape[-2] // scale_in, x.shape[-1] // scale_in
+                counter.start(len(tile_plan(H, tile, lap)[1]) * len(tile_plan(W, tile, lap)[1]))
+                return tiled_apply(lambda t: net(t, counter.tick), x, tile, lap, scale_in, scale_out)
             except torch.OutOfMemoryError:
                 if tile_size <= MIN_TILE:
                     raise
@@ -500,20 +528,26 @@ class DCAE(nn.Module):
                 log.warning("DC-AE: out of memory in tiles; retrying in %d px tiles", tile_size)
 
 
+class _Counter:
+    """Counts blocks over the passes of one encode/decode and reports them to a `Progress` callback."""
+
+    def __init__(self, progress: Progress | None, blocks_per_pass: int):
+        self.progress, self.per_pass, self.done, self.total = progress, blocks_per_pass, 0, 0
+
+    def start(self, passes: int) -> None:
+        self.done, self.total = 0, passes * self.per_pass
+
+    def tick(self) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.total)
+
+
 def run_finite(vae: DCAE, op: str, x: torch.Tensor, **options: Any) -> torch.Tensor:
-    """`vae.encode` or `vae.decode` (`op`) of x cast to the DC-AE's dtype, checked: a float16 DC-AE whose output
-    overflows (inf/NaN) is converted in place to bfloat16 (float32 on a GPU without it), with a warning, and the
-    pass repeated; inf/NaN in any other dtype is a FloatingPointError."""
-    dtype = next(vae.parameters()).dtype
-    out = getattr(vae, op)(x.to(dtype), **options)
-    if torch.isfinite(out).all():
-        return out
-    if dtype != torch.float16:
-        raise FloatingPointError(f"{vae.source}: the DC-AE {op}r produced inf/NaN in {dtype}: check the checkpoint")
-    wider = fp16_fallback_dtype(x.device)
-    log.warning("the DC-AE overflowed in float16 (%s): converting it to %s", op, wider)
-    vae.to(wider)
-    return run_finite(vae, op, x, **options)
+    """`vae.encode` or `vae.decode` (`op`) of x in the DC-AE's dtype, through `precision.run_finite`: a float16
+    DC-AE that overflows is widened with a warning and the pass repeated; inf/NaN otherwise is an error."""
+    return precision.run_finite(lambda: getattr(vae, op)(x.to(vae.compute_dtype), **options), vae,
+                                f"{vae.source}: the DC-AE {op}r")
 
 
 def free_memory(device: torch.device) -> int:

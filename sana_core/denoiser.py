@@ -10,10 +10,9 @@ from typing import Any
 
 import torch
 
+from . import precision
 from .dit import SanaDiT
-from .precision import fp16_fallback_dtype
-from .samplers import (cfg, default_noise_sampler, denoise_sigmas, flow_denoised, get_sampler, pag,
-                       sigma_to_timestep)
+from .samplers import cfg, default_noise_sampler, denoise_sigmas, flow_denoised, get_sampler, pag
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +29,16 @@ class TextCondition:
         return TextCondition(self.embeds.repeat_interleave(n, 0), self.mask.repeat_interleave(n, 0))
 
 
+def trim_padding(embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the caption rows after the longest prompt when every sample is padded on the right there (our
+    text encoder's layout): the DiT masks them out anyway, so the result is the same with less work.
+    embeds (B, T, D), mask (B, T) -> (B, T', D), (B, T')."""
+    longest = int(mask.sum(1).max())
+    if longest < mask.shape[1] and not mask[:, longest:].any():
+        return embeds[:, :longest], mask[:, :longest]
+    return embeds, mask
+
+
 @dataclass
 class SanaDenoiser:
     """Calls the DiT once per step on the batch [uncond | cond | perturbed] that the guidance needs.
@@ -38,9 +47,8 @@ class SanaDenoiser:
           + p (v_c - v_pag)   (PAG: on when p > 0; the `pag_layers` self-attentions become the identity).
     Sprint models take no CFG branch: the guidance scale enters through the DiT's guidance embedder.
     `truncate_timesteps` feeds int(1000 * sigma), as NVlabs and diffusers' DPM-Solver do (not FlowMatchEuler).
-    `fp16_fallback`: if the DiT overflows in float16, convert it in place to bfloat16 (float32 where bf16 is not
-    supported) with a warning and go on; otherwise that is a FloatingPointError naming the dtype. float16 output
-    is checked every step; other dtypes without a host sync per step, once at the end (`check_finite`).
+    A DiT computing in float16 is checked every step and widened if it overflows (`precision.run_finite`); other
+    dtypes are checked without a host sync per step, once at the end (`check_finite`).
     `cudagraph_steps`: mark each DiT call as a new step for a DiT compiled with CUDA graphs (a call's outputs
     are not read after the next call, which reuses their memory).
     The text side is prepared once (first call) and reused every step: the caption rows after the longest real
@@ -54,7 +62,6 @@ class SanaDenoiser:
     pag_scale: float = 0.0
     pag_layers: tuple[int, ...] = (8,)
     truncate_timesteps: bool = True
-    fp16_fallback: bool = False
     cudagraph_steps: bool = False
     calls: int = field(default=0, init=False)
     _text: tuple | None = field(default=None, init=False, repr=False)
@@ -73,20 +80,11 @@ class SanaDenoiser:
     def use_cfg(self) -> bool:
         return not self.sprint and self.uncond is not None and self.guidance_scale > 1.0
 
-    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
-        """DiT timestep for flow sigma: the sigma itself for Sprint, else 1000 * sigma * timestep_scale."""
-        if self.sprint:
-            return sigma
-        return sigma_to_timestep(sigma, self.truncate_timesteps) * self.dit.cfg.timestep_scale
-
     def prepare_text(self, device: torch.device) -> tuple[torch.Tensor, list]:
         """(mask (nB, T'), per-block text K/V) for the batch [cond | uncond | cond (PAG)], T' = longest prompt."""
         branches = [self.cond] + ([self.uncond] if self.use_cfg else []) + ([self.cond] if self.pag_scale > 0 else [])
-        embeds = torch.cat([c.embeds for c in branches]).to(device)
-        mask = torch.cat([c.mask for c in branches]).to(device)
-        longest = int(mask.sum(1).max())
-        if not mask[:, longest:].any():  # padding on the right for every sample (our text encoder's layout)
-            embeds, mask = embeds[:, :longest], mask[:, :longest]
+        embeds, mask = trim_padding(torch.cat([c.embeds for c in branches]).to(device),
+                                    torch.cat([c.mask for c in branches]).to(device))
         return mask, self.dit.text_kv(embeds)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **extra_args: object) -> torch.Tensor:
@@ -95,12 +93,30 @@ class SanaDenoiser:
         `extra_args` (such as k-diffusion's `seed`) are accepted and ignored."""
         B = x.shape[0]
         sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).reshape(-1).expand(B)
-        n = 1 + self.use_cfg + (self.pag_scale > 0)
         if self.cond.embeds.shape[0] != B:
             raise ValueError(f"text batch {self.cond.embeds.shape[0]} does not match the latent batch {B}")
-        if self._text is None or self._text[0].device != x.device:
-            self._text = self.prepare_text(x.device)
-        mask, kv = self._text
+        n = 1 + self.use_cfg + (self.pag_scale > 0)
+        if self.dit.compute_dtype == torch.float16:
+            v = precision.run_finite(lambda: self._velocity(x, sigma, n), self.dit, "the DiT")
+        else:  # no host sync per step: `check_finite` looks once, after sampling
+            v = self._velocity(x, sigma, n)
+            finite = torch.isfinite(v).all()
+            self._finite = finite if self._finite is None else self._finite & finite
+        parts = v.chunk(n)                                   # [cond | uncond (CFG) | perturbed (PAG)]
+        v_c, v_u = parts[0], parts[1] if self.use_cfg else None
+        if self.pag_scale > 0:
+            out = pag(v_u, v_c, parts[-1], self.guidance_scale, self.pag_scale)
+        else:
+            out = v_c if v_u is None else cfg(v_u, v_c, self.guidance_scale)
+        return flow_denoised(x.float(), sigma, out)
+
+    def _velocity(self, x: torch.Tensor, sigma: torch.Tensor, n: int) -> torch.Tensor:
+        """One DiT call on the n branches of x (B, 32, h, w) -> v (n*B, 32, h, w) fp32."""
+        B = x.shape[0]
+        key = (x.device, self.dit.compute_dtype)
+        if self._text is None or self._text[0] != key:
+            self._text = key, self.prepare_text(x.device)
+        mask, kv = self._text[1]
         pag_batch = None
         if self.pag_scale > 0:
             pag_batch = torch.arange(n * B, device=x.device) >= (n - 1) * B
@@ -109,30 +125,10 @@ class SanaDenoiser:
             guidance = torch.full((n * B,), self.guidance_scale * self.dit.cfg.guidance_embeds_scale, device=x.device)
         if self.cudagraph_steps:
             torch.compiler.cudagraph_mark_step_begin()
-        v = self.dit(x.repeat(n, 1, 1, 1), self.timestep(sigma).repeat(n), None, mask, guidance=guidance,
-                     pag_layers=self.pag_layers if self.pag_scale > 0 else (), pag_batch=pag_batch,
-                     text_kv=kv).float()
         self.calls += 1
-        if self.dit.dtype != torch.float16:  # no host sync per step: `check_finite` looks once, after sampling
-            finite = torch.isfinite(v).all()
-            self._finite = finite if self._finite is None else self._finite & finite
-        elif not torch.isfinite(v).all():
-            if self.fp16_fallback:
-                wider = fp16_fallback_dtype(x.device)
-                log.warning("the DiT overflowed in float16 at sigma %.4f: converting it to %s for the rest of the run",
-                            sigma[0].item(), wider)
-                self.dit.to(wider)
-                self._text = None
-                return self(x, sigma)
-            raise FloatingPointError(f"the DiT produced inf/NaN at sigma {sigma[0].item():.4f} running in "
-                                     "torch.float16: float16 overflows here, load the model in bfloat16 or float32")
-        parts = v.chunk(n)                                   # [cond | uncond (CFG) | perturbed (PAG)]
-        v_c, v_u = parts[0], parts[1] if self.use_cfg else None
-        if self.pag_scale > 0:
-            out = pag(v_u, v_c, parts[-1], self.guidance_scale, self.pag_scale)
-        else:
-            out = v_c if v_u is None else cfg(v_u, v_c, self.guidance_scale)
-        return flow_denoised(x.float(), sigma, out)
+        return self.dit(x.repeat(n, 1, 1, 1), self.dit.timestep(sigma, self.truncate_timesteps).repeat(n), None, mask,
+                        guidance=guidance, pag_layers=self.pag_layers if self.pag_scale > 0 else (),
+                        pag_batch=pag_batch, text_kv=kv).float()
 
     def check_finite(self) -> None:
         """Raise FloatingPointError if any DiT output so far (bfloat16/float32 runs) had inf/NaN."""

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .samplers import sigma_to_timestep
+
 
 @dataclass(frozen=True)
 class DiTConfig:
@@ -41,6 +43,22 @@ class DiTConfig:
     @property
     def mlp_hidden(self) -> int:
         return int(self.mlp_ratio * self.width)
+
+
+def activation_bytes(cfg: DiTConfig, batch: int, tokens: int, dtype: torch.dtype, text_tokens: int = 300) -> int:
+    """Peak bytes of the activations of one forward over `batch` samples of `tokens` latent pixels with
+    `text_tokens` caption tokens, computing in `dtype` (weights not included).
+
+    Per image token about 13 * width elements are alive at once (inside the Mix-FFN: its 5 * width-wide
+    hidden state twice, the gated half, the residual stream); per caption token every block's keys and values
+    (2 * width) and 2 * width more. Measured with
+    `bench/peak.py` (every live tensor, CUDA's `max_memory_allocated` count) for the 0.6B and 1.6B widths at
+    256-4096 px and batch 1-4: this estimate lies within 1.0-1.1x of the measurement (`bench/dit_memory.py`).
+    """
+    e = max(torch.finfo(dtype).bits // 8, 2)  # fp8 storage computes in (at least) 16 bits
+    per_token = 13 * cfg.width * e
+    per_text = (2 * cfg.depth + 2) * cfg.width * e
+    return int(1.05 * batch * (tokens * per_token + text_tokens * per_text))
 
 
 _06B = DiTConfig(depth=28, width=1152, cross_heads=16)
@@ -74,20 +92,20 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1000
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-def sincos_pos_embed(dim: int, h: int, w: int, base_size: int, interpolation: float,
-                     device: torch.device | None = None) -> torch.Tensor:
-    """Fixed 2D sin-cos positional embedding of an h x w token grid -> (h*w, dim) fp32.
+def sincos_pos_embed(dim: int, h: int, w: int, base_size: int, interpolation: float) -> torch.Tensor:
+    """Fixed 2D sin-cos positional embedding of an h x w token grid -> (h*w, dim) fp32, on the CPU.
 
     Positions are normalised to a `base_size` grid and divided by `interpolation` (NVlabs `pe_interpolation`);
-    the first half of the channels encodes the column, the second the row (diffusers' convention).
+    the first half of the channels encodes the column, the second the row (diffusers' convention). Computed in
+    float64 on the CPU as NVlabs and diffusers do (some accelerators have no float64).
     """
     def axis(n: int, positions: torch.Tensor) -> torch.Tensor:  # (n,) -> (n, dim/2), [sin | cos]
-        omega = torch.arange(dim // 4, dtype=torch.float64, device=device) / (dim / 4.0)
+        omega = torch.arange(dim // 4, dtype=torch.float64) / (dim / 4.0)
         out = positions.double()[:, None] * (1.0 / 10000**omega)[None]
         return torch.cat([out.sin(), out.cos()], dim=1)
 
-    rows = torch.arange(h, dtype=torch.float32, device=device) / (h / base_size) / interpolation
-    cols = torch.arange(w, dtype=torch.float32, device=device) / (w / base_size) / interpolation
+    rows = torch.arange(h, dtype=torch.float32) / (h / base_size) / interpolation
+    cols = torch.arange(w, dtype=torch.float32) / (w / base_size) / interpolation
     ew, eh = axis(w, cols), axis(h, rows)  # (w, dim/2), (h, dim/2)
     emb = torch.cat([ew[None].expand(h, w, -1), eh[:, None].expand(h, w, -1)], dim=-1)
     return emb.reshape(h * w, dim).float()
@@ -299,7 +317,34 @@ class SanaDiT(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype the weights are stored in."""
         return self.final_layer.scale_shift_table.dtype
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype activations are computed in: the weights' (ComfyUI's DiT may compute wider than it stores)."""
+        return self.dtype
+
+    def widen(self, dtype: torch.dtype) -> None:
+        """Compute in `dtype` from now on: the weights are converted (see `precision.run_finite`)."""
+        self.to(dtype)
+
+    def timestep(self, sigma: torch.Tensor, truncate: bool = True) -> torch.Tensor:
+        """The timestep this model is given for flow sigma (B,) (the one place of this convention): the sigma
+        itself for Sprint; else 1000 * sigma, truncated to an integer as NVlabs' model and diffusers' DPM-Solver
+        do (`truncate=False`: diffusers' FlowMatchEuler), times `timestep_scale`."""
+        if self.cfg.guidance_embed:
+            return sigma
+        return sigma_to_timestep(sigma, truncate) * self.cfg.timestep_scale
+
+    def pos_embed(self, h: int, w: int, device: torch.device) -> torch.Tensor:
+        """The 2K/4K models' sin-cos embedding of an h x w token grid (h*w, C) fp32 on `device`, kept for the
+        last grid and device (not a buffer: the model stays loadable on `meta`)."""
+        key = (h, w, device)
+        if getattr(self, "_pe", (None,))[0] != key:
+            self._pe = key, sincos_pos_embed(self.cfg.width, h, w, self.cfg.base_size, self.cfg.pe_interpolation
+                                             ).to(device)
+        return self._pe[1]
 
     def embed_text(self, context: torch.Tensor) -> torch.Tensor:
         """Caption projection + RMSNorm: (B, T, 2304) -> (B, T, C)."""
@@ -308,7 +353,7 @@ class SanaDiT(nn.Module):
     def text_kv(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Every block's cross-attention keys and values for context (B, T, 2304). They do not change over the
         sampling steps, so a sampler computes them once and passes them to `forward` as `text_kv`."""
-        y = self.embed_text(context.to(self.dtype))
+        y = self.embed_text(context.to(self.compute_dtype))
         return [block.cross_attn.kv(y) for block in self.blocks]
 
     def forward(
@@ -332,7 +377,7 @@ class SanaDiT(nn.Module):
         text_kv: `text_kv(context)` computed earlier (context is then unused).
         Returns v: (B, 32, H, W) in x's dtype.
         """
-        cfg, dtype = self.cfg, self.dtype
+        cfg, dtype = self.cfg, self.compute_dtype
         B, _, H, W = x.shape
         p = cfg.patch_size
         if H % p or W % p:
@@ -340,8 +385,7 @@ class SanaDiT(nn.Module):
         h, w = H // p, W // p
         tokens = self.x_embedder.proj(x.to(dtype)).flatten(2).mT.contiguous()  # (B, N, C), token-major
         if cfg.use_pe:
-            pe = sincos_pos_embed(cfg.width, h, w, cfg.base_size, cfg.pe_interpolation, tokens.device)
-            tokens = (tokens.float() + pe[None]).to(dtype)
+            tokens = (tokens.float() + self.pos_embed(h, w, tokens.device)[None]).to(dtype)
         timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(B)
         t = self.t_embedder(timestep, dtype)                                     # (B, C)
         if cfg.guidance_embed:

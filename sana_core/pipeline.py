@@ -226,7 +226,7 @@ class SanaPipeline:
         self._on_device(self.dit)
         denoiser = SanaDenoiser(self.dit if self.compiled is None else self.compiled, cond, uncond, guidance_scale,
                                 pag_guidance_scale, tuple(pag_layers), truncate_timesteps=truncate_timesteps,
-                                fp16_fallback=True, cudagraph_steps=self._cudagraphs)
+                                cudagraph_steps=self._cudagraphs)
         started, new_shape = time.perf_counter(), self.compiled is not None and shape not in self._compiled_shapes
         x0 = sample(denoiser, latents.to(self.device), sampler, num_inference_steps,
                     shift if shift is not None else default_shift(height, width),

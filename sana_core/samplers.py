@@ -91,13 +91,29 @@ def sigma_to_timestep(sigma: torch.Tensor, truncate: bool = False) -> torch.Tens
     truncates too (``timestep.long()``). ``FlowMatchEulerDiscreteScheduler`` does NOT truncate: its timesteps are
     the float32 ``sigmas * 1000``; use ``truncate=False`` with :func:`flow_euler_sigmas`.
 
-    Truncating the float32 sigma (done here in float64) equals diffusers' value for every step count up to 332 at
-    shift 3 and 350 at shift 6 (tests check 1-300); beyond, ``1000 * s`` can lie within float32 rounding of an
-    integer and differ by 1.
+    The truncation is exact for the float32 sigma (as if computed in float64, the way diffusers computes its
+    timesteps): it equals diffusers' value for every step count up to 332 at shift 3 and 350 at shift 6 (tests
+    check 1-300); beyond, ``1000 * s`` can lie within float32 rounding of an integer and differ by 1. No float64
+    is used (some accelerators have none): see :func:`trunc_1000`.
     """
     if truncate:
-        return torch.trunc(sigma.double() * NUM_TRAIN_TIMESTEPS).to(sigma.dtype)
+        return trunc_1000(sigma)
     return sigma * NUM_TRAIN_TIMESTEPS
+
+
+def trunc_1000(sigma: torch.Tensor) -> torch.Tensor:
+    """``trunc(1000 * s)`` of float32 ``s``, exact (as if in float64), computed in int64 on s's device.
+
+    A float32 is ``m * 2^(e - 150)`` with the 24-bit integer mantissa ``m`` (implicit leading 1 for normal
+    numbers) and the biased exponent ``e``; so ``1000 s = 1000 m * 2^(e - 150)``, whose integer part is
+    ``(1000 m) >> (150 - e)`` for every ``s < 2^24``.
+    """
+    s = sigma.float().abs().contiguous()
+    bits = s.view(torch.int32).long()
+    exponent = (bits >> 23) & 0xFF
+    mantissa = (bits & 0x7FFFFF) | torch.where(exponent > 0, 0x800000, 0)
+    shift = (150 - exponent.clamp(min=1)).clamp(0, 62)
+    return ((NUM_TRAIN_TIMESTEPS * mantissa) >> shift).to(sigma.dtype) * sigma.sign()
 
 
 def scm_sigmas(steps: int, max_timesteps: float = 1.57080, intermediate_timesteps: float | None = 1.3) -> torch.Tensor:

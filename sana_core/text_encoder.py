@@ -121,6 +121,12 @@ class SanaTextEncoder(torch.nn.Module):
             total = self.chi_length + max_length - 2
         tokens = self.tokenizer(texts, padding="longest", max_length=total, truncation=True,
                                 padding_side="right", return_tensors="pt")
+        if bool(tokens.attention_mask[:, -1].all()):  # some text filled every row: say what was cut
+            skip = len(self.chi_prompt) if use_chi else 0
+            for text, n in zip(texts, map(len, self.tokenizer(texts).input_ids)):
+                if n > total:
+                    log.warning("the prompt %r is longer than Sana reads (max_length %d tokens): its last %d "
+                                "tokens are cut", text[skip:skip + 60] + "...", max_length, n - total)
         ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)  # [B, n <= total]
         prefix = self._prefix() if use_chi else None
         if prefix is not None and bool((ids[:, :prefix[0].shape[0]] == prefix[0]).all()):

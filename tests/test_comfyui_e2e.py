@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 COMFY = os.environ.get("COMFYUI_PATH")
 pytestmark = pytest.mark.skipif(not COMFY, reason="set COMFYUI_PATH to a ComfyUI checkout to run these")
 SMALL = (192, 128)  # width, height of the test images
+MASKED = (64, 32, 128, 96)  # x0, y0, x1, y1 of the inpainted rectangle (on the 32 px latent grid)
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 
 
@@ -57,33 +58,36 @@ def server(tmp_path_factory):
     models = root / "models"
     for sub in ("diffusion_models", "text_encoders", "vae", "upscale_models", "loras"):
         (models / sub).mkdir(parents=True)
-    sana = write_tiny_pipeline(root / "tiny-sana", seed=21)
-    sprint = write_tiny_pipeline(root / "tiny-sprint", seed=22, sprint=True)
+    sana = write_tiny_pipeline(root / "sana_e2e_tiny", seed=21)
+    sprint = write_tiny_pipeline(root / "sana_e2e_sprint", seed=22, sprint=True)
     for sub in ("diffusion_models", "text_encoders", "vae"):
-        (models / sub / "tiny-sana").symlink_to(sana)
-    (models / "diffusion_models" / "tiny-sprint").symlink_to(sprint)
-    (models / "text_encoders" / "tiny-sprint").symlink_to(sprint)
-    write_tiny_gemma(root / "gemma", seed=3, single_file=models / "diffusion_models" / "gemma_in_dit_slot.safetensors")
+        (models / sub / "sana_e2e_tiny").symlink_to(sana)
+    (models / "diffusion_models" / "sana_e2e_sprint").symlink_to(sprint)
+    (models / "text_encoders" / "sana_e2e_sprint").symlink_to(sprint)
+    write_tiny_gemma(root / "gemma", seed=3, single_file=models / "diffusion_models" / "sana_e2e_gemma_in_dit_slot.safetensors")
     save_file({"input_blocks.0.0.weight": torch.zeros(4, 4), "middle_block.0.in_layers.0.weight": torch.zeros(4)},
-              str(models / "diffusion_models" / "sdxl_unet.safetensors"))
-    _tiny_upscaler(models / "upscale_models" / "tiny_compact_x2.safetensors")
+              str(models / "diffusion_models" / "sana_e2e_sdxl_unet.safetensors"))
+    _tiny_upscaler(models / "upscale_models" / "sana_e2e_compact_x2.safetensors")
     overflowing = load_dit(sana)
     with torch.no_grad():
         overflowing.final_layer.linear.weight.mul_(1e5)  # its output overflows float16 (65504)
-    save_dit(overflowing, models / "diffusion_models" / "tiny_fp16_overflow.safetensors", layout="nvlabs",
+    save_dit(overflowing, models / "diffusion_models" / "sana_e2e_fp16_overflow.safetensors", layout="nvlabs",
              dtype=torch.float16)
     g = torch.Generator().manual_seed(1)  # a LoRA on the fused qkv of block 0, in ComfyUI's generic key layout
     save_file({"diffusion_model.blocks.0.attn.qkv.lora_down.weight": torch.randn(4, 64, generator=g),
                "diffusion_model.blocks.0.attn.qkv.lora_up.weight": torch.randn(192, 4, generator=g)},
-              str(models / "loras" / "tiny_sana_lora.safetensors"))
+              str(models / "loras" / "sana_e2e_lora_comfy_keys.safetensors"))
     save_file({"transformer.transformer_blocks.0.attn1.to_k.lora_A.weight": torch.randn(4, 64, generator=g),
                "transformer.transformer_blocks.0.attn1.to_k.lora_B.weight": torch.randn(64, 4, generator=g),
                "transformer.transformer_blocks.1.attn2.to_v.lora_A.weight": torch.randn(4, 64, generator=g),
                "transformer.transformer_blocks.1.attn2.to_v.lora_B.weight": torch.randn(64, 4, generator=g)},
-              str(models / "loras" / "diffusers_format_lora.safetensors"))
+              str(models / "loras" / "sana_e2e_lora_diffusers.safetensors"))
     (root / "input").mkdir()
     gradient = np.linspace(0, 255, SMALL[0] * SMALL[1] * 3).reshape(SMALL[1], SMALL[0], 3).astype(np.uint8)
     Image.fromarray(gradient).save(root / "input" / "example.png")
+    alpha = np.full(gradient.shape[:2], 255, np.uint8)
+    alpha[MASKED[1]:MASKED[3], MASKED[0]:MASKED[2]] = 0  # LoadImage's MASK is 1 where alpha is 0
+    Image.fromarray(np.dstack([gradient, alpha])).save(root / "input" / "sana_e2e_masked.png")
     nodes = root / "custom_nodes"
     nodes.mkdir()
     installed = [p for p in (Path(COMFY) / "custom_nodes").iterdir() if p.resolve() == ROOT]
@@ -139,34 +143,50 @@ def _prepare(server, workflow: Path, steps: int = 3) -> dict:
     for node in prompt.values():
         kind, inputs = node["class_type"], node["inputs"]
         if kind == "SanaCheckpointLoader":
-            inputs["ckpt_name"] = "tiny-sprint/" if sprint else "tiny-sana/"
+            inputs["ckpt_name"] = "sana_e2e_sprint/" if sprint else "sana_e2e_tiny/"
         elif kind in ("SanaGemmaLoader", "SanaDCAELoader"):
-            inputs["text_encoder" if kind == "SanaGemmaLoader" else "vae_name"] = "tiny-sana/"
+            inputs["text_encoder" if kind == "SanaGemmaLoader" else "vae_name"] = "sana_e2e_tiny/"
+        elif kind == "SanaFolderLoader":
+            inputs["folder"] = "sana_e2e_tiny/"
+        elif kind == "LoadImage" and "inpaint" in workflow.stem:
+            inputs["image"] = "sana_e2e_masked.png"
         elif kind in ("SanaEmptyLatentImage", "ImageScale"):
             inputs["width"], inputs["height"] = SMALL
         elif kind in ("SanaSampler", "KSampler", "SanaScheduler") and not sprint:
             inputs["steps"] = steps
         elif kind == "UpscaleModelLoader":
-            inputs["model_name"] = "tiny_compact_x2.safetensors"
+            inputs["model_name"] = "sana_e2e_compact_x2.safetensors"
         elif kind == "SanaDCAEDecode":
             inputs["tile_size"], inputs["overlap"] = 128, 64
+        elif kind == "SanaPAG":
+            inputs["layers"] = "1"  # the tiny DiT has 2 blocks
     return prompt
 
 
 def test_nodes_are_registered_with_descriptions(server):
     ours = {k: v for k, v in server.info.items() if v.get("python_module", "").endswith("comfyui-sana")
             or k.startswith("Sana")}
-    assert {"SanaCheckpointLoader", "SanaLoraLoader", "SanaGemmaLoader", "SanaDCAELoader", "SanaGemmaTextEncode", "SanaSampler",
-            "SanaEmptyLatentImage", "SanaDCAEDecode", "SanaDCAEEncode", "SanaSamplerSelect", "SanaScheduler"} <= set(ours)
+    assert {"SanaCheckpointLoader", "SanaFolderLoader", "SanaLoraLoader", "SanaGemmaLoader", "SanaDCAELoader",
+            "SanaGemmaTextEncode", "SanaSampler", "SanaPAG", "SanaEmptyLatentImage", "SanaDCAEDecode", "SanaDCAEEncode",
+            "SanaSamplerSelect", "SanaScheduler"} <= set(ours)
     assert all(v["description"] and v["category"] == "Sana" for v in ours.values())
     choices = server.info["SanaCheckpointLoader"]["input"]["required"]["ckpt_name"][1]["options"]
-    assert {"tiny-sana/", "tiny-sprint/", "tiny-sana/transformer/", "sdxl_unet.safetensors"} <= set(choices)
+    assert {"sana_e2e_tiny/", "sana_e2e_sprint/", "sana_e2e_tiny/transformer/", "sana_e2e_sdxl_unet.safetensors"} <= set(choices)
+    assert not {"sana_e2e_tiny/text_encoder/", "sana_e2e_tiny/vae/"} & set(choices)  # other components
+    assert server.info["SanaDCAELoader"]["output"] == ["VAE"]
+    folders = server.info["SanaFolderLoader"]["input"]["required"]["folder"][1]["options"]
+    assert "sana_e2e_tiny/" in folders and "sana_e2e_tiny/transformer/" not in folders
+    untipped = [(node, name) for node, v in ours.items() for group in ("required", "optional")
+                for name, spec in v["input"].get(group, {}).items()
+                if (isinstance(spec[0], list) or spec[0] in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"))
+                and not (spec[1] if len(spec) > 1 else {}).get("tooltip")]
+    assert not untipped
 
 
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=[w.stem for w in WORKFLOWS])
 def test_bundled_workflow_runs(server, workflow):
     entry = server.run(_prepare(server, workflow))
-    assert entry["status"]["status_str"] == "success", error_of(entry)
+    assert entry["status"]["status_str"] == "success", (error_of(entry) or {}).get("exception_message")
     images = [im for ims in _images(server, entry).values() for im in ims]
     assert images
     for im in images:
@@ -224,9 +244,9 @@ def test_sana_sampler_equals_engine_and_custom_advanced(server):
 
 
 @pytest.mark.parametrize("file,message", [
-    ("sdxl_unet.safetensors", "not a Sana DiT checkpoint: it looks like a Stable Diffusion / SDXL UNet"),
-    ("gemma_in_dit_slot.safetensors", "not a Sana DiT checkpoint: it looks like a language model"),
-    ("missing.safetensors", "'missing.safetensors' is not in any of the model folders"),
+    ("sana_e2e_sdxl_unet.safetensors", "not a Sana DiT checkpoint: it looks like a Stable Diffusion / SDXL UNet"),
+    ("sana_e2e_gemma_in_dit_slot.safetensors", "not a Sana DiT checkpoint: it looks like a language model"),
+    ("sana_e2e_missing.safetensors", "'sana_e2e_missing.safetensors' is not in any of the model folders"),
 ])
 def test_wrong_model_files_are_node_errors(server, file, message):
     prompt = _prepare(server, ROOT / "workflows" / "sana_text_to_image_1024.json")
@@ -238,8 +258,8 @@ def test_wrong_model_files_are_node_errors(server, file, message):
 
 
 @pytest.mark.parametrize("node,lora,strength_input", [
-    ("LoraLoaderModelOnly", "tiny_sana_lora.safetensors", "strength_model"),  # our module names, core node
-    ("SanaLoraLoader", "diffusers_format_lora.safetensors", "strength"),    # PEFT names into fused qkv / kv
+    ("LoraLoaderModelOnly", "sana_e2e_lora_comfy_keys.safetensors", "strength_model"),  # our module names, core node
+    ("SanaLoraLoader", "sana_e2e_lora_diffusers.safetensors", "strength"),    # PEFT names into fused qkv / kv
 ])
 def test_lora_loaders_patch_our_model(server, node, lora, strength_input):
     """A LoRA loader on our MODEL: strength 0 gives the plain image, strength 1 another one."""
@@ -260,18 +280,21 @@ def test_lora_loaders_patch_our_model(server, node, lora, strength_input):
 
 @pytest.mark.parametrize("workflow", ["sana_text_to_image_1024.json", "sana_ksampler.json"])
 def test_fp16_overflow_is_recomputed_wider(server, workflow):
-    """A float16 DiT that overflows finishes (SanaSampler and core KSampler), computing in a wider dtype from
-    the overflowing step on, with a warning; the image equals the float32 run of the same weights."""
+    """A DiT computing in float16 (core ModelComputeDtype on fp16 weights) that overflows finishes (SanaSampler and
+    core KSampler), computing in bfloat16 from the overflowing step on, with a warning; the image equals the
+    bfloat16 run of the same weights."""
     images = []
-    for dtype in ("fp16", "fp32"):
+    for dtype in ("fp16", "bf16"):
         prompt = _prepare(server, ROOT / "workflows" / workflow)
-        loader = next(n for n in prompt.values() if n["class_type"] == "SanaCheckpointLoader")
-        loader["inputs"]["ckpt_name"], loader["inputs"]["weight_dtype"] = "tiny_fp16_overflow.safetensors", dtype
-        entry = server.run(prompt)
-        assert entry["status"]["status_str"] == "success", error_of(entry)
-        images.append(next(iter(_images(server, entry).values()))[0].astype(np.int16))
+        loader = _node(prompt, "SanaCheckpointLoader")
+        prompt[loader]["inputs"].update(ckpt_name="sana_e2e_fp16_overflow.safetensors", weight_dtype="fp16")
+        for node in prompt.values():
+            if node["inputs"].get("model") == [loader, 0]:
+                node["inputs"]["model"] = ["compute", 0]
+        _add(prompt, "compute", "ModelComputeDtype", model=[loader, 0], dtype=dtype)
+        images.append(next(iter(_run_images(server, prompt).values())))
     assert np.abs(images[0] - images[1]).max() <= 1
-    assert "the DiT overflowed in float16 (inf/NaN); computing in torch.float32" in (server.root / "comfy.log").read_text()
+    assert "overflowed in float16 (inf/NaN); computing in torch.bfloat16" in (server.root / "comfy.log").read_text()
 
 
 def test_unchanged_prompt_reuses_loaded_models(server):
@@ -336,3 +359,267 @@ def test_frontend_loads_every_workflow_and_the_widgets_work(server):
     widget = report["widget"]
     assert widget["fromPreset"] == [1376, 768] and widget["preset"] == "1024: 1376x768 (16:9)"
     assert widget["snapped"] == 992
+
+
+T2I = ROOT / "workflows" / "sana_text_to_image_1024.json"
+
+
+def _node(prompt: dict, kind: str) -> str:
+    return next(k for k, n in prompt.items() if n["class_type"] == kind)
+
+
+def _add(prompt: dict, node_id: str, kind: str, **inputs) -> list:
+    prompt[node_id] = {"class_type": kind, "inputs": inputs}
+    return [node_id, 0]
+
+
+def _save(prompt: dict, name: str, image: list) -> None:
+    """A SaveImage node whose image `_run_images` returns under `name`."""
+    _add(prompt, f"save_{name}", "SaveImage", images=image, filename_prefix=name)
+
+
+def _run_images(server, prompt: dict) -> dict[str, np.ndarray]:
+    entry = server.run(prompt)
+    assert entry["status"]["status_str"] == "success", (error_of(entry) or {}).get("exception_message")
+    return {k.removeprefix("save_"): v[0].astype(np.int16) for k, v in _images(server, entry).items()}
+
+
+def test_core_vae_nodes_work_on_the_dcae(server):
+    """The DC-AE loader's VAE in core VAEDecode (= SanaDCAEDecode), VAEDecodeTiled, VAEEncode (= SanaDCAEEncode)."""
+    p = _prepare(server, T2I)
+    sampler, vae, decode = (_node(p, k) for k in ("SanaSampler", "SanaDCAELoader", "SanaDCAEDecode"))
+    p[decode]["inputs"]["tiling"] = "off"
+    core = _add(p, "core_decode", "VAEDecode", samples=[sampler, 0], vae=[vae, 0])
+    tiled = _add(p, "core_tiled", "VAEDecodeTiled", samples=[sampler, 0], vae=[vae, 0], tile_size=128, overlap=32,
+                 temporal_size=64, temporal_overlap=8)
+    enc_core = _add(p, "enc_core", "VAEEncode", pixels=[decode, 0], vae=[vae, 0])
+    enc_ours = _add(p, "enc_ours", "SanaDCAEEncode", pixels=[decode, 0], dcae=[vae, 0], tiling="off")
+    for name, src in (("a_core", core), ("a_tiled", tiled),
+                      ("b_core", _add(p, "dec_core", "VAEDecode", samples=enc_core, vae=[vae, 0])),
+                      ("b_ours", _add(p, "dec_ours", "SanaDCAEDecode", samples=enc_ours, dcae=[vae, 0], tiling="off",
+                                      tile_size=0, overlap=256))):
+        _save(p, name, src)
+    got = _run_images(server, p)
+    ours = next(v for k, v in got.items() if k not in ("a_core", "a_tiled", "b_core", "b_ours"))
+    assert np.abs(got["a_core"] - ours).max() <= 1
+    assert np.abs(got["b_core"] - got["b_ours"]).max() <= 1
+    assert got["a_tiled"].shape == ours.shape and np.abs(got["a_tiled"] - ours).mean() < 40
+
+
+def _latest_latent(server, prefix: str) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    path = sorted((server.root / "output").glob(f"{prefix}_0*.latent"))[-1]
+    return load_file(str(path))["latent_tensor"]
+
+
+def _masked_region(a: np.ndarray, b: np.ndarray, margin: int) -> tuple[float, float]:
+    """Mean |a - b| inside the masked rectangle and outside it (at least `margin` px away)."""
+    x0, y0, x1, y1 = MASKED
+    inside = np.zeros(a.shape[:2], bool)
+    inside[y0:y1, x0:x1] = True
+    far = np.ones(a.shape[:2], bool)
+    far[max(0, y0 - margin):y1 + margin, max(0, x0 - margin):x1 + margin] = False
+    diff = np.abs(a - b).mean(-1)
+    return float(diff[inside].mean()), float(diff[far].mean())
+
+
+def test_inpainting_with_a_noise_mask(server):
+    """SetLatentNoiseMask -> SanaSampler regenerates only the masked latent pixels: outside the mask the image is
+    the DC-AE round trip of the input, inside it changes; SanaSampler equals SamplerCustomAdvanced with core
+    euler on the same mask (flow_euler is Euler), and VAEEncodeForInpaint + KSampler keeps the outside too."""
+    p = _prepare(server, T2I, steps=4)
+    sampler, vae, decode = (_node(p, k) for k in ("SanaSampler", "SanaDCAELoader", "SanaDCAEDecode"))
+    image = _add(p, "load", "LoadImage", image="sana_e2e_masked.png")
+    latent = _add(p, "encode", "VAEEncode", pixels=image, vae=[vae, 0])
+    masked = _add(p, "mask", "SetLatentNoiseMask", samples=latent, mask=["load", 1])
+    p[sampler]["inputs"].update(latent_image=masked, sampler="flow_euler")
+    _save(p, "round_trip", _add(p, "rt", "VAEDecode", samples=latent, vae=[vae, 0]))
+    pos, neg = p[sampler]["inputs"]["positive"], p[sampler]["inputs"]["negative"]
+    guider = _add(p, "guider", "CFGGuider", model=p[sampler]["inputs"]["model"], positive=pos, negative=neg, cfg=4.5)
+    custom = _add(p, "custom", "SamplerCustomAdvanced", noise=_add(p, "noise", "RandomNoise", noise_seed=42),
+                  guider=guider, sampler=_add(p, "euler", "KSamplerSelect", sampler_name="euler"),
+                  sigmas=_add(p, "sigmas", "SanaScheduler", sampler="flow_euler", steps=4, shift=0.0, denoise=1.0,
+                              model=p[sampler]["inputs"]["model"]), latent_image=masked)
+    _save(p, "custom", _add(p, "custom_decode", "VAEDecode", samples=custom, vae=[vae, 0]))
+    inpaint = _add(p, "for_inpaint", "VAEEncodeForInpaint", pixels=image, vae=[vae, 0], mask=["load", 1], grow_mask_by=0)
+    ks = _add(p, "ks", "KSampler", model=p[sampler]["inputs"]["model"], positive=pos, negative=neg,
+              latent_image=inpaint, seed=1, steps=4, cfg=4.5, sampler_name="euler", scheduler="simple", denoise=1.0)
+    _save(p, "ksampler", _add(p, "ks_decode", "VAEDecode", samples=ks, vae=[vae, 0]))
+    for name, src in (("input", latent), ("sana", [sampler, 0]), ("kstart", inpaint), ("ks", ks)):
+        _add(p, f"latent_{name}", "SaveLatent", samples=src, filename_prefix=f"e2e_inpaint_{name}")
+    got = _run_images(server, p)
+    ours = next(v for k, v in got.items() if k not in ("round_trip", "custom", "ksampler"))
+    assert np.abs(ours - got["custom"]).max() <= 2
+    x0, y0, x1, y1 = (v // 32 for v in MASKED)
+    z = {name: _latest_latent(server, f"e2e_inpaint_{name}") for name in ("input", "sana", "kstart", "ks")}
+    keep = torch.ones(z["input"].shape[-2:], dtype=torch.bool)
+    keep[y0:y1, x0:x1] = False
+    for name, start in (("sana", "input"), ("ks", "kstart")):  # outside the mask: the input latent; inside: new
+        assert torch.allclose(z[name][..., keep], z[start][..., keep], atol=1e-5), name
+        assert (z[name][..., ~keep] - z[start][..., ~keep]).abs().mean() > 0.1, name
+    inside, outside = _masked_region(ours, got["round_trip"], margin=32)
+    print(f"inpainting, decoded: mean |diff| to the DC-AE round trip of the input: inside the mask {inside:.2f}, "
+          f"outside {outside:.2f} (of 255; the tiny random DC-AE's global attention spreads changes)")
+    assert inside > outside
+
+
+def _with_shift_node(p: dict, sampler: str, node: str, shift: float) -> None:
+    _add(p, "shift_node", node, model=p[sampler]["inputs"]["model"], shift=shift)
+    p[sampler]["inputs"]["model"] = ["shift_node", 0]
+
+
+@pytest.mark.parametrize("node", ["ModelSamplingSD3", "ModelSamplingAuraFlow"])
+def test_shift_nodes_give_the_same_images_as_the_shift(server, node):
+    """ModelSamplingSD3 / AuraFlow (multiplier 1000 / 1) on a Sana model: SanaSampler (shift 0 = the model's)
+    equals SanaSampler's own shift; KSampler with the node at the default shift equals KSampler without it."""
+    images = []
+    for with_node in (False, True):
+        p = _prepare(server, T2I)
+        sampler = _node(p, "SanaSampler")
+        if with_node:
+            _with_shift_node(p, sampler, node, 5.0)
+        else:
+            p[sampler]["inputs"]["shift"] = 5.0
+        images.append(next(iter(_run_images(server, p).values())))
+    assert np.abs(images[0] - images[1]).max() <= 1
+    ks = []
+    for with_node in (False, True):
+        p = _prepare(server, ROOT / "workflows" / "sana_ksampler.json")
+        sampler = _node(p, "KSampler")
+        if with_node:
+            _with_shift_node(p, sampler, node, 3.0)
+        ks.append(next(iter(_run_images(server, p).values())))
+    assert np.abs(ks[0] - ks[1]).max() <= 1
+
+
+def test_shift_combinations_that_make_no_sense_are_errors(server):
+    p = _prepare(server, ROOT / "workflows" / "sana_sprint_2_steps.json")
+    sampler = _node(p, "SanaSampler")
+    _with_shift_node(p, sampler, "ModelSamplingSD3", 3.0)
+    error = error_of(server.run(p))
+    assert error and "scm sampler (Sana-Sprint)" in error["exception_message"]
+    p = _prepare(server, T2I)
+    sampler = _node(p, "SanaSampler")
+    _add(p, "eps", "ModelSamplingDiscrete", model=p[sampler]["inputs"]["model"], sampling="eps", zsnr=False)
+    p[sampler]["inputs"]["model"] = ["eps", 0]
+    error = error_of(server.run(p))
+    assert error and "Sana is a flow-matching model" in error["exception_message"]
+
+
+def test_pag_under_any_sampler_equals_the_engine(server):
+    """SanaSampler's PAG = the engine's SanaPAGPipeline-equivalent run; SanaPAG + CFGGuider +
+    SamplerCustomAdvanced (what KSampler users wire) = SanaSampler's PAG; core's UNet PAG node is refused."""
+    from sana_core.pipeline import SanaPipeline
+
+    p = _prepare(server, T2I, steps=3)
+    sampler = _node(p, "SanaSampler")
+    p[sampler]["inputs"].update(pag_scale=2.0, pag_layers="1")
+    inputs = p[sampler]["inputs"]
+    pag_model = _add(p, "pag", "SanaPAG", model=inputs["model"], scale=2.0, layers="1")
+    guider = _add(p, "guider", "CFGGuider", model=pag_model, positive=inputs["positive"], negative=inputs["negative"],
+                  cfg=4.5)
+    custom = _add(p, "custom", "SamplerCustomAdvanced", noise=_add(p, "noise", "RandomNoise", noise_seed=42),
+                  guider=guider, sampler=_add(p, "select", "SanaSamplerSelect", sampler="flow_dpmpp_2m"),
+                  sigmas=_add(p, "sigmas", "SanaScheduler", sampler="flow_dpmpp_2m", steps=3, shift=0.0,
+                              denoise=1.0, model=pag_model), latent_image=inputs["latent_image"])
+    _save(p, "custom", _add(p, "custom_decode", "VAEDecode", samples=custom, vae=[_node(p, "SanaDCAELoader"), 0]))
+    got = _run_images(server, p)
+    ours = next(v for k, v in got.items() if k != "custom")
+    assert np.abs(ours - got["custom"]).max() <= 1
+    pipe = SanaPipeline.from_pretrained(server.sana, dtype=torch.float32, device="cpu")
+    texts = {n["inputs"]["role"]: n["inputs"]["text"] for n in p.values() if n["class_type"] == "SanaGemmaTextEncode"}
+    want = pipe(texts["positive"], negative_prompt=texts["negative"], seed=42, num_inference_steps=3, width=SMALL[0],
+                height=SMALL[1], pag_guidance_scale=2.0, pag_layers=(1,), output_type="pt", progress=False)
+    want = (want[0].permute(1, 2, 0).numpy() * 255).astype(np.int16)
+    assert np.abs(ours - want).max() <= 1
+    p = _prepare(server, T2I)
+    sampler = _node(p, "SanaSampler")
+    _add(p, "core_pag", "PerturbedAttentionGuidance", model=p[sampler]["inputs"]["model"], scale=3.0)
+    p[sampler]["inputs"]["model"] = ["core_pag", 0]
+    error = error_of(server.run(p))
+    assert error and "cannot apply to Sana's blocks" in error["exception_message"]
+
+
+def test_timestep_ranges_and_areas_are_honoured(server):
+    """ConditioningSetTimestepRange and ConditioningSetArea change SanaSampler's image (they used to be dropped),
+    and SanaSampler equals SamplerCustomAdvanced on the same combined conditioning."""
+    plain = next(iter(_run_images(server, _prepare(server, T2I)).values()))
+    for kind, extra in (("ConditioningSetTimestepRange", {"start": 0.0, "end": 0.5}),
+                        ("ConditioningSetArea", {"width": 96, "height": 64, "x": 0, "y": 0, "strength": 1.0})):
+        p = _prepare(server, T2I)
+        sampler = _node(p, "SanaSampler")
+        pos = p[sampler]["inputs"]["positive"]
+        other = _add(p, "other", "SanaGemmaTextEncode", gemma=[_node(p, "SanaGemmaLoader"), 0],
+                     text="a completely different prompt", role="positive", complex_human_instruction=True)
+        part = _add(p, "part", kind, conditioning=other, **extra)
+        p[sampler]["inputs"]["positive"] = _add(p, "combined", "ConditioningCombine", conditioning_1=pos,
+                                                conditioning_2=part)
+        got = next(iter(_run_images(server, p).values()))
+        assert np.abs(got - plain).mean() > 1, kind
+
+
+@pytest.mark.parametrize("field,value,node", [("cfg", float("nan"), "SanaSampler"), ("shift", float("inf"), "SanaSampler"),
+                                              ("denoise", float("nan"), "SanaSampler"), ("width", 0, "SanaEmptyLatentImage"),
+                                              ("batch_size", 0, "SanaEmptyLatentImage"), ("pag_scale", -1.0, "SanaSampler")])
+def test_bad_numbers_are_refused_naming_the_field(server, field, value, node):
+    p = _prepare(server, T2I)
+    target = _node(p, node)
+    p[target]["inputs"][field] = value
+    code, answer = server.queue(p)
+    assert code == 400
+    errors = json.dumps(answer["node_errors"][target])
+    assert f"{field}:" in errors or f'"{field}"' in errors
+
+
+def test_long_prompt_says_it_was_cut(server):
+    p = _prepare(server, T2I)
+    encoder = next(k for k, n in p.items() if n["class_type"] == "SanaGemmaTextEncode" and n["inputs"]["role"] == "positive")
+    p[encoder]["inputs"]["text"] = " ".join(f"word{i}" for i in range(400))
+    assert server.run(p)["status"]["status_str"] == "success"
+    assert "is longer than Sana reads (max_length 300 tokens)" in (server.root / "comfy.log").read_text()
+
+
+def test_fp8_storage_runs_and_matches_fp32(server):
+    images = []
+    for dtype in ("fp8_e4m3fn", "fp32"):
+        p = _prepare(server, T2I)
+        p[_node(p, "SanaCheckpointLoader")]["inputs"]["weight_dtype"] = dtype
+        images.append(next(iter(_run_images(server, p).values())))
+    assert images[0].std() > 1 and np.abs(images[0] - images[1]).mean() < 20
+
+
+def test_cancel_during_a_tiled_decode(server):
+    """POST /interrupt during a long tiled DC-AE decode stops it within about a second."""
+    p = {"latent": {"class_type": "SanaEmptyLatentImage", "inputs": {"width": 4096, "height": 4096, "batch_size": 1}},
+         "vae": {"class_type": "SanaDCAELoader", "inputs": {"vae_name": "sana_e2e_tiny/", "dtype": "fp32"}},
+         "decode": {"class_type": "SanaDCAEDecode", "inputs": {"samples": ["latent", 0], "dcae": ["vae", 0],
+                                                              "tiling": "on", "tile_size": 256, "overlap": 64}},
+         "save": {"class_type": "PreviewImage", "inputs": {"images": ["decode", 0]}}}
+    code, answer = server.queue(p)
+    assert code == 200
+    for _ in range(600):
+        _, queue = server.request("GET", "/queue")
+        if queue["queue_running"]:
+            break
+        time.sleep(0.1)
+    time.sleep(3.0)
+    asked = time.time()
+    server.request("POST", "/interrupt")
+    entry = server.wait(answer["prompt_id"], timeout=120)
+    stopped = next(data["timestamp"] for kind, data in entry["status"]["messages"] if kind == "execution_interrupted")
+    latency = stopped / 1000 - asked
+    print(f"cancel latency during a tiled decode: {latency:.2f} s")
+    assert latency < 1.5
+
+
+def test_sana_lora_loader_reads_comfyui_trainer_keys(server):
+    images = []
+    for strength in (0.0, 1.0):
+        p = _prepare(server, T2I)
+        sampler = _node(p, "SanaSampler")
+        _add(p, "lora", "SanaLoraLoader", model=p[sampler]["inputs"]["model"],
+             lora_name="sana_e2e_lora_comfy_keys.safetensors", strength=strength)
+        p[sampler]["inputs"]["model"] = ["lora", 0]
+        images.append(next(iter(_run_images(server, p).values())))
+    assert np.abs(images[0] - images[1]).max() > 10

@@ -242,20 +242,20 @@ def test_oom_falls_back_to_tiles(tiny, monkeypatch):
         halved = tiny.decode(z, tiled=True, tile_size=64, overlap=0)
         real = tiny.decoder.forward
 
-        def forward(h):  # "out of memory" on anything bigger than a 2x2 latent tile
+        def forward(h, tick=lambda: None):  # "out of memory" on anything bigger than a 2x2 latent tile
             if h.shape[-1] > 2:
                 raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-            return real(h)
+            return real(h, tick)
 
         monkeypatch.setattr(tiny.decoder, "forward", forward)
         assert torch.equal(tiny.decode(z, tile_size=64, overlap=32), tiled)
         monkeypatch.setattr(dcae, "MIN_TILE", 64)
         assert torch.equal(tiny.decode(z, tiled=True, tile_size=128, overlap=32), halved)  # tiles OOM: halved
 
-        def tiny_forward(h):  # nothing bigger than 1x1 fits: 1x1 tiles cost too much, so it gives up
+        def tiny_forward(h, tick=lambda: None):  # nothing bigger than 1x1 fits: 1x1 tiles cost too much
             if h.shape[-1] > 1:
                 raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-            return real(h)
+            return real(h, tick)
 
         monkeypatch.setattr(tiny.decoder, "forward", tiny_forward)
         with pytest.raises(torch.OutOfMemoryError):
@@ -368,10 +368,11 @@ def test_float16_overflow_switches_to_bfloat16(files, caplog):
         vae.encoder.conv_in.weight.mul_(1e5)  # activations beyond float16's 65504
         img = smooth_image(64, 96)
         assert not torch.isfinite(vae.encode(img.half())).all()
-        with caplog.at_level("WARNING", logger="sana_core.dcae"):
+        with caplog.at_level("WARNING", logger="sana_core.precision"):
             z = dcae.run_finite(vae, "encode", img)
         assert torch.isfinite(z).all() and z.dtype == torch.bfloat16 and next(vae.parameters()).dtype == torch.bfloat16
-        assert "overflowed in float16 (encode): converting it to torch.bfloat16" in caplog.text
+        assert "the DC-AE encoder overflowed in float16 (inf/NaN); computing in torch.bfloat16" in caplog.text
         vae.decoder.conv_in.weight[0, 0, 0, 0] = float("nan")
-        with pytest.raises(FloatingPointError, match=r"dc-ae.*: the DC-AE decoder produced inf/NaN in torch.bfloat16"):
+        with pytest.raises(FloatingPointError, match=r"dc-ae.*: the DC-AE decoder produced inf/NaN computing in "
+                                                     r"torch.bfloat16"):
             dcae.run_finite(vae, "decode", z)

@@ -20,15 +20,19 @@ PROMPT = 'a cyberpunk cat with a neon sign that says "Sana", highly detailed, ci
 IO = {
     "SanaCheckpointLoader": ([], [("MODEL", "MODEL")]),
     "SanaGemmaLoader": ([], [("gemma", "SANA_GEMMA")]),
-    "SanaDCAELoader": ([], [("dcae", "SANA_DCAE")]),
+    "SanaDCAELoader": ([], [("VAE", "VAE")]),
+    "SanaFolderLoader": ([], [("MODEL", "MODEL"), ("gemma", "SANA_GEMMA"), ("VAE", "VAE")]),
     "SanaGemmaTextEncode": ([("gemma", "SANA_GEMMA")], [("CONDITIONING", "CONDITIONING")]),
     "SanaEmptyLatentImage": ([], [("LATENT", "LATENT")]),
     "SanaSampler": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                      ("latent_image", "LATENT")], [("LATENT", "LATENT")]),
-    "SanaDCAEDecode": ([("samples", "LATENT"), ("dcae", "SANA_DCAE")], [("IMAGE", "IMAGE")]),
-    "SanaDCAEEncode": ([("pixels", "IMAGE"), ("dcae", "SANA_DCAE")], [("LATENT", "LATENT")]),
+    "SanaDCAEDecode": ([("samples", "LATENT"), ("dcae", "VAE")], [("IMAGE", "IMAGE")]),
+    "SanaDCAEEncode": ([("pixels", "IMAGE"), ("dcae", "VAE")], [("LATENT", "LATENT")]),
     "SanaSamplerSelect": ([], [("SAMPLER", "SAMPLER")]),
-    "SanaScheduler": ([], [("SIGMAS", "SIGMAS")]),
+    "SanaScheduler": ([("model", "MODEL")], [("SIGMAS", "SIGMAS")]),
+    "SanaPAG": ([("model", "MODEL")], [("MODEL", "MODEL")]),
+    "VAEDecode": ([("samples", "LATENT"), ("vae", "VAE")], [("IMAGE", "IMAGE")]),
+    "VAEEncodeForInpaint": ([("pixels", "IMAGE"), ("vae", "VAE"), ("mask", "MASK")], [("LATENT", "LATENT")]),
     "SaveImage": ([("images", "IMAGE")], []),
     "PreviewImage": ([("images", "IMAGE")], []),
     "LoadImage": ([], [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
@@ -81,7 +85,7 @@ class Graph:
 
 def _front(g: Graph, dit: str = DIT, negative: str = NEGATIVE, prompt: str = PROMPT) -> tuple[int, int, int, int]:
     """Loaders and both prompts: returns (model, positive, negative, dcae) node ids."""
-    model = g.add("SanaCheckpointLoader", [dit, "default"], 0, 0)
+    model = g.add("SanaCheckpointLoader", [dit, "default", "auto"], 0, 0)
     gemma = g.add("SanaGemmaLoader", [GEMMA, "default"], 0, 1)
     dcae = g.add("SanaDCAELoader", [DCAE, "default"], 0, 2)
     pos = g.add("SanaGemmaTextEncode", [prompt, "positive", True], 1, 0, "Positive prompt", gemma=gemma)
@@ -89,7 +93,7 @@ def _front(g: Graph, dit: str = DIT, negative: str = NEGATIVE, prompt: str = PRO
     return model, pos, neg, dcae
 
 
-def _sampler(steps: int = 20, cfg: float = 4.5, pag: float = 0.0, shift: float = 3.0, sampler: str = "flow_dpmpp_2m",
+def _sampler(steps: int = 20, cfg: float = 4.5, pag: float = 0.0, shift: float = 0.0, sampler: str = "flow_dpmpp_2m",
              denoise: float = 1.0) -> list:
     return [42, "fixed", steps, cfg, pag, "8", shift, sampler, denoise]
 
@@ -112,7 +116,7 @@ def text_to_image() -> Graph:
 
 def text_to_image_4k() -> Graph:
     g = Graph()
-    image = _generate(g, dit="Sana_1600M_4Kpx_BF16_diffusers/", size=4096, widgets=_sampler(shift=6.0), tiling="on")
+    image = _generate(g, dit="Sana_1600M_4Kpx_BF16_diffusers/", size=4096, tiling="on")  # the loader sets shift 6
     g.add("SaveImage", ["Sana_4K"], 4, 0, images=image)
     return g
 
@@ -149,10 +153,31 @@ def upscale() -> Graph:
 
 
 def ksampler() -> Graph:
+    """Core nodes around a Sana MODEL: SanaPAG -> KSampler, and core VAEDecode on the DC-AE."""
     g = Graph()
-    image = _generate(g, sampler="KSampler", widgets=[42, "fixed", 20, 4.5, "euler", "simple", 1.0],
-                      title="KSampler (core)")
+    model, pos, neg, dcae = _front(g)
+    pag = g.add("SanaPAG", [2.0, "8"], 1, 3, model=model)
+    latent = g.add("SanaEmptyLatentImage", [1024, 1024, 1, "custom"], 1, 2)
+    out = g.add("KSampler", [42, "fixed", 20, 4.5, "euler", "simple", 1.0], 2, 0, "KSampler (core)", model=pag,
+                positive=pos, negative=neg, latent_image=latent)
+    image = g.add("VAEDecode", [], 3, 0, samples=out, vae=dcae)
     g.add("SaveImage", ["Sana_KSampler"], 4, 0, images=image)
+    return g
+
+
+def inpaint() -> Graph:
+    """Inpainting: the whole diffusers folder in one loader, LoadImage's mask (paint it in the mask editor),
+    core VAEEncodeForInpaint on the DC-AE, SanaSampler honouring the noise mask."""
+    g = Graph()
+    model = g.add("SanaFolderLoader", [DIT, "default", "default", "default"], 0, 0)
+    pos = g.add("SanaGemmaTextEncode", ["a red fox sitting in the grass", "positive", True], 1, 0,
+                "Positive prompt", gemma=(model, 1))
+    neg = g.add("SanaGemmaTextEncode", [NEGATIVE, "negative", True], 1, 1, "Negative prompt", gemma=(model, 1))
+    image = g.add("LoadImage", ["example.png", "image"], 0, 2)
+    latent = g.add("VAEEncodeForInpaint", [32], 1, 2, pixels=(image, 0), vae=(model, 2), mask=(image, 1))
+    out = g.add("SanaSampler", _sampler(), 2, 0, model=model, positive=pos, negative=neg, latent_image=latent)
+    decoded = g.add("VAEDecode", [], 3, 0, samples=out, vae=(model, 2))
+    g.add("SaveImage", ["Sana_inpaint"], 4, 0, images=decoded)
     return g
 
 
@@ -163,7 +188,7 @@ def custom_sampler() -> Graph:
     noise = g.add("RandomNoise", [42, "fixed"], 1, 3)
     guider = g.add("CFGGuider", [4.5], 2, 1, model=model, positive=pos, negative=neg)
     sampler = g.add("SanaSamplerSelect", ["flow_dpmpp_2m"], 2, 2)
-    sigmas = g.add("SanaScheduler", ["flow_dpmpp_2m", 20, 3.0, 1.0], 2, 3)
+    sigmas = g.add("SanaScheduler", ["flow_dpmpp_2m", 20, 0.0, 1.0], 2, 3, model=model)
     out = g.add("SamplerCustomAdvanced", [], 3, 0, noise=noise, guider=guider, sampler=sampler, sigmas=sigmas,
                 latent_image=latent)
     image = g.add("SanaDCAEDecode", ["auto", 0, 256], 4, 0, samples=(out, 0), dcae=dcae)
@@ -179,6 +204,7 @@ WORKFLOWS = {
     "sana_upscale_and_save": upscale,
     "sana_ksampler": ksampler,
     "sana_sampler_custom_advanced": custom_sampler,
+    "sana_inpaint": inpaint,
 }
 
 if __name__ == "__main__":

@@ -154,6 +154,10 @@ def detect_config(sd: dict[str, torch.Tensor], name: str = "", diffusers_config:
         res = _resolution_hint(name)
         if res:
             cfg = replace(cfg, use_pe=True, pe_interpolation=res / 2048, base_size=res // 32)
+        elif use_pe is None and cfg == VARIANTS["sana-1.6b"]:  # the 2K/4K releases share this architecture
+            log.warning("%s: no config and no 2K/4K in the name, so loaded as the 1024 px Sana 1.6B without the "
+                        "2K/4K positional embedding; if it is a 2K or 4K model, turn use_pe on (or keep 2K/4K "
+                        "in the file name)", name)
     if use_pe is not None and use_pe != cfg.use_pe:
         cfg = replace(cfg, use_pe=use_pe)
     variant = next((n for n, v in VARIANTS.items() if v == cfg), f"custom ({cfg.depth} blocks, width {cfg.width})")
@@ -257,7 +261,8 @@ def save_dit(model: SanaDiT, path: PathLike, layout: str = "diffusers", prefix: 
 def lora_key_map(cfg: DiTConfig, prefix: str = "diffusion_model.") -> dict[str, str | tuple[str, tuple[int, int, int]]]:
     """LoRA module names -> the weight each patches (under `prefix`), for the formats Sana LoRAs come in:
     diffusers/PEFT (`transformer.transformer_blocks.0.attn1.to_q`, also without `transformer.`), kohya-style
-    (`lora_unet_...`, `lora_transformer_...` with `_` for `.`) and NVlabs names (`blocks.0.attn.qkv`).
+    (`lora_unet_...`, `lora_transformer_...` with `_` for `.`), NVlabs names (`blocks.0.attn.qkv`) and ComfyUI's
+    (`diffusion_model.blocks.0.attn.qkv`, what its LoRA trainer writes).
     A part of one of our fused weights (q of qkv, k of kv) maps to (key, (0, first row, rows)): ComfyUI's
     offset patch, which `comfy.lora.load_lora` takes as is."""
     out: dict[str, str | tuple[str, tuple[int, int, int]]] = {}
@@ -265,7 +270,7 @@ def lora_key_map(cfg: DiTConfig, prefix: str = "diffusion_model.") -> dict[str, 
         if not ours.endswith(".weight"):
             continue
         target = prefix + ours
-        out[ours[: -len(".weight")]] = target
+        out[ours[: -len(".weight")]] = out[target[: -len(".weight")]] = target  # NVlabs / ComfyUI-trainer names
         for i, name in enumerate(t[: -len(".weight")] for t in theirs):
             value = target if len(theirs) == 1 else (target, (0, i * cfg.width, cfg.width))
             flat = name.replace(".", "_")
