@@ -62,9 +62,9 @@ class ComfySanaDiT(SanaDiT):
     """`SanaDiT` answering the call ComfyUI's `BaseModel` makes.
 
     It computes in the dtype ComfyUI hands it the latents in (the storage dtype, or the manual-cast dtype for
-    fp8 storage or a ModelComputeDtype node). A float16 pass that overflows is redone wider and stays so
-    (`precision.run_finite`); the weights stay as stored and comfy.ops casts them layer by layer, so ComfyUI's
-    memory manager and LoRA patches are untouched. PAG and the text keys/values cache come through
+    fp8 storage or a ModelComputeDtype node). After a float16 overflow (`SanaModel._apply_model`) it computes in
+    `upcast`; the weights stay as stored and comfy.ops casts them layer by layer, so ComfyUI's memory manager and
+    LoRA patches are untouched. PAG and the text keys/values cache come through
     `transformer_options`; what it cannot honour (a ControlNet, attention patches) is an error, never ignored.
     """
 
@@ -95,18 +95,14 @@ class ComfySanaDiT(SanaDiT):
         pag_batch = torch.ones(x.shape[0], dtype=torch.bool, device=x.device) if layers else None
         if attention_mask is not None:
             context, attention_mask = trim_padding(context, attention_mask)
+        if self.upcast is not None:
+            for m in self.modules():  # re-asserted each call: ComfyUI resets the flag when it unpatches
+                if hasattr(m, "comfy_cast_weights"):
+                    m.comfy_cast_weights = True
         cache = options.get(TEXT_KV)
-
-        def run() -> torch.Tensor:
-            if self.upcast is not None:
-                for m in self.modules():  # re-asserted each call: ComfyUI resets the flag when it unpatches
-                    if hasattr(m, "comfy_cast_weights"):
-                        m.comfy_cast_weights = True
-            kv = cache.get(self, context, attention_mask) if cache is not None else None
-            return super(ComfySanaDiT, self).forward(x.to(self.compute_dtype), timestep, context, attention_mask,
-                                                     guidance, layers, pag_batch, text_kv=kv)
-
-        return precision.run_finite(run, self, f"the Sana DiT ({getattr(self, 'variant', None)})")
+        kv = cache.get(self, context, attention_mask) if cache is not None else None
+        return super().forward(x.to(self.compute_dtype), timestep, context, attention_mask, guidance, layers,
+                               pag_batch, text_kv=kv)
 
 
 def check_flow(model_sampling: object) -> None:
@@ -163,9 +159,13 @@ class SanaModel(comfy.model_base.BaseModel):
         self._manual_cast = dtype
 
     def _apply_model(self, x, t, *args, **kwargs):
+        """BaseModel's, checked for overflow (`precision.run_finite`): a float16 DiT that overflows is widened and
+        the step redone from the float32 inputs, which BaseModel then casts to the wider dtype."""
         check_flow(self.model_sampling)
         self._sigma = t  # read by process_timestep, which BaseModel calls with the model sampling's timestep
-        return super()._apply_model(x, t, *args, **kwargs)
+        dit = self.diffusion_model
+        return precision.run_finite(lambda: super(SanaModel, self)._apply_model(x, t, *args, **kwargs), dit,
+                                    f"the Sana DiT ({getattr(dit, 'variant', None)})")
 
     def process_timestep(self, timestep: torch.Tensor, **kwargs: object) -> torch.Tensor:
         return self.diffusion_model.timestep(self._sigma.float().to(timestep.device))

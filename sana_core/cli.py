@@ -3,6 +3,7 @@
     python -m sana_core.cli --prompt "a cyberpunk cat" --output_dir output
     python -m sana_core.cli --txt_file prompts.txt --model ./Sana_600M_1024px_diffusers
     python -m sana_core.cli --json_file prompts.json --dit Sana_1600M_1024px.pth --vae dc-ae --text_encoder gemma
+    python -m sana_core.cli --prompt "a red fox" --image photo.png --mask mask.png   # inpainting (white = repaint)
 
 A txt file holds one prompt a line (blank lines and lines starting with # are skipped). A json file holds a
 list of prompts or records, or an object mapping names to prompts or records; a record has "prompt" and may
@@ -94,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no_chi", action="store_true", help="encode prompts without the complex human instruction")
     p.add_argument("--use_pe", action=argparse.BooleanOptionalAction, default=None,
                    help="force the 2K/4K sin-cos positional embedding on/off (default: detected)")
+    p.add_argument("--image", help="image-to-image / inpainting: the picture to start from (resized and centre-"
+                                   "cropped to --width x --height)")
+    p.add_argument("--mask", help="inpainting: white (or transparent) = repaint, black = keep; needs --image")
+    p.add_argument("--strength", type=float, default=None,
+                   help="how much of the schedule runs on --image (0-1; default 0.6 for image-to-image, 1.0 when "
+                        "inpainting)")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     return p
 
@@ -127,9 +134,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from tqdm.auto import tqdm
 
-    from .pipeline import GenerationSettings, SanaPipeline, save_images
+    from .pipeline import GenerationSettings, SanaPipeline, load_image, save_images
 
     try:
+        if args.mask and not args.image:
+            raise ValueError("--mask needs --image (the picture whose masked region is repainted)")
+        if args.strength is not None and not (args.image and 0 < args.strength <= 1):
+            raise ValueError("--strength must be in (0, 1] and needs --image")
         records = read_prompts(args)
         for settings, _ in plan_jobs(records, args, sprint=False):  # fail on bad sizes before loading anything
             GenerationSettings("", **settings).validate()
@@ -141,12 +152,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     jobs = plan_jobs(records, args, sprint=pipe.dit.cfg.guidance_embed)
     model = str(args.dit or args.model)
+    strength = args.strength or (1.0 if args.mask else 0.6)
     for settings, recs in tqdm(jobs, desc="batches", disable=args.no_progress or len(jobs) == 1):
         shape = (1, pipe.dit.cfg.in_channels, settings["height"] // 32, settings["width"] // 32)
         noise = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(r["seed"])) for r in recs])
+        extra = {}
+        if args.image:
+            size = (settings["width"], settings["height"])
+            extra = {"image": load_image(args.image, *size), "strength": strength,
+                     "mask_image": load_image(args.mask, *size, mask=True) if args.mask else None}
         images = pipe([r["prompt"] for r in recs], latents=noise, seed=recs[0]["seed"],  # seed: SCM's re-noising
-                      progress=not args.no_progress, tiled_decode=args.tiled_decode, **settings)
-        metas = [{**settings, "prompt": r["prompt"], "seed": r["seed"], "model": model, "variant": pipe.dit.variant}
+                      progress=not args.no_progress, tiled_decode=args.tiled_decode, **settings, **extra)
+        metas = [{**settings, "prompt": r["prompt"], "seed": r["seed"], "model": model, "variant": pipe.dit.variant,
+                  **({"image": args.image, "mask": args.mask, "strength": strength} if args.image else {})}
                  for r in recs]
         for path in save_images(images, args.output_dir, metas, [r["name"] for r in recs]):
             print(path)

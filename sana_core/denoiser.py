@@ -137,22 +137,55 @@ class SanaDenoiser:
                                      "checkpoint (and any LoRA) and the inputs")
 
 
+@dataclass
+class MaskedDenoiser:
+    """Training-free inpainting by latent blending with re-noising (NVlabs' and ComfyUI's KSampler semantics):
+    before each step the kept region of x is the input latent noised to the current sigma with the run's own
+    noise, and the denoised output keeps the input there, so only the masked region is generated.
+
+    init: (B, 32, h, w) scaled input latent; noise: the run's initial noise, same shape; mask: (B or 1, 1, h, w)
+    in [0, 1] at latent resolution, 1 = generate, 0 = keep (`latent_mask`)."""
+
+    inner: Any
+    init: torch.Tensor
+    noise: torch.Tensor
+    mask: torch.Tensor
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **extra_args: object) -> torch.Tensor:
+        s = torch.as_tensor(sigma, device=x.device, dtype=x.dtype).reshape(-1, 1, 1, 1)
+        keep = 1 - self.mask
+        x = x * self.mask + ((1 - s) * self.init + s * self.noise) * keep
+        return self.inner(x, sigma, **extra_args) * self.mask + self.init * keep
+
+
+def latent_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """An image mask (B, H, W) or (H, W), 1 = repaint -> (B, 1, h, w) at latent size `size`, by bilinear
+    resizing as ComfyUI's sampler prepares noise masks."""
+    mask = mask.float().reshape(-1, 1, *mask.shape[-2:])
+    return torch.nn.functional.interpolate(mask, size=size, mode="bilinear").clamp(0, 1)
+
+
 def sample(denoiser: SanaDenoiser, noise: torch.Tensor, sampler: str = "flow_dpmpp_2m", steps: int = 20,
            shift: float = 3.0, denoise: float = 1.0, init: torch.Tensor | None = None,
-           generator: torch.Generator | None = None, callback: Any = None, progress: bool = True) -> torch.Tensor:
+           generator: torch.Generator | None = None, callback: Any = None, progress: bool = True,
+           mask: torch.Tensor | None = None) -> torch.Tensor:
     """Run a sampler on the denoiser -> x0 (B, 32, h, w), in the DiT's (scaled) latent space.
 
     noise: (B, 32, h, w) standard normal; text-to-image starts from it as NVlabs and diffusers do.
     denoise < 1 (image-to-image): as ComfyUI, the last `steps` of an int(steps / denoise)-step schedule, starting
-    from `init` (scaled latent) noised to the first sigma. generator: source of SCM's fresh noise per step.
+    from `init` (scaled latent) noised to the first sigma. mask: (B or 1, 1, h, w), 1 = generate: inpainting of
+    `init` (`MaskedDenoiser`), which then also starts from `init` noised to the first sigma at denoise 1, as
+    ComfyUI does. generator: source of SCM's fresh noise per step.
     """
     sigmas = denoise_sigmas(sampler, steps, shift, denoise)
-    x = noise.float()
-    if denoise < 1:
+    x, model = noise.float(), denoiser
+    if denoise < 1 or mask is not None:
         if init is None:
-            raise ValueError("denoise < 1 needs the latent to start from (init)")
+            raise ValueError("denoise < 1 and inpainting need the latent to start from (init)")
         x = (1 - sigmas[0]) * init.to(x) + sigmas[0] * x
+    if mask is not None:
+        model = MaskedDenoiser(denoiser, init.to(x), noise.float(), mask.to(x))
     extra = {"noise_sampler": default_noise_sampler(x, generator)} if sampler == "scm" else {}
-    x0 = get_sampler(sampler)(denoiser, x, sigmas.to(x.device), callback=callback, disable=not progress, **extra)
+    x0 = get_sampler(sampler)(model, x, sigmas.to(x.device), callback=callback, disable=not progress, **extra)
     denoiser.check_finite()
     return x0

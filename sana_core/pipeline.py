@@ -19,7 +19,7 @@ from .checkpoints.dcae import load_dcae
 from .checkpoints.dit import load_dit
 from .checkpoints.gemma import load_text_encoder
 from .dcae import DCAE, run_finite
-from .denoiser import SanaDenoiser, TextCondition, sample
+from .denoiser import SanaDenoiser, TextCondition, latent_mask, sample
 from .dit import SanaDiT
 from .samplers import SAMPLERS, default_shift
 from .text_encoder import SanaTextEncoder
@@ -173,6 +173,7 @@ class SanaPipeline:
         use_chi: bool = True,
         latents: torch.Tensor | None = None,
         image: torch.Tensor | None = None,
+        mask_image: torch.Tensor | None = None,
         strength: float = 1.0,
         output_type: str = "pil",
         progress: bool = True,
@@ -187,7 +188,10 @@ class SanaPipeline:
         (the default for Sprint models, 1-4 steps). shift: timestep shift (3.0, or 6.0 from 4K upwards).
         generator or seed: the initial noise is drawn on the CPU, so a seed gives the same image on any device.
         latents: (B, 32, H/32, W/32) initial noise instead. image: (B, 3, H, W) in 0..1 to start from
-        (image-to-image) and strength in (0, 1]: how much of the schedule runs on it. output_type: "pil" (list of
+        (image-to-image) and strength in (0, 1]: how much of the schedule runs on it. mask_image: (B, H, W) or
+        (H, W) in 0..1, 1 (white) = repaint: inpainting of `image` by latent blending with re-noising (NVlabs'
+        training-free inpainting; ComfyUI's noise-mask semantics, so SanaSampler gives the same image), at
+        latent resolution (32 px); strength 1 repaints the masked region from scratch. output_type: "pil" (list of
         PIL images), "pt" ((B, 3, H, W) in 0..1), or "latent" (the sampled latent, scaled space).
         tiled_decode: None decides from memory; True/False forces. callback: called each step (k-diffusion dict).
         truncate_timesteps: feed the DiT int(1000 * sigma) as NVlabs' model does (and diffusers' DPM-Solver);
@@ -216,13 +220,20 @@ class SanaPipeline:
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
 
-        init = None
+        if mask_image is not None and image is None:
+            raise ValueError("mask_image needs image: the picture whose masked region is repainted")
+        init = mask = None
         if image is not None:
             if tuple(image.shape[-2:]) != (height, width) or image.shape[0] not in (1, B):
                 raise ValueError(f"image has shape {tuple(image.shape)}, expected (1 or {B}, 3, {height}, {width})")
             vae = self._on_device(self.vae)
             pixels = (image.to(self.device, torch.float32) * 2 - 1).expand(B, -1, -1, -1)
             init = vae.scale(run_finite(vae, "encode", pixels).float())
+            if mask_image is not None:
+                mask_image = torch.as_tensor(mask_image)
+                if tuple(mask_image.shape[-2:]) != (height, width):
+                    raise ValueError(f"mask_image has shape {tuple(mask_image.shape)}, expected ({height}, {width})")
+                mask = latent_mask(mask_image, shape[-2:]).to(self.device)
         self._on_device(self.dit)
         denoiser = SanaDenoiser(self.dit if self.compiled is None else self.compiled, cond, uncond, guidance_scale,
                                 pag_guidance_scale, tuple(pag_layers), truncate_timesteps=truncate_timesteps,
@@ -231,7 +242,7 @@ class SanaPipeline:
         x0 = sample(denoiser, latents.to(self.device), sampler, num_inference_steps,
                     shift if shift is not None else default_shift(height, width),
                     denoise=strength if image is not None else 1.0, init=init, generator=generator,
-                    callback=callback, progress=progress)
+                    callback=callback, progress=progress, mask=mask)
         if new_shape:
             self._compiled_shapes.add(shape)
             log.info("torch.compile: sampling at %s, compilation included, took %.1f s", shape,
@@ -257,6 +268,24 @@ class SanaPipeline:
         budget = OFFLOAD_DECODE_BYTES if self.offload else None
         image = run_finite(vae, "decode", z, tiled=tiled, max_memory=budget).float()
         return (image / 2 + 0.5).clamp(0, 1)
+
+
+def load_image(path: str | Path, width: int, height: int, mask: bool = False) -> torch.Tensor:
+    """An image file resized to cover width x height (Lanczos) and centre-cropped: (1, 3, H, W) in 0..1, or with
+    `mask` the mask (H, W) in 0..1 from its luminance, white = repaint (alpha used instead when it has one)."""
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        if mask:
+            im = im.getchannel("A").point(lambda a: 255 - a) if "A" in im.getbands() else im.convert("L")
+        else:
+            im = im.convert("RGB")
+        im = ImageOps.fit(im, (width, height), Image.Resampling.LANCZOS)
+    import numpy as np
+
+    t = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)
+    return t if mask else t.permute(2, 0, 1)[None]
 
 
 def png_metadata(settings: dict[str, Any]) -> PngInfo:

@@ -218,3 +218,5 @@ def test_lora_key_map_patches_the_same_weights_as_diffusers(tiny):
                                    rtol=1e-5, atol=1e-5)
     assert key_map["lora_unet_transformer_blocks_0_attn1_to_k"] == ("blocks.0.attn.qkv.weight", (0, 64, 64))
     assert key_map["blocks.0.attn.qkv"] == "blocks.0.attn.qkv.weight"
+    comfy_names = lora_key_map(TINY)  # ComfyUI's trainer keys its LoRAs by the BaseModel's module paths
+    assert comfy_names["diffusion_model.blocks.1.cross_attn.kv_linear"] == "diffusion_model.blocks.1.cross_attn.kv_linear.weight"
