@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 
 from comfy_api.latest import io
 
@@ -86,8 +87,11 @@ def set_preview_map(vae) -> None:
         known = {}
     if key not in known:
         mm.load_models_gpu([vae.patcher], force_full_load=True)
+        started = time.perf_counter()
         known[key] = fit_latent_rgb(lambda x: dcae.scale(dcae.encode(x, tiled=False)), device=vae.device,
                                     dtype=vae.vae_dtype)
+        log.info("Sana: fitted the live-preview map of %s in %.1f s (kept in %s)", dcae.source,
+                 time.perf_counter() - started, cache)
         os.makedirs(os.path.dirname(cache), exist_ok=True)
         with open(cache, "w") as f:
             json.dump(known, f)

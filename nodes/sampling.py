@@ -22,15 +22,26 @@ SAMPLER_TIP = "flow_dpmpp_2m: Flow-DPM-Solver (Sana's default); flow_euler; scm:
 DENOISE_TIP = "1: from noise; < 1: the last steps of a longer schedule, starting from the input latent"
 
 
-def parse_layers(text: str) -> tuple[int, ...]:
+def parse_layers(text: str, field: str = "pag_layers") -> tuple[int, ...]:
     """"8" or "7, 8" -> block indices; ValueError naming the field otherwise."""
     try:
         layers = tuple(int(p) for p in text.replace(",", " ").split())
     except ValueError:
         layers = ()
     if not layers:
-        raise ValueError(f"pag_layers: expected block numbers such as '8' or '7, 8', got {text!r}")
+        raise ValueError(f"{field}: expected block numbers such as '8' or '7, 8', got {text!r}")
     return layers
+
+
+def check_with_layers(node: type[io.ComfyNode], values: dict, field: str) -> bool | str:
+    """`check_widgets`, and the PAG layer list in `field` parsed."""
+    checked = check_widgets(node, values)
+    if checked is True and field in values:
+        try:
+            parse_layers(values[field], field)
+        except ValueError as e:
+            return str(e)
+    return checked
 
 
 def resolve_shift(model, shift: float, sampler: str) -> float:
@@ -107,13 +118,7 @@ class SanaSampler(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, **values) -> bool | str:
-        checked = check_widgets(cls, values)
-        if checked is True and "pag_layers" in values:
-            try:
-                parse_layers(values["pag_layers"])
-            except ValueError as e:
-                return str(e)
-        return checked
+        return check_with_layers(cls, values, "pag_layers")
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image: dict, seed: int, steps: int, cfg: float,
@@ -169,20 +174,14 @@ class SanaPAG(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, **values) -> bool | str:
-        checked = check_widgets(cls, values)
-        if checked is True and "layers" in values:
-            try:
-                parse_layers(values["layers"])
-            except ValueError as e:
-                return str(e).replace("pag_layers", "layers")
-        return checked
+        return check_with_layers(cls, values, "layers")
 
     @classmethod
     def execute(cls, model, scale: float, layers: str) -> io.NodeOutput:
         from .model import add_pag
 
         sana_dit(model, "SanaPAG")
-        return io.NodeOutput(add_pag(model, scale, parse_layers(layers)) if scale > 0 else model)
+        return io.NodeOutput(add_pag(model, scale, parse_layers(layers, "layers")) if scale > 0 else model)
 
 
 class SanaSamplerSelect(io.ComfyNode):

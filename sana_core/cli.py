@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,9 @@ import torch
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 RECORD_FIELDS = {"prompt", "name", "negative_prompt", "seed", "height", "width", "steps", "guidance_scale",
                  "pag_guidance_scale"}
+#: plan_jobs' settings that GenerationSettings checks before any model is loaded
+GENERATION_FIELDS = {"negative_prompt", "height", "width", "num_inference_steps", "guidance_scale",
+                     "pag_guidance_scale", "pag_layers", "sampler", "shift", "use_chi"}
 
 
 def read_prompts(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -101,19 +105,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strength", type=float, default=None,
                    help="how much of the schedule runs on --image (0-1; default 0.6 for image-to-image, 1.0 when "
                         "inpainting)")
+    p.add_argument("--num_images_per_prompt", type=int, default=1, help="images of each prompt (seeds count up)")
+    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="merge a Sana LoRA into the DiT (repeat for several; scale default 1)")
+    p.add_argument("--variant", help="weight files to download from a hub repo: fp16, bf16, or 'none' for the full "
+                                     "precision files (default: from --dtype)")
+    p.add_argument("--truncate_timesteps", action=argparse.BooleanOptionalAction, default=True,
+                   help="feed the DiT int(1000 sigma) as NVlabs and diffusers' DPM-Solver do; --no-truncate_timesteps "
+                        "with --sampler flow_euler matches diffusers' FlowMatchEulerDiscreteScheduler")
+    p.add_argument("--max_timesteps", type=float, default=1.57080, help="Sana-Sprint: the first SCM time")
+    p.add_argument("--intermediate_timesteps", type=float, default=1.3,
+                   help="Sana-Sprint: the middle SCM time of a 2-step run")
+    p.add_argument("--max_sequence_length", type=int, default=300, help="caption tokens")
+    p.add_argument("--complex_human_instruction", help="replace Sana's complex human instruction with this text")
+    p.add_argument("--start_index", type=int, default=None, help="first prompt of the file to make (0-based)")
+    p.add_argument("--end_index", type=int, default=None, help="stop before this prompt")
+    p.add_argument("--skip_existing", action="store_true",
+                   help="leave out images whose PNG is already in --output_dir (resume an interrupted run)")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
     return p
 
 
-def plan_jobs(records: list[dict[str, Any]], args: argparse.Namespace, sprint: bool) -> list[tuple[dict, list[dict]]]:
-    """Group records into batches of up to `--batch_size` that share every setting but the prompt and seed.
+def plan_images(records: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One entry per image this process makes, each with its name and seed.
 
-    Each record gets its own seed (`--seed` + its index unless it sets one), so an image does not depend
-    on what else was in its batch.
+    `--start_index`/`--end_index` slice the prompts (NVlabs' flags); each prompt makes `--num_images_per_prompt`
+    images; image j of the whole file is named after its prompt (`NNNNN` or the record's name, `_k` for copies)
+    and seeded `--seed + j` unless its record sets a seed (then seed + k). Under torchrun / accelerate
+    (`RANK`, `WORLD_SIZE`) each process takes every WORLD_SIZE-th image; with `--skip_existing` images already
+    in the output folder are left out. So an image never depends on its batch, its process or the slice.
     """
+    n = args.num_images_per_prompt
+    images = []
+    for i, rec in list(enumerate(records))[args.start_index:args.end_index]:
+        for k in range(n):
+            name = rec.get("name", f"{i:05d}")
+            seed = rec["seed"] + k if "seed" in rec else args.seed + i * n + k
+            images.append({**rec, "name": name if n == 1 else f"{name}_{k}", "seed": seed})
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    images = images[rank::world]
+    if args.skip_existing:
+        images = [im for im in images if not (Path(args.output_dir) / f"{im['name']}.png").exists()]
+    return images
+
+
+def plan_jobs(images: list[dict[str, Any]], args: argparse.Namespace, sprint: bool) -> list[tuple[dict, list[dict]]]:
+    """Group images into batches of up to `--batch_size` that share every setting but the prompt and seed."""
     jobs: list[tuple[dict, list[dict]]] = []
-    for i, rec in enumerate(records):
-        rec = {"seed": args.seed + i, "name": f"{i:05d}", **rec}
+    for rec in images:
         settings = dict(
             negative_prompt=rec.get("negative_prompt", args.negative_prompt),
             height=rec.get("height", args.height), width=rec.get("width", args.width),
@@ -121,12 +160,30 @@ def plan_jobs(records: list[dict[str, Any]], args: argparse.Namespace, sprint: b
             guidance_scale=rec.get("guidance_scale", args.guidance_scale),
             pag_guidance_scale=rec.get("pag_guidance_scale", args.pag_guidance_scale),
             pag_layers=tuple(args.pag_layers), sampler=args.sampler or ("scm" if sprint else "flow_dpmpp_2m"),
-            shift=args.shift, use_chi=not args.no_chi)
+            shift=args.shift, use_chi=not args.no_chi, truncate_timesteps=args.truncate_timesteps,
+            max_timesteps=args.max_timesteps, intermediate_timesteps=args.intermediate_timesteps,
+            max_sequence_length=args.max_sequence_length, complex_human_instruction=args.complex_human_instruction)
         if jobs and jobs[-1][0] == settings and len(jobs[-1][1]) < args.batch_size:
             jobs[-1][1].append(rec)
         else:
             jobs.append((settings, [rec]))
     return jobs
+
+
+def parse_lora(text: str) -> tuple[str, float]:
+    """"PATH[:SCALE]" -> (path, scale); a colon that starts no number belongs to the path."""
+    path, _, scale = text.rpartition(":")
+    try:
+        return (path, float(scale)) if path else (text, 1.0)
+    except ValueError:
+        return text, 1.0
+
+
+def device_for_rank(device: str | None) -> str | None:
+    """--device, or under a launcher on a CUDA machine the GPU of this process's LOCAL_RANK."""
+    if device is None and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+        return f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
+    return device
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -141,29 +198,35 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--mask needs --image (the picture whose masked region is repainted)")
         if args.strength is not None and not (args.image and 0 < args.strength <= 1):
             raise ValueError("--strength must be in (0, 1] and needs --image")
+        if args.num_images_per_prompt < 1 or args.batch_size < 1:
+            raise ValueError("--num_images_per_prompt and --batch_size must be at least 1")
+        loras = [parse_lora(text) for text in args.lora]
         records = read_prompts(args)
-        for settings, _ in plan_jobs(records, args, sprint=False):  # fail on bad sizes before loading anything
-            GenerationSettings("", **settings).validate()
+        images = plan_images(records, args)
+        for settings, _ in plan_jobs(images, args, sprint=False):  # fail on bad sizes before loading anything
+            GenerationSettings("", **{k: v for k, v in settings.items() if k in GENERATION_FIELDS}).validate()
         pipe = SanaPipeline.from_pretrained(args.model, dit=args.dit, vae=args.vae, text_encoder=args.text_encoder,
-                                            dtype=DTYPES[args.dtype], device=args.device, use_pe=args.use_pe,
-                                            offload=args.offload, compile=args.compile or False)
+                                            dtype=DTYPES[args.dtype], device=device_for_rank(args.device),
+                                            use_pe=args.use_pe, offload=args.offload, compile=args.compile or False,
+                                            variant=args.variant)
+        for path, scale in loras:
+            pipe.load_lora(path, scale)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    jobs = plan_jobs(records, args, sprint=pipe.dit.cfg.guidance_embed)
+    jobs = plan_jobs(images, args, sprint=pipe.dit.cfg.guidance_embed)
     model = str(args.dit or args.model)
     strength = args.strength or (1.0 if args.mask else 0.6)
-    for settings, recs in tqdm(jobs, desc="batches", disable=args.no_progress or len(jobs) == 1):
-        shape = (1, pipe.dit.cfg.in_channels, settings["height"] // 32, settings["width"] // 32)
-        noise = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(r["seed"])) for r in recs])
+    for settings, recs in tqdm(jobs, desc="batches", disable=args.no_progress or len(jobs) <= 1):
         extra = {}
         if args.image:
             size = (settings["width"], settings["height"])
             extra = {"image": load_image(args.image, *size), "strength": strength,
                      "mask_image": load_image(args.mask, *size, mask=True) if args.mask else None}
-        images = pipe([r["prompt"] for r in recs], latents=noise, seed=recs[0]["seed"],  # seed: SCM's re-noising
-                      progress=not args.no_progress, tiled_decode=args.tiled_decode, **settings, **extra)
+        images = pipe([r["prompt"] for r in recs], seed=[r["seed"] for r in recs], progress=not args.no_progress,
+                      tiled_decode=args.tiled_decode, **settings, **extra)
         metas = [{**settings, "prompt": r["prompt"], "seed": r["seed"], "model": model, "variant": pipe.dit.variant,
+                  "loras": [f"{p}:{s:g}" for p, s in loras],
                   **({"image": args.image, "mask": args.mask, "strength": strength} if args.image else {})}
                  for r in recs]
         for path in save_images(images, args.output_dir, metas, [r["name"] for r in recs]):

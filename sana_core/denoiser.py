@@ -12,7 +12,7 @@ import torch
 
 from . import precision
 from .dit import SanaDiT
-from .samplers import cfg, default_noise_sampler, denoise_sigmas, flow_denoised, get_sampler, pag
+from .samplers import Generators, cfg, default_noise_sampler, denoise_sigmas, flow_denoised, get_sampler, pag
 
 log = logging.getLogger(__name__)
 
@@ -167,17 +167,18 @@ def latent_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def sample(denoiser: SanaDenoiser, noise: torch.Tensor, sampler: str = "flow_dpmpp_2m", steps: int = 20,
            shift: float = 3.0, denoise: float = 1.0, init: torch.Tensor | None = None,
-           generator: torch.Generator | None = None, callback: Any = None, progress: bool = True,
-           mask: torch.Tensor | None = None) -> torch.Tensor:
+           generator: Generators = None, callback: Any = None, progress: bool = True,
+           mask: torch.Tensor | None = None, **scm_times: float) -> torch.Tensor:
     """Run a sampler on the denoiser -> x0 (B, 32, h, w), in the DiT's (scaled) latent space.
 
     noise: (B, 32, h, w) standard normal; text-to-image starts from it as NVlabs and diffusers do.
     denoise < 1 (image-to-image): as ComfyUI, the last `steps` of an int(steps / denoise)-step schedule, starting
     from `init` (scaled latent) noised to the first sigma. mask: (B or 1, 1, h, w), 1 = generate: inpainting of
     `init` (`MaskedDenoiser`), which then also starts from `init` noised to the first sigma at denoise 1, as
-    ComfyUI does. generator: source of SCM's fresh noise per step.
+    ComfyUI does. generator: source of SCM's fresh noise per step (one, or one per sample); `scm_times`:
+    Sprint's `max_timesteps` / `intermediate_timesteps`.
     """
-    sigmas = denoise_sigmas(sampler, steps, shift, denoise)
+    sigmas = denoise_sigmas(sampler, steps, shift, denoise, **scm_times)
     x, model = noise.float(), denoiser
     if denoise < 1 or mask is not None:
         if init is None:

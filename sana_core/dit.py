@@ -53,7 +53,8 @@ def activation_bytes(cfg: DiTConfig, batch: int, tokens: int, dtype: torch.dtype
     hidden state twice, the gated half, the residual stream); per caption token every block's keys and values
     (2 * width) and 2 * width more. Measured with
     `bench/peak.py` (every live tensor, CUDA's `max_memory_allocated` count) for the 0.6B and 1.6B widths at
-    256-4096 px and batch 1-4: this estimate lies within 1.0-1.1x of the measurement (`bench/dit_memory.py`).
+    512-4096 px and batch 1-4, this estimate is 1.04-1.05x the measurement (`bench/dit_memory.py`; up to 1.22x
+    at 256 px, where the 300 caption tokens outweigh the 64 image tokens).
     """
     e = max(torch.finfo(dtype).bits // 8, 2)  # fp8 storage computes in (at least) 16 bits
     per_token = 13 * cfg.width * e

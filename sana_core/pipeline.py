@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,13 +16,14 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
+from . import hub
 from .checkpoints.dcae import load_dcae
 from .checkpoints.dit import load_dit
 from .checkpoints.gemma import load_text_encoder
 from .dcae import DCAE, run_finite
 from .denoiser import SanaDenoiser, TextCondition, latent_mask, sample
 from .dit import SanaDiT
-from .samplers import SAMPLERS, default_shift
+from .samplers import SAMPLERS, default_shift, randn
 from .text_encoder import SanaTextEncoder
 
 if TYPE_CHECKING:
@@ -33,26 +35,6 @@ DEFAULT_MODEL = "Efficient-Large-Model/Sana_1600M_1024px_diffusers"
 #: Where the parts of an NVlabs `.pth` release live (the `.pth` holds only the DiT).
 DEFAULT_VAE = "mit-han-lab/dc-ae-f32c32-sana-1.1-diffusers"
 DEFAULT_TEXT_ENCODER = "Efficient-Large-Model/gemma-2-2b-it"
-
-
-def resolve_path(ref: str | Path) -> Path:
-    """A local path, or a Hugging Face repo id / `hf://owner/repo[/file]` downloaded into the HF cache."""
-    p = Path(ref).expanduser()
-    if p.exists():
-        return p
-    text = str(ref)
-    if text.startswith("hf://"):
-        text = text[len("hf://"):]
-    parts = text.strip("/").split("/")
-    if len(parts) < 2 or text.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{ref}: no such file or folder, and not a Hugging Face repo id (owner/name)")
-    from huggingface_hub import hf_hub_download, snapshot_download
-
-    repo = "/".join(parts[:2])
-    log.info("downloading %s from Hugging Face (cached in the HF cache)", text)
-    if len(parts) > 2:
-        return Path(hf_hub_download(repo, "/".join(parts[2:])))
-    return Path(snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
 
 
 @dataclass
@@ -122,21 +104,33 @@ class SanaPipeline:
                         compile: bool | str = False) -> "SanaPipeline":
         """Load from a diffusers Sana folder or repo (`model`), or from separate files: `dit` (NVlabs `.pth`,
         safetensors or diffusers folder), `vae` (DC-AE) and `text_encoder` (Gemma-2 folder or single file).
-        Parts given separately override the folder's; parts missing from both come from the default repos."""
-        root = resolve_path(model) if model is not None and not (dit and vae and text_encoder) else None
+        Parts given separately override the folder's; parts missing from both come from the default repos.
+        From a hub repo only the parts still needed are fetched, in one precision: `variant` ("fp16", "bf16",
+        "none" for full precision; default from `dtype`, see `hub.default_variant`)."""
+        variant = hub.default_variant(dtype) if variant is None else hub.check_variant(variant)
+        need = [part for part, given in (("transformer", dit), ("vae", vae), ("text_encoder", text_encoder))
+                if not given]
+        root = hub.resolve(model, need, variant) if model is not None and need else None
         if root is not None and root.is_file():  # a single DiT file given as the model
             root, dit = None, dit or root
         if root is None and dit is None:
             raise ValueError("give `model` (a diffusers Sana folder or repo id) or `dit` (a DiT checkpoint)")
-        dit_path = resolve_path(dit) if dit else root
-        vae_path = resolve_path(vae) if vae else (root if root is not None else resolve_path(DEFAULT_VAE))
-        te_path = (resolve_path(text_encoder) if text_encoder
-                   else root if root is not None else resolve_path(DEFAULT_TEXT_ENCODER))
+        dit_path = hub.resolve(dit, variant=variant) if dit else root
+        vae_path = hub.resolve(vae or (root if root is not None else DEFAULT_VAE), variant=variant)
+        te_path = hub.resolve(text_encoder or (root if root is not None else DEFAULT_TEXT_ENCODER), variant=variant)
         te_dtype = torch.bfloat16 if dtype == torch.float16 else dtype  # Gemma overflows in fp16
-        return cls(load_dit(dit_path, dtype=dtype, variant=variant, use_pe=use_pe),
+        return cls(load_dit(dit_path, dtype=dtype, variant=_present(dit_path, variant), use_pe=use_pe),
                    load_dcae(vae_path, dtype=vae_dtype or dtype),
                    load_text_encoder(te_path, dtype=te_dtype),
                    device=device, offload=offload, compile=compile)
+
+    def load_lora(self, path: str | Path, scale: float = 1.0) -> None:
+        """Merge a Sana LoRA (diffusers/PEFT, kohya, NVlabs or ComfyUI names; a path, repo file or hf:// URL) into
+        the DiT, times `scale`; several add up. In place: load the model again to remove them."""
+        from .lora import merge_lora
+
+        n = merge_lora(self.dit, hub.resolve(path), scale)
+        log.info("LoRA %s merged at scale %g (%d layers)", path, scale, n)
 
     def _on_device(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.offload:
@@ -147,11 +141,14 @@ class SanaPipeline:
 
     @torch.no_grad()
     def encode_prompt(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None,
-                      use_chi: bool = True) -> tuple[TextCondition, TextCondition | None]:
-        """Positive prompts with the complex human instruction (if `use_chi`), negatives without it."""
+                      use_chi: bool = True, chi: str | None = None,
+                      max_length: int = 300) -> tuple[TextCondition, TextCondition | None]:
+        """Positive prompts with the complex human instruction (if `use_chi`; `chi` replaces Sana's), negatives
+        without it, `max_length` caption tokens."""
         te = self._on_device(self.text_encoder)
-        cond = TextCondition(*te.encode(list(prompts), use_chi=use_chi))
-        uncond = None if negative_prompts is None else TextCondition(*te.encode(list(negative_prompts), use_chi=False))
+        cond = TextCondition(*te.encode(list(prompts), use_chi=use_chi, max_length=max_length, chi=chi))
+        uncond = None if negative_prompts is None else TextCondition(
+            *te.encode(list(negative_prompts), use_chi=False, max_length=max_length))
         return cond, uncond
 
     @torch.no_grad()
@@ -165,8 +162,8 @@ class SanaPipeline:
         guidance_scale: float = 4.5,
         pag_guidance_scale: float = 0.0,
         pag_layers: Sequence[int] = (8,),
-        generator: torch.Generator | None = None,
-        seed: int | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        seed: int | Sequence[int] | None = None,
         sampler: str | None = None,
         shift: float | None = None,
         num_images_per_prompt: int = 1,
@@ -180,13 +177,25 @@ class SanaPipeline:
         tiled_decode: bool | None = None,
         truncate_timesteps: bool = True,
         callback: Callable[[dict[str, Any]], None] | None = None,
-    ) -> list | torch.Tensor:
+        prompt_embeds: torch.Tensor | None = None,
+        prompt_attention_mask: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+        complex_human_instruction: str | Sequence[str] | None = None,
+        max_sequence_length: int = 300,
+        max_timesteps: float = 1.57080,
+        intermediate_timesteps: float | None = 1.3,
+        return_seeds: bool = False,
+    ) -> Any:
         """Generate images.
 
         prompt: one or several; negative_prompt: one for all or one per prompt (encoded without CHI).
         height/width: pixels, multiples of 32. sampler: "flow_dpmpp_2m" (default), "flow_euler", or "scm"
         (the default for Sprint models, 1-4 steps). shift: timestep shift (3.0, or 6.0 from 4K upwards).
-        generator or seed: the initial noise is drawn on the CPU, so a seed gives the same image on any device.
+        generator or seed: the noise is drawn on the CPU, so a seed gives the same image on any device; one
+        generator (or seed) draws the whole batch, as diffusers' `generator=`; a list of them (one per image)
+        draws each image from its own, so it does not depend on its batch. Neither: a fresh random seed, without
+        touching torch's global generator; `return_seeds=True` returns (images, the seed of each image).
         latents: (B, 32, H/32, W/32) initial noise instead. image: (B, 3, H, W) in 0..1 to start from
         (image-to-image) and strength in (0, 1]: how much of the schedule runs on it. mask_image: (B, H, W) or
         (H, W) in 0..1, 1 (white) = repaint: inpainting of `image` by latent blending with re-noising (NVlabs'
@@ -195,8 +204,16 @@ class SanaPipeline:
         PIL images), "pt" ((B, 3, H, W) in 0..1), or "latent" (the sampled latent, scaled space).
         tiled_decode: None decides from memory; True/False forces. callback: called each step (k-diffusion dict).
         truncate_timesteps: feed the DiT int(1000 * sigma) as NVlabs' model does (and diffusers' DPM-Solver);
-        False feeds 1000 * sigma (diffusers' FlowMatchEuler).
+        False feeds 1000 * sigma (diffusers' FlowMatchEuler). prompt_embeds / negative_prompt_embeds (B, T, 2304)
+        with their attention masks (B, T) replace the prompts (diffusers' names). complex_human_instruction: the
+        instruction put before positive prompts (a string, or lines joined by newlines as diffusers does);
+        max_sequence_length: caption tokens (300). max_timesteps / intermediate_timesteps: Sana-Sprint's SCM
+        times (intermediate is used with 2 steps).
         """
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type={output_type!r}: expected one of {', '.join(OUTPUT_TYPES)}")
+        if prompt_embeds is not None:
+            prompt = [""] * prompt_embeds.shape[0]
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise ValueError("prompt is empty: give at least one prompt")
@@ -209,14 +226,22 @@ class SanaPipeline:
                                       pag_guidance_scale, tuple(pag_layers), seed, sampler, shift, use_chi)
         settings.validate()
 
-        cond, uncond = self.encode_prompt(prompts, None if sprint else negatives, use_chi)
+        chi = complex_human_instruction
+        chi = "\n".join(chi) if chi is not None and not isinstance(chi, str) else chi
+        cond = uncond = None
+        if prompt_embeds is None or (not sprint and negative_prompt_embeds is None):
+            cond, uncond = self.encode_prompt(prompts, None if sprint else negatives, use_chi, chi,
+                                              max_sequence_length)
+        if prompt_embeds is not None:
+            cond = _given(prompt_embeds, prompt_attention_mask, "prompt")
+        if negative_prompt_embeds is not None and not sprint:
+            uncond = _given(negative_prompt_embeds, negative_prompt_attention_mask, "negative_prompt")
         cond, uncond = cond.repeat(num_images_per_prompt), uncond and uncond.repeat(num_images_per_prompt)
         B = len(prompts) * num_images_per_prompt
         shape = (B, self.dit.cfg.in_channels, height // 32, width // 32)
-        if generator is None:
-            generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**63)
+        generator, seeds = _generators(generator, seed, B)
         if latents is None:
-            latents = torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
+            latents = randn(shape, generator)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
 
@@ -242,20 +267,21 @@ class SanaPipeline:
         x0 = sample(denoiser, latents.to(self.device), sampler, num_inference_steps,
                     shift if shift is not None else default_shift(height, width),
                     denoise=strength if image is not None else 1.0, init=init, generator=generator,
-                    callback=callback, progress=progress, mask=mask)
+                    callback=callback, progress=progress, mask=mask, max_timesteps=max_timesteps,
+                    intermediate_timesteps=intermediate_timesteps)
         if new_shape:
             self._compiled_shapes.add(shape)
             log.info("torch.compile: sampling at %s, compilation included, took %.1f s", shape,
                      time.perf_counter() - started)
-        if output_type == "latent":
-            return x0
-        images = self.decode(x0, tiled=tiled_decode)
-        if output_type == "pt":
-            return images
-        from PIL import Image
+        out = x0 if output_type == "latent" else self.decode(x0, tiled=tiled_decode)
+        if output_type == "np":
+            out = out.permute(0, 2, 3, 1).cpu().numpy()
+        elif output_type == "pil":
+            from PIL import Image
 
-        arrays = (images.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
-        return [Image.fromarray(a) for a in arrays]
+            arrays = (out.permute(0, 2, 3, 1) * 255).round().to(torch.uint8).cpu().numpy()
+            out = [Image.fromarray(a) for a in arrays]
+        return (out, seeds) if return_seeds else out
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:
@@ -268,6 +294,43 @@ class SanaPipeline:
         budget = OFFLOAD_DECODE_BYTES if self.offload else None
         image = run_finite(vae, "decode", z, tiled=tiled, max_memory=budget).float()
         return (image / 2 + 0.5).clamp(0, 1)
+
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def _present(path: Path, variant: str | None) -> str | None:
+    """`variant` if a folder holds its files (else the loader takes whatever precision is there)."""
+    folder = path / "transformer" if (path / "transformer").is_dir() else path
+    return variant if variant and path.is_dir() and any(folder.glob(f"*.{variant}*.safetensors*")) else None
+
+
+def random_seed() -> int:
+    """A fresh seed from the OS, leaving torch's global generator alone."""
+    return int.from_bytes(os.urandom(8), "little") % 2**63
+
+
+def _generators(generator: Any, seed: Any, batch: int) -> tuple[Any, list[int | None]]:
+    """(generator or list of per-image generators, the seed of each image; None where a generator was given)."""
+    if generator is not None:
+        return generator, [None] * batch
+    seed = random_seed() if seed is None else seed
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != batch:
+            raise ValueError(f"{len(seed)} seeds for {batch} images")
+        return [torch.Generator().manual_seed(int(s)) for s in seed], [int(s) for s in seed]
+    return torch.Generator().manual_seed(int(seed)), [int(seed)] * batch
+
+
+def _given(embeds: torch.Tensor, mask: torch.Tensor | None, name: str) -> TextCondition:
+    """Caption embeddings passed in (diffusers' `prompt_embeds` and `prompt_attention_mask`)."""
+    if embeds.ndim != 3:
+        raise ValueError(f"{name}_embeds: expected (batch, tokens, 2304), got {tuple(embeds.shape)}")
+    if mask is None:
+        mask = torch.ones(embeds.shape[:2], dtype=torch.long)
+    if tuple(mask.shape) != tuple(embeds.shape[:2]):
+        raise ValueError(f"{name}_attention_mask: expected {tuple(embeds.shape[:2])}, got {tuple(mask.shape)}")
+    return TextCondition(embeds, mask.long())
 
 
 def load_image(path: str | Path, width: int, height: int, mask: bool = False) -> torch.Tensor:

@@ -194,13 +194,26 @@ def pag(
 # ------------------------------------------------------------------------------------------------------ samplers
 
 
-def default_noise_sampler(x: torch.Tensor, generator: torch.Generator | None = None) -> NoiseSampler:
-    """Fresh standard-normal noise shaped like ``x`` (B, C, H, W) on each call, drawn in float32 from
-    ``generator`` on its own device (the CPU when None), so seeded runs are reproducible across devices."""
+Generators = torch.Generator | list[torch.Generator] | None
+
+
+def randn(shape: tuple[int, ...], generator: Generators) -> torch.Tensor:
+    """Standard-normal float32 noise of `shape` (B, ...) drawn on the generator's device (the CPU when None),
+    so seeded runs are reproducible across devices. A list of B generators draws each sample from its own
+    (diffusers' convention), so an image does not depend on what else is in its batch."""
+    if isinstance(generator, list):
+        if len(generator) != shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+        return torch.cat([randn((1, *shape[1:]), g) for g in generator])
     device = generator.device if generator is not None else torch.device("cpu")
+    return torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+
+
+def default_noise_sampler(x: torch.Tensor, generator: Generators = None) -> NoiseSampler:
+    """Fresh standard-normal noise shaped like ``x`` (B, C, H, W) on each call, drawn by :func:`randn`."""
 
     def sample(sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
-        return torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32).to(x)
+        return randn(tuple(x.shape), generator).to(x)
 
     return sample
 
@@ -306,21 +319,23 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
-def sampler_sigmas(name: str, steps: int, shift: float = 3.0) -> torch.Tensor:
+def sampler_sigmas(name: str, steps: int, shift: float = 3.0, max_timesteps: float = 1.57080,
+                   intermediate_timesteps: float | None = 1.3) -> torch.Tensor:
     """The schedule each sampler was matched against: DPM's for ``flow_dpmpp_2m``, FlowMatchEuler's for
-    ``flow_euler``, Sprint's TrigFlow times for ``scm`` (``shift`` unused there)."""
+    ``flow_euler``, Sprint's TrigFlow times for ``scm`` (``shift`` unused there; the two times only there)."""
     get_sampler(name)
     if name == "scm":
-        return scm_sigmas(steps)
+        return scm_sigmas(steps, max_timesteps, intermediate_timesteps)
     return (flow_euler_sigmas if name == "flow_euler" else flow_sigmas)(steps, shift)
 
 
-def denoise_sigmas(name: str, steps: int, shift: float = 3.0, denoise: float = 1.0) -> torch.Tensor:
+def denoise_sigmas(name: str, steps: int, shift: float = 3.0, denoise: float = 1.0, **scm_times: float) -> torch.Tensor:
     """`steps` + 1 sigmas for a partial run (image-to-image): as ComfyUI's KSampler, the last `steps` steps of
-    an int(steps / denoise)-step schedule; the whole schedule when denoise is 1."""
+    an int(steps / denoise)-step schedule; the whole schedule when denoise is 1. `scm_times`: Sprint's
+    `max_timesteps` / `intermediate_timesteps` (see :func:`scm_sigmas`)."""
     if not 0.0 < denoise <= 1.0:
         raise ValueError(f"denoise={denoise} must be in (0, 1]")
-    return sampler_sigmas(name, steps if denoise >= 1 else int(steps / denoise), shift)[-(steps + 1):]
+    return sampler_sigmas(name, steps if denoise >= 1 else int(steps / denoise), shift, **scm_times)[-(steps + 1):]
 
 
 def get_sampler(name: str) -> Callable[..., torch.Tensor]:

@@ -72,7 +72,7 @@ class SanaTextEncoder(torch.nn.Module):
         self.chi_length = len(tokenizer.encode(self.chi_prompt))  # with the BOS, as diffusers counts it
         self.cache_size = cache_size
         self.cache: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-        self._prefix_cache: tuple | None = None  # ((device, dtype), (ids, BOS state, KV cache)) of the instruction
+        self._prefix_cache: tuple | None = None  # ((device, dtype, chi), (ids, BOS state, KV cache)) of an instruction
         # the KV cache (argument and output) is `cache` from transformers 5 on, `past_key_values` before
         self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -85,20 +85,23 @@ class SanaTextEncoder(torch.nn.Module):
         return self.model.dtype
 
     @torch.no_grad()
-    def encode(self, prompts: str | list[str], use_chi: bool = True,
-               max_length: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, prompts: str | list[str], use_chi: bool = True, max_length: int = 300,
+               chi: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Caption embeddings ``[B, max_length, D]`` (model dtype) and attention mask ``[B, max_length]`` (int64).
 
-        ``use_chi=True`` for positive prompts, ``False`` for the negative prompt (diffusers: ``""``).
+        ``use_chi=True`` for positive prompts, ``False`` for the negative prompt (diffusers: ``""``); ``chi``
+        replaces Sana's complex human instruction (diffusers' ``complex_human_instruction`` lines joined by
+        newlines) and ``max_length`` the 300 caption tokens (diffusers' ``max_sequence_length``).
         """
+        chi = self.chi_prompt if chi is None else chi
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts or max_length < 2:
             raise ValueError(f"need at least one prompt and max_length >= 2, got {len(prompts)} prompts, "
                              f"max_length {max_length}")
-        keys = [(p.lower().strip(), use_chi, max_length, self.device, self.dtype) for p in prompts]
+        keys = [(p.lower().strip(), use_chi and chi, max_length, self.device, self.dtype) for p in prompts]
         new = [key for key in dict.fromkeys(keys) if key not in self.cache]
         if new:
-            embeds, mask = self._encode([key[0] for key in new], use_chi, max_length)
+            embeds, mask = self._encode([key[0] for key in new], use_chi, max_length, chi)
             self.cache.update((key, (e, m)) for key, e, m in zip(new, embeds, mask))
         rows = [self.cache[key] for key in keys]
         for key in keys:
@@ -107,7 +110,8 @@ class SanaTextEncoder(torch.nn.Module):
             self.cache.popitem(last=False)
         return torch.stack([e for e, _ in rows]), torch.stack([m for _, m in rows])
 
-    def _encode(self, texts: list[str], use_chi: bool, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode(self, texts: list[str], use_chi: bool, max_length: int,
+                chi: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """diffusers' ``_get_gemma_prompt_embeds`` + ``select_index`` for preprocessed texts, faster and exact:
 
         - Gemma does not run on padding: the model is causal and padding is on the right, so the real tokens'
@@ -115,20 +119,20 @@ class SanaTextEncoder(torch.nn.Module):
         - with the instruction, its tokens (but the last, which may merge with the prompt) are a constant
           prefix: their keys/values are computed once per device and dtype and reused (`_prefix`).
         """
-        total = max_length
+        total, chi = max_length, self.chi_prompt if chi is None else chi
         if use_chi:
-            texts = [self.chi_prompt + t for t in texts]
-            total = self.chi_length + max_length - 2
+            texts = [chi + t for t in texts]
+            total = self._chi_length(chi) + max_length - 2
         tokens = self.tokenizer(texts, padding="longest", max_length=total, truncation=True,
                                 padding_side="right", return_tensors="pt")
         if bool(tokens.attention_mask[:, -1].all()):  # some text filled every row: say what was cut
-            skip = len(self.chi_prompt) if use_chi else 0
+            skip = len(chi) if use_chi else 0
             for text, n in zip(texts, map(len, self.tokenizer(texts).input_ids)):
                 if n > total:
                     log.warning("the prompt %r is longer than Sana reads (max_length %d tokens): its last %d "
                                 "tokens are cut", text[skip:skip + 60] + "...", max_length, n - total)
         ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)  # [B, n <= total]
-        prefix = self._prefix() if use_chi else None
+        prefix = self._prefix(chi) if use_chi else None
         if prefix is not None and bool((ids[:, :prefix[0].shape[0]] == prefix[0]).all()):
             hidden = self._after_prefix(ids, mask, *prefix)
         else:
@@ -140,11 +144,15 @@ class SanaTextEncoder(torch.nn.Module):
         keep = [0, *range(total - max_length + 1, total)]  # BOS + the last max_length - 1 rows
         return hidden[:, keep], mask[:, keep]
 
-    def _prefix(self) -> tuple[torch.Tensor, torch.Tensor, object]:
-        """(prefix ids [P], its BOS state [D], its KV cache) for the instruction, on the model's device/dtype."""
-        key = (self.device, self.dtype)
+    def _chi_length(self, chi: str) -> int:
+        """Tokens of an instruction, with the BOS, as diffusers counts them."""
+        return self.chi_length if chi == self.chi_prompt else len(self.tokenizer.encode(chi))
+
+    def _prefix(self, chi: str) -> tuple[torch.Tensor, torch.Tensor, object]:
+        """(prefix ids [P], its BOS state [D], its KV cache) for an instruction, on the model's device/dtype."""
+        key = (self.device, self.dtype, chi)
         if self._prefix_cache is None or self._prefix_cache[0] != key:
-            ids = torch.tensor(self.tokenizer(self.chi_prompt).input_ids[:-1], device=self.device)
+            ids = torch.tensor(self.tokenizer(chi).input_ids[:-1], device=self.device)
             out = self.model(input_ids=ids[None], use_cache=True)
             self._prefix_cache = key, (ids, out.last_hidden_state[0, 0], getattr(out, self._cache_arg))
         return self._prefix_cache[1]

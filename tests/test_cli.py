@@ -87,17 +87,161 @@ def test_missing_model_and_unknown_sampler(tmp_path, capsys):
     assert "invalid choice: 'euler_a'" in capsys.readouterr().err
 
 
-def test_sprint_runs_are_reproducible(tmp_path, capsys):
-    """Sprint's SCM sampler draws fresh noise every step: the seed fixes that stream too."""
+def _png(path) -> np.ndarray:
+    return np.asarray(Image.open(path), dtype=np.int16)
+
+
+def _same_across_batches(a: list, b: list) -> None:
+    """Images of the same seeds made in batches of different sizes: batched kernels sum in another order
+    (7e-7 in the DiT's output on this CPU), which may flip a rounding by one level on a few pixels."""
+    for x, y in zip(a, b, strict=True):
+        diff = np.abs(x - y)
+        assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+
+def _pipe_png(pipe, prompt: str, seed: int, **kw) -> np.ndarray:
+    image = pipe(prompt, seed=seed, height=64, width=96, progress=False, output_type="pt", **kw)[0]
+    return (image.permute(1, 2, 0).numpy() * 255).round().astype(np.int16)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_sprint_from_the_cli_equals_pipe_and_diffusers(tmp_path, capsys, steps):
+    """Each CLI image = pipe(prompt, seed=s) = diffusers' SanaSprintPipeline with generator=manual_seed(s), for
+    every prompt of a file, whatever the batch size (the SCM re-noising continues each image's own generator)."""
+    import torch
+    from diffusers import SanaSprintPipeline
+
+    from sana_core.pipeline import SanaPipeline
+
     folder = str(write_tiny_pipeline(tmp_path / "sprint", seed=5, sprint=True))
-    outs = []
-    for run_dir in ("a", "b"):
-        code, paths, _ = run(capsys, "--model", folder, "--prompt", "a fox", "--seed", "3",
-                             "--output_dir", str(tmp_path / run_dir), "--steps", "3", "--height", "64",
-                             "--width", "96", "--dtype", "fp32", "--no_progress")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a fox\nan old lighthouse\na bowl of ramen\n")
+    runs = {}
+    for batch in ("1", "3"):
+        code, paths, _ = run(capsys, "--model", folder, "--txt_file", str(prompts), "--seed", "3", "--steps",
+                             str(steps), "--batch_size", batch, "--output_dir", str(tmp_path / batch), *SMALL[:4],
+                             "--dtype", "fp32", "--no_progress")
         assert code == 0
-        outs.append(np.asarray(Image.open(paths[0])))
-    assert np.array_equal(*outs)
+        runs[batch] = [_png(p) for p in paths]
+    _same_across_batches(runs["1"], runs["3"])
+    pipe = SanaPipeline.from_pretrained(folder, dtype=torch.float32, device="cpu")
+    ref = SanaSprintPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    for i, prompt in enumerate(["a fox", "an old lighthouse", "a bowl of ramen"]):
+        assert np.abs(runs["1"][i] - _pipe_png(pipe, prompt, 3 + i, num_inference_steps=steps)).max() <= 1
+        theirs = ref(prompt, num_inference_steps=steps, height=64, width=96, output_type="np",
+                     generator=torch.Generator().manual_seed(3 + i), use_resolution_binning=False,
+                     intermediate_timesteps=1.3 if steps == 2 else None).images[0]
+        assert np.abs(runs["1"][i] - (theirs * 255).round().astype(np.int16)).max() <= 1, i
+
+
+@pytest.mark.parametrize("mode", ["sana", "pag", "img2img"])
+def test_cli_images_equal_pipe_with_their_seeds(folder, tmp_path, capsys, mode):
+    """The same for Sana, PAG and image-to-image: batch 1 and 2 give the same PNGs, each = pipe(seed=s)."""
+    import torch
+
+    from sana_core.pipeline import SanaPipeline, load_image
+
+    flags, kw = [], {}
+    if mode == "pag":
+        flags, kw = ["--pag_guidance_scale", "2", "--pag_layers", "1"], {"pag_guidance_scale": 2.0, "pag_layers": (1,)}
+    elif mode == "img2img":
+        rng = np.random.default_rng(1)
+        Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(tmp_path / "in.png")
+        flags = ["--image", str(tmp_path / "in.png"), "--strength", "0.6"]
+        kw = {"image": load_image(tmp_path / "in.png", 96, 64), "strength": 0.6}
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red fox\nan old lighthouse\n")
+    runs = {}
+    for batch in ("1", "2"):
+        code, paths, _ = run(capsys, "--model", folder, "--txt_file", str(prompts), "--seed", "8", "--batch_size",
+                             batch, "--output_dir", str(tmp_path / batch), *SMALL, *flags)
+        assert code == 0
+        runs[batch] = [_png(p) for p in paths]
+    _same_across_batches(runs["1"], runs["2"])
+    pipe = SanaPipeline.from_pretrained(folder, dtype=torch.float32, device="cpu")
+    for i, prompt in enumerate(["a red fox", "an old lighthouse"]):
+        assert np.abs(runs["1"][i] - _pipe_png(pipe, prompt, 8 + i, num_inference_steps=2, **kw)).max() <= 1
+
+
+def test_images_per_prompt_slicing_sharding_and_resume(folder, tmp_path, capsys, monkeypatch):
+    """--num_images_per_prompt names and seeds every image by its place in the file; --start_index/--end_index
+    slice the prompts; RANK/WORLD_SIZE (torchrun, accelerate) split the images between processes, which write
+    exactly the single-process files; --skip_existing resumes an interrupted run."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red fox\nan old lighthouse\na bowl of ramen\n")
+    common = ["--model", folder, "--txt_file", str(prompts), "--num_images_per_prompt", "2", *SMALL]
+    code, whole, _ = run(capsys, *common, "--output_dir", str(tmp_path / "one"))
+    names = [p.rsplit("/", 1)[1] for p in whole]
+    assert code == 0 and names == [f"{i:05d}_{k}.png" for i in range(3) for k in range(2)]
+    assert [json.loads(Image.open(p).text["sana"])["seed"] for p in whole] == list(range(6))
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert run(capsys, *common, "--output_dir", str(tmp_path / "two"))[0] == 0
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    for name, path in zip(names, whole):
+        assert np.array_equal(_png(tmp_path / "two" / name), _png(path)), name
+    code, part, _ = run(capsys, *common, "--start_index", "1", "--end_index", "2", "--output_dir", str(tmp_path / "s"))
+    assert [p.rsplit("/", 1)[1] for p in part] == ["00001_0.png", "00001_1.png"]
+    assert np.array_equal(_png(part[1]), _png(whole[3]))
+    (tmp_path / "two" / names[4]).unlink()  # an interrupted run: one image missing
+    code, resumed, _ = run(capsys, *common, "--skip_existing", "--output_dir", str(tmp_path / "two"))
+    assert code == 0 and [p.rsplit("/", 1)[1] for p in resumed] == [names[4]]
+    assert np.array_equal(_png(resumed[0]), _png(whole[4]))
+
+
+def test_two_processes_under_torchrun(folder, tmp_path):
+    """torchrun --nproc_per_node 2 (CPU) writes the files of a single-process run, pixel for pixel (with the one
+    CPU thread per process torchrun sets for both: CPU kernels split sums by thread count)."""
+    import os
+    import subprocess
+    import sys
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("".join(f"prompt number {i}\n" for i in range(4)))
+    common = ["-m", "sana_core.cli", "--model", folder, "--txt_file", str(prompts), *SMALL]
+    single = subprocess.run([sys.executable, *common, "--output_dir", str(tmp_path / "one")], capture_output=True,
+                            text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert single.returncode == 0, single.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *common,
+                          "--output_dir", str(tmp_path / "two")], capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-2000:]
+    one_files = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert one_files == sorted(p.name for p in (tmp_path / "two").iterdir()) and len(one_files) == 4
+    for name in one_files:
+        assert np.array_equal(_png(tmp_path / "one" / name), _png(tmp_path / "two" / name)), name
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--variant", "fp8"], "variant='fp8': expected one of fp16, bf16"),
+    (["--num_images_per_prompt", "0"], "--num_images_per_prompt and --batch_size must be at least 1"),
+])
+def test_bad_flags_are_named(folder, capsys, flags, match):
+    code, _, err = run(capsys, "--model", folder, *flags, *SMALL)
+    assert code == 2 and match in err
+
+
+def test_lora_flag_and_a_lora_for_another_model(folder, tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    save_file({"transformer.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.randn(4, 64, generator=g),
+               "transformer.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.randn(64, 4, generator=g)},
+              str(tmp_path / "lora.safetensors"))
+    save_file({"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": torch.zeros(4, 320),
+               "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": torch.zeros(320, 4)},
+              str(tmp_path / "sdxl_lora.safetensors"))
+    images = []
+    for scale in ("0", "1.5"):
+        code, paths, _ = run(capsys, "--model", folder, "--lora", f"{tmp_path / 'lora.safetensors'}:{scale}",
+                             "--output_dir", str(tmp_path / scale), *SMALL)
+        assert code == 0
+        images.append(_png(paths[0]))
+    plain = _png(run(capsys, "--model", folder, "--output_dir", str(tmp_path / "plain"), *SMALL)[1][0])
+    assert np.array_equal(images[0], plain) and np.abs(images[1] - plain).max() > 5
+    code, _, err = run(capsys, "--model", folder, "--lora", str(tmp_path / "sdxl_lora.safetensors"), *SMALL)
+    assert code == 2 and "sdxl_lora.safetensors" in err and "a LoRA for another model" in err
 
 
 def test_inpainting_from_the_command_line(folder, tmp_path, capsys):

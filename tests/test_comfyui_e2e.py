@@ -83,6 +83,7 @@ def server(tmp_path_factory):
                "transformer.transformer_blocks.1.attn2.to_v.lora_B.weight": torch.randn(64, 4, generator=g)},
               str(models / "loras" / "sana_e2e_lora_diffusers.safetensors"))
     (root / "input").mkdir()
+    (root / "user").mkdir()
     gradient = np.linspace(0, 255, SMALL[0] * SMALL[1] * 3).reshape(SMALL[1], SMALL[0], 3).astype(np.uint8)
     Image.fromarray(gradient).save(root / "input" / "example.png")
     alpha = np.full(gradient.shape[:2], 255, np.uint8)
@@ -103,7 +104,8 @@ def server(tmp_path_factory):
     proc = subprocess.Popen(
         [os.environ.get("COMFYUI_PYTHON", sys.executable), "main.py", "--cpu", "--listen", "127.0.0.1",
          "--port", str(port), "--extra-model-paths-config", str(config), "--output-directory", str(root / "output"),
-         "--input-directory", str(root / "input"), "--preview-method", "auto"],
+         "--input-directory", str(root / "input"), "--user-directory", str(root / "user"),
+         "--preview-method", "auto"],
         cwd=COMFY, stdout=log, stderr=subprocess.STDOUT)
     client = Comfy(f"http://127.0.0.1:{port}")
     for _ in range(240):
@@ -491,6 +493,54 @@ def test_shift_nodes_give_the_same_images_as_the_shift(server, node):
             _with_shift_node(p, sampler, node, 3.0)
         ks.append(next(iter(_run_images(server, p).values())))
     assert np.abs(ks[0] - ks[1]).max() <= 1
+
+
+def test_sprint_under_a_shift_node_keeps_its_timestep(server):
+    """ModelSamplingSD3 (multiplier 1000) at Sprint's own shift 1 on a Sprint model: the same image (the DiT still
+    gets Sprint's sigma timestep, not 1000 * sigma)."""
+    images = []
+    for with_node in (False, True):
+        p = _prepare(server, ROOT / "workflows" / "sana_sprint_2_steps.json")
+        sampler = _node(p, "SanaSampler")
+        p[sampler]["inputs"]["sampler"] = "flow_euler"
+        if with_node:
+            _with_shift_node(p, sampler, "ModelSamplingSD3", 1.0)
+        images.append(next(iter(_run_images(server, p).values())))
+    assert np.abs(images[0] - images[1]).max() <= 1
+
+
+def test_inpaint_model_conditioning_with_both_samplers(server):
+    """Core InpaintModelConditioning on our VAE: SanaSampler and KSampler keep the latent outside the mask (its
+    concat image is not used by Sana, which says so in the console)."""
+    p = _prepare(server, T2I, steps=3)
+    sampler, vae = _node(p, "SanaSampler"), _node(p, "SanaDCAELoader")
+    inputs = p[sampler]["inputs"]
+    image = _add(p, "load", "LoadImage", image="sana_e2e_masked.png")
+    _add(p, "imc", "InpaintModelConditioning", positive=inputs["positive"], negative=inputs["negative"],
+         vae=[vae, 0], pixels=image, mask=["load", 1], noise_mask=True)
+    inputs.update(positive=["imc", 0], negative=["imc", 1], latent_image=["imc", 2])
+    ks = _add(p, "ks", "KSampler", model=inputs["model"], positive=["imc", 0], negative=["imc", 1],
+              latent_image=["imc", 2], seed=1, steps=3, cfg=4.5, sampler_name="euler", scheduler="simple", denoise=1.0)
+    for name, src in (("start", ["imc", 2]), ("sana", [sampler, 0]), ("ks", ks)):
+        _add(p, f"latent_{name}", "SaveLatent", samples=src, filename_prefix=f"e2e_imc_{name}")
+    _run_images(server, p)
+    z = {name: _latest_latent(server, f"e2e_imc_{name}") for name in ("start", "sana", "ks")}
+    x0, y0, x1, y1 = (v // 32 for v in MASKED)
+    keep = torch.ones(z["start"].shape[-2:], dtype=torch.bool)
+    keep[y0:y1, x0:x1] = False
+    for name in ("sana", "ks"):
+        assert torch.allclose(z[name][..., keep], z["start"][..., keep], atol=1e-5), name
+        assert (z[name][..., ~keep] - z["start"][..., ~keep]).abs().mean() > 0.1, name
+    assert "Sana has no inpainting model, so only the latent's noise mask is used" in \
+        (server.root / "comfy.log").read_text()
+
+
+def test_preview_map_is_fitted_once_per_file(server):
+    """The latent-to-RGB preview map is fitted at the first DC-AE load and read from the cache afterwards."""
+    p = _prepare(server, T2I)
+    p[_node(p, "SanaDCAELoader")]["inputs"]["dtype"] = "fp32"  # a new load of the same file
+    assert server.run(p)["status"]["status_str"] == "success"
+    assert (server.root / "comfy.log").read_text().count("Sana: fitted the live-preview map") == 1
 
 
 def test_shift_combinations_that_make_no_sense_are_errors(server):

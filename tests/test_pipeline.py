@@ -1,4 +1,5 @@
 """Whole generations against diffusers' pipelines on the same tiny folder, seed and settings (fp32, CPU)."""
+import numpy as np
 import pytest
 import torch
 
@@ -160,21 +161,85 @@ def test_separate_files_give_the_same_images(folder, ours, tmp_path):
     torch.testing.assert_close(pipe("a red fox", **kw), ours("a red fox", **kw), rtol=0, atol=0)
 
 
-def test_hub_references_are_resolved(monkeypatch, tmp_path):
+def _fake_repo(root):
+    """A Sana diffusers repo's file list: full-precision and fp16 weights of every part (like the real repos)."""
+    files = ["model_index.json", "scheduler/scheduler_config.json", "tokenizer/tokenizer.json",
+             "tokenizer/tokenizer_config.json", "tokenizer/tokenizer.model"]
+    for part, stem in (("transformer", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
+                       ("text_encoder", "model")):
+        files += [f"{part}/config.json", f"{part}/{stem}.safetensors", f"{part}/{stem}.fp16.safetensors"]
+    for f in files:
+        (root / f).parent.mkdir(parents=True, exist_ok=True)
+        (root / f).write_text("x")
+    return files
+
+
+@pytest.mark.parametrize("args,want", [
+    (dict(variant="fp16"), {"transformer", "vae", "text_encoder", "tokenizer"}),
+    (dict(variant="bf16"), {"transformer", "vae", "text_encoder", "tokenizer"}),  # no bf16 files: full precision
+    (dict(variant="none", parts=("vae",)), {"vae"}),
+])
+def test_hub_fetches_only_the_parts_and_precision_needed(monkeypatch, tmp_path, args, want):
+    """A mocked hub (huggingface_hub's own pattern filter on a fake repo): which files each call fetches."""
+    import shutil
+
+    import huggingface_hub
+    from huggingface_hub.utils import filter_repo_objects
+
+    from sana_core import hub
+
+    repo = tmp_path / "repo"
+    files = _fake_repo(repo)
+    fetched = []
+
+    def snapshot_download(repo_id, allow_patterns=None, ignore_patterns=None, **kw):
+        got = list(filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns))
+        fetched.extend(got)
+        snap = tmp_path / "snapshot"
+        for f in got:
+            (snap / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(repo / f, snap / f)
+        return str(snap)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    parts = args.pop("parts", ("transformer", "vae", "text_encoder"))
+    root = hub.resolve("Efficient-Large-Model/Sana_600M_1024px_diffusers", parts, hub.check_variant(args["variant"]))
+    weights = {f for f in fetched if f.endswith(".safetensors")}
+    assert {f.split("/")[0] for f in fetched if "/" in f} == want
+    if args["variant"] == "fp16":
+        assert weights == {f for f in files if f.endswith(".fp16.safetensors")}
+    else:  # full precision only, never both
+        assert weights and not any(".fp16." in f for f in weights)
+    assert all(p.split("/")[0] in want for p in weights) and (root / "model_index.json").exists()
+
+
+def test_hub_references_and_defaults(monkeypatch, tmp_path):
+    """Local paths win; repo/file fetches one file; with only the DiT given, the default repo's transformer is not
+    fetched; the variant follows the dtype."""
     import huggingface_hub
 
-    from sana_core.pipeline import resolve_path
+    from sana_core import hub
 
     calls = []
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **kw: calls.append(("snap", repo)) or str(tmp_path))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo, allow_patterns=None, **kw: calls.append((repo, allow_patterns)) or str(tmp_path))
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, f: calls.append(("file", repo, f)) or str(tmp_path / f))
-    assert resolve_path(tmp_path) == tmp_path  # local paths win
-    resolve_path("Efficient-Large-Model/Sana_600M_1024px_diffusers")
-    resolve_path("hf://Efficient-Large-Model/Sana_1600M_1024px/checkpoints/Sana_1600M_1024px.pth")
-    assert calls == [("snap", "Efficient-Large-Model/Sana_600M_1024px_diffusers"),
-                     ("file", "Efficient-Large-Model/Sana_1600M_1024px", "checkpoints/Sana_1600M_1024px.pth")]
+    assert hub.resolve(tmp_path) == tmp_path
+    hub.resolve("hf://Efficient-Large-Model/Sana_1600M_1024px/checkpoints/Sana_1600M_1024px.pth")
+    assert calls[-1] == ("file", "Efficient-Large-Model/Sana_1600M_1024px", "checkpoints/Sana_1600M_1024px.pth")
     with pytest.raises(FileNotFoundError, match="not a Hugging Face repo id"):
-        resolve_path("./missing_folder")
+        hub.resolve("./missing_folder")
+    monkeypatch.setattr(SanaPipeline, "__init__", lambda self, *a, **k: None)
+    import sana_core.pipeline as P
+
+    for name in ("load_dit", "load_dcae", "load_text_encoder"):
+        monkeypatch.setattr(P, name, lambda *a, **k: None)
+    calls.clear()
+    SanaPipeline.from_pretrained(dit=str(tmp_path), model="Efficient-Large-Model/Sana_600M_1024px_diffusers",
+                                 dtype=torch.float16)
+    repo, allow = calls[0]  # (a second call falls back to full precision: the mock holds no fp16 files)
+    assert not any(p.startswith("transformer/") for p in allow) and "vae/*.fp16.safetensors" in allow
+    assert hub.default_variant(torch.bfloat16) == "bf16" and hub.default_variant(torch.float32) is None
 
 
 def test_image_to_image_starts_part_way(ours):
@@ -293,3 +358,42 @@ def test_inpainting_keeps_the_unmasked_latent(ours):
     torch.testing.assert_close(everything, ours("a red fox", image=image, strength=0.5, **run), **TOL)
     with pytest.raises(ValueError, match="mask_image needs image"):
         ours("a red fox", mask_image=mask, **run)
+
+
+def test_seeds_are_returned_and_the_global_rng_is_untouched(ours):
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    images, seeds = ours("a cat", num_inference_steps=2, output_type="np", progress=False, return_seeds=True, **SIZE)
+    assert torch.equal(torch.get_rng_state(), state) and torch.initial_seed() == 1234
+    assert images.shape == (1, 128, 192, 3) and images.dtype == np.float32 and len(seeds) == 1
+    again = ours("a cat", num_inference_steps=2, output_type="np", progress=False, seed=seeds[0], **SIZE)
+    assert np.array_equal(images, again)
+    lists = ours(["a cat", "a dog"], seed=[seeds[0], 5], num_inference_steps=2, output_type="np", progress=False, **SIZE)
+    assert np.allclose(lists[0], images[0], atol=1e-5)  # an image of a seed list does not depend on its batch
+    with pytest.raises(ValueError, match="output_type='jpg': expected one of pil, np, pt, latent"):
+        ours("a cat", output_type="jpg")
+
+
+def test_prompt_embeds_instruction_and_sequence_length(ours):
+    run = dict(seed=2, num_inference_steps=2, output_type="latent", progress=False, **SIZE)
+    cond, uncond = ours.encode_prompt(["a cat"], [""])
+    given = ours(None, prompt_embeds=cond.embeds, prompt_attention_mask=cond.mask,
+                 negative_prompt_embeds=uncond.embeds, negative_prompt_attention_mask=uncond.mask, **run)
+    torch.testing.assert_close(given, ours("a cat", **run), rtol=0, atol=0)
+    other = ours("a cat", complex_human_instruction=["Describe the image:", "User Prompt: "], **run)
+    assert (other - given).abs().max() > 1e-3
+    short, _ = ours.encode_prompt(["a cat"], None, max_length=40)
+    assert short.embeds.shape[1] == 40
+
+
+def test_sprint_times_reach_the_schedule(monkeypatch, sprint_folder):
+    from sana_core import denoiser
+    from sana_core.samplers import scm_sigmas
+
+    pipe = SanaPipeline.from_pretrained(sprint_folder, dtype=torch.float32, device="cpu")
+    seen = []
+    real = denoiser.denoise_sigmas
+    monkeypatch.setattr(denoiser, "denoise_sigmas", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    pipe("a cat", num_inference_steps=2, max_timesteps=1.4, intermediate_timesteps=0.9, output_type="latent",
+         progress=False, seed=0, **SIZE)
+    torch.testing.assert_close(seen[0], scm_sigmas(2, 1.4, 0.9))

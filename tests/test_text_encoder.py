@@ -243,7 +243,7 @@ def test_cached_instruction_prefix_equals_the_full_run(encoder, monkeypatch):
     prefix_ids = fresh._prefix_cache[1][0]
     assert len(prefix_ids) == fresh.chi_length - 1 > 10
     again = fresh.encode(PROMPTS[:1])  # a second call reuses the cache, batch of another size
-    monkeypatch.setattr(SanaTextEncoder, "_prefix", lambda self: None)
+    monkeypatch.setattr(SanaTextEncoder, "_prefix", lambda self, chi: None)
     full = SanaTextEncoder(encoder.model, encoder.tokenizer).encode(PROMPTS)
     assert torch.equal(cached[1], full[1])
     torch.testing.assert_close(cached[0], full[0], **TOL)
