@@ -203,6 +203,11 @@ def main(argv: list[str] | None = None) -> int:
         loras = [parse_lora(text) for text in args.lora]
         records = read_prompts(args)
         images = plan_images(records, args)
+        if not images:
+            logging.getLogger(__name__).warning(
+                "nothing to make: %s", "every image is already in --output_dir" if args.skip_existing
+                else "--start_index/--end_index (or this process's share) select no prompt")
+            return 0
         for settings, _ in plan_jobs(images, args, sprint=False):  # fail on bad sizes before loading anything
             GenerationSettings("", **{k: v for k, v in settings.items() if k in GENERATION_FIELDS}).validate()
         pipe = SanaPipeline.from_pretrained(args.model, dit=args.dit, vae=args.vae, text_encoder=args.text_encoder,

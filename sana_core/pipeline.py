@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -154,7 +155,7 @@ class SanaPipeline:
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | Sequence[str],
+        prompt: str | Sequence[str] | None = None,
         negative_prompt: str | Sequence[str] = "",
         height: int = 1024,
         width: int = 1024,
@@ -213,8 +214,12 @@ class SanaPipeline:
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r}: expected one of {', '.join(OUTPUT_TYPES)}")
         if prompt_embeds is not None:
+            if prompt is not None:
+                raise ValueError("give prompt or prompt_embeds, not both")
             prompt = [""] * prompt_embeds.shape[0]
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if negative_prompt_embeds is not None and negative_prompt not in ("", None):
+            raise ValueError("give negative_prompt or negative_prompt_embeds, not both")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
         if not prompts:
             raise ValueError("prompt is empty: give at least one prompt")
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
@@ -225,6 +230,8 @@ class SanaPipeline:
         settings = GenerationSettings(prompts[0], negatives[0], height, width, num_inference_steps, guidance_scale,
                                       pag_guidance_scale, tuple(pag_layers), seed, sampler, shift, use_chi)
         settings.validate()
+        _warn_unused(sampler, num_inference_steps, max_timesteps, intermediate_timesteps,
+                     complex_human_instruction is not None and not use_chi)
 
         chi = complex_human_instruction
         chi = "\n".join(chi) if chi is not None and not isinstance(chi, str) else chi
@@ -303,6 +310,19 @@ def _present(path: Path, variant: str | None) -> str | None:
     """`variant` if a folder holds its files (else the loader takes whatever precision is there)."""
     folder = path / "transformer" if (path / "transformer").is_dir() else path
     return variant if variant and path.is_dir() and any(folder.glob(f"*.{variant}*.safetensors*")) else None
+
+
+def _warn_unused(sampler: str, steps: int, max_timesteps: float, intermediate: float | None,
+                 chi_off: bool) -> None:
+    """Say so when a setting given cannot act (nothing passes silently)."""
+    defaults = inspect.signature(SanaPipeline.__call__).parameters
+    if sampler != "scm" and (max_timesteps != defaults["max_timesteps"].default
+                             or intermediate != defaults["intermediate_timesteps"].default):
+        log.warning("max_timesteps / intermediate_timesteps only act on the scm sampler (Sana-Sprint), not %s", sampler)
+    elif sampler == "scm" and steps != 2 and intermediate != defaults["intermediate_timesteps"].default:
+        log.warning("intermediate_timesteps only acts on 2-step Sprint runs (this one has %d steps)", steps)
+    if chi_off:
+        log.warning("complex_human_instruction is not used: use_chi is off")
 
 
 def random_seed() -> int:

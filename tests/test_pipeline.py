@@ -397,3 +397,16 @@ def test_sprint_times_reach_the_schedule(monkeypatch, sprint_folder):
     pipe("a cat", num_inference_steps=2, max_timesteps=1.4, intermediate_timesteps=0.9, output_type="latent",
          progress=False, seed=0, **SIZE)
     torch.testing.assert_close(seen[0], scm_sigmas(2, 1.4, 0.9))
+
+
+def test_settings_that_cannot_act_are_said(ours, caplog):
+    import logging
+
+    run = dict(seed=0, num_inference_steps=2, output_type="latent", progress=False, **SIZE)
+    with caplog.at_level(logging.WARNING, logger="sana_core.pipeline"):
+        ours("a cat", max_timesteps=1.2, **run)
+        ours("a cat", complex_human_instruction="Describe:", use_chi=False, **run)
+    assert "only act on the scm sampler" in caplog.text and "complex_human_instruction is not used" in caplog.text
+    cond, _ = ours.encode_prompt(["a cat"])
+    with pytest.raises(ValueError, match="give prompt or prompt_embeds, not both"):
+        ours("a cat", prompt_embeds=cond.embeds, **run)
