@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Sana-Sprint: the middle SCM time of a 2-step run")
     p.add_argument("--max_sequence_length", type=int, default=300, help="caption tokens")
     p.add_argument("--complex_human_instruction", help="replace Sana's complex human instruction with this text")
+    p.add_argument("--resolution_binning", action="store_true",
+                   help="any --height/--width: generate at the model's nearest training bucket and resize + crop "
+                        "to the size asked (diffusers' use_resolution_binning)")
     p.add_argument("--start_index", type=int, default=None, help="first prompt of the file to make (0-based)")
     p.add_argument("--end_index", type=int, default=None, help="stop before this prompt")
     p.add_argument("--skip_existing", action="store_true",
@@ -162,7 +165,8 @@ def plan_jobs(images: list[dict[str, Any]], args: argparse.Namespace, sprint: bo
             pag_layers=tuple(args.pag_layers), sampler=args.sampler or ("scm" if sprint else "flow_dpmpp_2m"),
             shift=args.shift, use_chi=not args.no_chi, truncate_timesteps=args.truncate_timesteps,
             max_timesteps=args.max_timesteps, intermediate_timesteps=args.intermediate_timesteps,
-            max_sequence_length=args.max_sequence_length, complex_human_instruction=args.complex_human_instruction)
+            max_sequence_length=args.max_sequence_length, complex_human_instruction=args.complex_human_instruction,
+            use_resolution_binning=args.resolution_binning)
         if jobs and jobs[-1][0] == settings and len(jobs[-1][1]) < args.batch_size:
             jobs[-1][1].append(rec)
         else:
@@ -209,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
                 else "--start_index/--end_index (or this process's share) select no prompt")
             return 0
         for settings, _ in plan_jobs(images, args, sprint=False):  # fail on bad sizes before loading anything
-            GenerationSettings("", **{k: v for k, v in settings.items() if k in GENERATION_FIELDS}).validate()
+            if not args.resolution_binning:
+                GenerationSettings("", **{k: v for k, v in settings.items() if k in GENERATION_FIELDS}).validate()
         pipe = SanaPipeline.from_pretrained(args.model, dit=args.dit, vae=args.vae, text_encoder=args.text_encoder,
                                             dtype=DTYPES[args.dtype], device=device_for_rank(args.device),
                                             use_pe=args.use_pe, offload=args.offload, compile=args.compile or False,

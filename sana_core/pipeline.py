@@ -24,6 +24,7 @@ from .checkpoints.gemma import load_text_encoder
 from .dcae import DCAE, run_finite
 from .denoiser import SanaDenoiser, TextCondition, latent_mask, sample
 from .dit import SanaDiT
+from .resolutions import bin_size, resize_and_crop
 from .samplers import SAMPLERS, default_shift, randn
 from .text_encoder import SanaTextEncoder
 
@@ -187,6 +188,7 @@ class SanaPipeline:
         max_timesteps: float = 1.57080,
         intermediate_timesteps: float | None = 1.3,
         return_seeds: bool = False,
+        use_resolution_binning: bool = False,
     ) -> Any:
         """Generate images.
 
@@ -209,7 +211,9 @@ class SanaPipeline:
         with their attention masks (B, T) replace the prompts (diffusers' names). complex_human_instruction: the
         instruction put before positive prompts (a string, or lines joined by newlines as diffusers does);
         max_sequence_length: caption tokens (300). max_timesteps / intermediate_timesteps: Sana-Sprint's SCM
-        times (intermediate is used with 2 steps).
+        times (intermediate is used with 2 steps). use_resolution_binning: any height/width; the image is made at
+        the model's training bucket nearest in aspect ratio and resized + centre-cropped to the size asked, as
+        diffusers' `use_resolution_binning` (off by default here: the size asked is the size made).
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r}: expected one of {', '.join(OUTPUT_TYPES)}")
@@ -227,6 +231,14 @@ class SanaPipeline:
             raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
         sprint = self.dit.cfg.guidance_embed
         sampler = sampler or ("scm" if sprint else "flow_dpmpp_2m")
+        asked = (height, width)
+        if use_resolution_binning:
+            if height <= 0 or width <= 0:
+                raise ValueError(f"height={height} and width={width} must be positive")
+            if image is not None or mask_image is not None or latents is not None:
+                raise ValueError("use_resolution_binning makes the image at another size: give image/mask_image/"
+                                 "latents at a size that is a multiple of 32 and turn it off")
+            height, width = bin_size(height, width, self.dit.cfg.base_size * 32)
         settings = GenerationSettings(prompts[0], negatives[0], height, width, num_inference_steps, guidance_scale,
                                       pag_guidance_scale, tuple(pag_layers), seed, sampler, shift, use_chi)
         settings.validate()
@@ -280,7 +292,7 @@ class SanaPipeline:
             self._compiled_shapes.add(shape)
             log.info("torch.compile: sampling at %s, compilation included, took %.1f s", shape,
                      time.perf_counter() - started)
-        out = x0 if output_type == "latent" else self.decode(x0, tiled=tiled_decode)
+        out = x0 if output_type == "latent" else self.decode(x0, tiled=tiled_decode, size=asked)
         if output_type == "np":
             out = out.permute(0, 2, 3, 1).cpu().numpy()
         elif output_type == "pil":
@@ -291,8 +303,10 @@ class SanaPipeline:
         return (out, seeds) if return_seeds else out
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor, tiled: bool | None = None) -> torch.Tensor:
-        """Scaled latents (B, 32, h, w) -> images (B, 3, 32h, 32w) float32 in 0..1.
+    def decode(self, latents: torch.Tensor, tiled: bool | None = None,
+               size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Scaled latents (B, 32, h, w) -> images (B, 3, 32h, 32w) float32 in 0..1 (resized and centre-cropped to
+        `size` = (height, width) when given, before the clamp, as diffusers' resolution binning).
 
         A float16 DC-AE that overflows is converted to bfloat16 (with a warning) and the decode repeated
         (`dcae.run_finite`)."""
@@ -300,6 +314,8 @@ class SanaPipeline:
         z = latents.to(self.device) / vae.cfg.scaling_factor
         budget = OFFLOAD_DECODE_BYTES if self.offload else None
         image = run_finite(vae, "decode", z, tiled=tiled, max_memory=budget).float()
+        if size is not None:
+            image = resize_and_crop(image, *size)
         return (image / 2 + 0.5).clamp(0, 1)
 
 

@@ -269,3 +269,10 @@ def test_inpainting_from_the_command_line(folder, tmp_path, capsys):
     assert np.abs(np.asarray(Image.open(paths[0]), np.int16) - np.asarray(want, np.int16)).max() <= 1
     code, _, err = run(capsys, "--model", folder, "--mask", str(tmp_path / "mask.png"), *SMALL)
     assert code == 2 and "--mask needs --image" in err
+
+
+def test_resolution_binning_flag(folder, tmp_path, capsys):
+    code, paths, _ = run(capsys, "--model", folder, "--height", "100", "--width", "150", "--resolution_binning",
+                         "--steps", "1", "--dtype", "fp32", "--no_progress", "--output_dir", str(tmp_path))
+    assert code == 0 and Image.open(paths[0]).size == (150, 100)
+    assert json.loads(Image.open(paths[0]).text["sana"])["use_resolution_binning"] is True

@@ -410,3 +410,28 @@ def test_settings_that_cannot_act_are_said(ours, caplog):
     cond, _ = ours.encode_prompt(["a cat"])
     with pytest.raises(ValueError, match="give prompt or prompt_embeds, not both"):
         ours("a cat", prompt_embeds=cond.embeds, **run)
+
+
+def test_resolution_binning_matches_diffusers(folder, ours):
+    """Buckets equal diffusers' tables for every model size; a 300x500 request is made at the nearest bucket
+    and resized + cropped back, as diffusers' use_resolution_binning (off by default here)."""
+    from diffusers import SanaPipeline as Ref
+    from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import ASPECT_RATIO_512_BIN, ASPECT_RATIO_1024_BIN
+    from diffusers.pipelines.pixart_alpha.pipeline_pixart_sigma import ASPECT_RATIO_2048_BIN
+    from diffusers.pipelines.sana.pipeline_sana import ASPECT_RATIO_4096_BIN
+
+    from sana_core.resolutions import buckets
+
+    for base, table in ((512, ASPECT_RATIO_512_BIN), (1024, ASPECT_RATIO_1024_BIN), (2048, ASPECT_RATIO_2048_BIN),
+                        (4096, ASPECT_RATIO_4096_BIN)):
+        assert buckets(base) == {float(k): (int(v[0]), int(v[1])) for k, v in table.items()}, base
+    ref = _diffusers(Ref, folder)
+    size = dict(height=300, width=500)
+    theirs = ref(prompt="a cat", negative_prompt="", num_inference_steps=3, generator=torch.Generator().manual_seed(4),
+                 output_type="pt", use_resolution_binning=True, **size).images
+    got = ours("a cat", seed=4, num_inference_steps=3, output_type="pt", progress=False, use_resolution_binning=True,
+               **size)
+    assert got.shape == theirs.shape == (1, 3, 300, 500)
+    torch.testing.assert_close(got, theirs, **TOL)
+    with pytest.raises(ValueError, match="height=300 must be a positive multiple of 32"):
+        ours("a cat", num_inference_steps=1, progress=False, **size)
