@@ -435,3 +435,22 @@ def test_resolution_binning_matches_diffusers(folder, ours):
     torch.testing.assert_close(got, theirs, **TOL)
     with pytest.raises(ValueError, match="height=300 must be a positive multiple of 32"):
         ours("a cat", num_inference_steps=1, progress=False, **size)
+
+
+def test_offline_run_from_a_warm_cache(folder, tmp_path):
+    """HF_HUB_OFFLINE=1 with the repo in the Hugging Face cache: the CLI runs from the cache, no network."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    snapshot = tmp_path / "hub" / "models--someone--tiny-sana" / "snapshots" / "0123abcd"
+    shutil.copytree(folder, snapshot)
+    (tmp_path / "hub" / "models--someone--tiny-sana" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someone--tiny-sana" / "refs" / "main").write_text("0123abcd")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    out = subprocess.run([sys.executable, "-m", "sana_core.cli", "--model", "someone/tiny-sana", "--steps", "1",
+                          "--height", "64", "--width", "64", "--dtype", "fp32", "--no_progress", "--output_dir",
+                          str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "out" / "00000.png").exists()
