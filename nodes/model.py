@@ -83,8 +83,8 @@ class ComfySanaDiT(SanaDiT):
                 control: object = None, transformer_options: dict | None = None, **kwargs: object) -> torch.Tensor:
         options = transformer_options or {}
         if control is not None:
-            raise ValueError("Sana: a ControlNet is connected, but this ControlNet cannot drive a Sana model; "
-                             "remove the Apply ControlNet node (Sana ControlNets load with SanaControlNetLoader)")
+            raise ValueError("Sana: a ControlNet is connected, but this pack cannot run ControlNets on Sana yet; remove "
+                             "the Apply ControlNet node (its control would otherwise be ignored)")
         patches = [k for k in ("patches_replace", "patches") if options.get(k)]
         if patches:
             names = sorted({name for k in patches for name in options[k]})
