@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .samplers import sigma_to_timestep
+
+if TYPE_CHECKING:
+    from .controlnet import Control
 
 
 @dataclass(frozen=True)
@@ -357,6 +360,29 @@ class SanaDiT(nn.Module):
         y = self.embed_text(context.to(self.compute_dtype))
         return [block.cross_attn.kv(y) for block in self.blocks]
 
+    def _control_residuals(self, x: torch.Tensor, controls: Sequence[Control], context: torch.Tensor | None,
+                           t6: torch.Tensor, bias: torch.Tensor | None, hw: tuple[int, int]) -> list[torch.Tensor]:
+        """The summed, strength-scaled residuals of every ControlNet for x (B, N, C), the output of block 0."""
+        if context is None:
+            raise ValueError("ControlNets need the caption `context`: their copied blocks have their own text keys")
+        y = self.embed_text(context.to(x.dtype))
+        total: list[torch.Tensor] = []
+        for control in controls:
+            if control.net.cfg.width != self.cfg.width:
+                raise ValueError(f"a ControlNet of width {control.net.cfg.width} cannot drive this DiT of width "
+                                 f"{self.cfg.width}")
+            hint = control.hint.to(x.device, x.dtype).expand(x.shape[0], -1, -1, -1)
+            hint = self.x_embedder.proj(hint).flatten(2).mT                     # (B, N, C), the base's embedding
+            if hint.shape[1] != x.shape[1]:
+                raise ValueError(f"a ControlNet hint of {tuple(control.hint.shape[-2:])} latent pixels does not match "
+                                 f"the latent's {hw}")
+            for k, r in enumerate(control.net.residuals(x, hint, y, t6, bias, hw)):
+                if k < len(total):
+                    total[k] = total[k] + control.scale * r
+                else:
+                    total.append(control.scale * r)
+        return total
+
     def forward(
         self,
         x: torch.Tensor,
@@ -367,6 +393,7 @@ class SanaDiT(nn.Module):
         pag_layers: Iterable[int] = (),
         pag_batch: torch.Tensor | None = None,
         text_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        controls: Sequence[Control] = (),
     ) -> torch.Tensor:
         """Velocity prediction.
 
@@ -375,7 +402,8 @@ class SanaDiT(nn.Module):
         context: (B, T, 2304) Gemma states; context_mask: (B, T), 1 for real tokens, 0 for padding
         (each sample its own); guidance: (B,) Sprint guidance embedding input (scale * `guidance_embeds_scale`);
         pag_layers / pag_batch: blocks and (B,) bool samples whose self-attention is the identity (PAG);
-        text_kv: `text_kv(context)` computed earlier (context is then unused).
+        text_kv: `text_kv(context)` computed earlier (context is then unused but by ControlNets);
+        controls: ControlNets (`controlnet.Control`), NVlabs' order: their residuals join base blocks 0..6.
         Returns v: (B, 32, H, W) in x's dtype.
         """
         cfg, dtype = self.cfg, self.compute_dtype
@@ -400,9 +428,13 @@ class SanaDiT(nn.Module):
         bias = None
         if context_mask is not None:
             bias = ((1 - context_mask.to(dtype)) * -10000.0)[:, None, None, :]  # (B, 1, 1, T)
-        pag = set(pag_layers)
+        pag, residuals = set(pag_layers), []
         for i, block in enumerate(self.blocks):
             tokens = block(tokens, kv[i], t6, bias, (h, w), pag_batch if i in pag else None)
+            if i == 0 and controls:
+                residuals = self._control_residuals(tokens, controls, context, t6, bias, (h, w))
+            if i < len(residuals):
+                tokens = tokens + residuals[i]
         out = self.final_layer(tokens, t)                                        # (B, N, p*p*32)
         out = out.reshape(B, h, w, p, p, -1).permute(0, 5, 1, 3, 2, 4).reshape(B, -1, H, W)
         return out.to(x.dtype)
