@@ -63,7 +63,7 @@ def read_prompts(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def build_parser() -> argparse.ArgumentParser:
     from .pipeline import COMPILE_MODES, DEFAULT_MODEL
-    from .samplers import SAMPLERS
+    from .samplers import SAMPLERS, SCM_INTERMEDIATE_TIMESTEPS, SCM_MAX_TIMESTEPS
 
     p = argparse.ArgumentParser(prog="python -m sana_core.cli", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -113,8 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truncate_timesteps", action=argparse.BooleanOptionalAction, default=True,
                    help="feed the DiT int(1000 sigma) as NVlabs and diffusers' DPM-Solver do; --no-truncate_timesteps "
                         "with --sampler flow_euler matches diffusers' FlowMatchEulerDiscreteScheduler")
-    p.add_argument("--max_timesteps", type=float, default=1.57080, help="Sana-Sprint: the first SCM time")
-    p.add_argument("--intermediate_timesteps", type=float, default=1.3,
+    p.add_argument("--max_timesteps", type=float, default=SCM_MAX_TIMESTEPS, help="Sana-Sprint: the first SCM time")
+    p.add_argument("--intermediate_timesteps", type=float, default=SCM_INTERMEDIATE_TIMESTEPS,
                    help="Sana-Sprint: the middle SCM time of a 2-step run")
     p.add_argument("--max_sequence_length", type=int, default=300, help="caption tokens")
     p.add_argument("--complex_human_instruction", help="replace Sana's complex human instruction with this text")

@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
@@ -25,7 +24,7 @@ from .dcae import DCAE, run_finite
 from .denoiser import SanaDenoiser, TextCondition, latent_mask, sample
 from .dit import SanaDiT
 from .resolutions import bin_size, resize_and_crop
-from .samplers import SAMPLERS, default_shift, randn
+from .samplers import SAMPLERS, SCM_INTERMEDIATE_TIMESTEPS, SCM_MAX_TIMESTEPS, default_shift, randn
 from .text_encoder import SanaTextEncoder
 
 if TYPE_CHECKING:
@@ -185,8 +184,8 @@ class SanaPipeline:
         negative_prompt_attention_mask: torch.Tensor | None = None,
         complex_human_instruction: str | Sequence[str] | None = None,
         max_sequence_length: int = 300,
-        max_timesteps: float = 1.57080,
-        intermediate_timesteps: float | None = 1.3,
+        max_timesteps: float = SCM_MAX_TIMESTEPS,
+        intermediate_timesteps: float | None = SCM_INTERMEDIATE_TIMESTEPS,
         return_seeds: bool = False,
         use_resolution_binning: bool = False,
     ) -> Any:
@@ -331,11 +330,9 @@ def _present(path: Path, variant: str | None) -> str | None:
 def _warn_unused(sampler: str, steps: int, max_timesteps: float, intermediate: float | None,
                  chi_off: bool) -> None:
     """Say so when a setting given cannot act (nothing passes silently)."""
-    defaults = inspect.signature(SanaPipeline.__call__).parameters
-    if sampler != "scm" and (max_timesteps != defaults["max_timesteps"].default
-                             or intermediate != defaults["intermediate_timesteps"].default):
+    if sampler != "scm" and (max_timesteps != SCM_MAX_TIMESTEPS or intermediate != SCM_INTERMEDIATE_TIMESTEPS):
         log.warning("max_timesteps / intermediate_timesteps only act on the scm sampler (Sana-Sprint), not %s", sampler)
-    elif sampler == "scm" and steps != 2 and intermediate != defaults["intermediate_timesteps"].default:
+    elif sampler == "scm" and steps != 2 and intermediate != SCM_INTERMEDIATE_TIMESTEPS:
         log.warning("intermediate_timesteps only acts on 2-step Sprint runs (this one has %d steps)", steps)
     if chi_off:
         log.warning("complex_human_instruction is not used: use_chi is off")

@@ -30,6 +30,8 @@ Callback = Callable[[dict], None]
 NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (sigma, sigma_next) -> noise like x
 
 NUM_TRAIN_TIMESTEPS = 1000
+SCM_MAX_TIMESTEPS = 1.57080       # Sana-Sprint's first TrigFlow time (diffusers' SCMScheduler default)
+SCM_INTERMEDIATE_TIMESTEPS = 1.3  # its middle time in a 2-step run
 
 
 def _check_steps(steps: int) -> None:
@@ -116,7 +118,8 @@ def trunc_1000(sigma: torch.Tensor) -> torch.Tensor:
     return ((NUM_TRAIN_TIMESTEPS * mantissa) >> shift).to(sigma.dtype) * sigma.sign()
 
 
-def scm_sigmas(steps: int, max_timesteps: float = 1.57080, intermediate_timesteps: float | None = 1.3) -> torch.Tensor:
+def scm_sigmas(steps: int, max_timesteps: float = SCM_MAX_TIMESTEPS,
+               intermediate_timesteps: float | None = SCM_INTERMEDIATE_TIMESTEPS) -> torch.Tensor:
     """Sana-Sprint's schedule as flow sigmas (steps + 1,) float32, ending in 0.
 
     ``SCMScheduler.set_timesteps`` builds TrigFlow times ``t`` in [0, pi/2]: ``[max_timesteps,
@@ -319,8 +322,8 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 
-def sampler_sigmas(name: str, steps: int, shift: float = 3.0, max_timesteps: float = 1.57080,
-                   intermediate_timesteps: float | None = 1.3) -> torch.Tensor:
+def sampler_sigmas(name: str, steps: int, shift: float = 3.0, max_timesteps: float = SCM_MAX_TIMESTEPS,
+                   intermediate_timesteps: float | None = SCM_INTERMEDIATE_TIMESTEPS) -> torch.Tensor:
     """The schedule each sampler was matched against: DPM's for ``flow_dpmpp_2m``, FlowMatchEuler's for
     ``flow_euler``, Sprint's TrigFlow times for ``scm`` (``shift`` unused there; the two times only there)."""
     get_sampler(name)
