@@ -1,27 +1,35 @@
-"""Sana ControlNet in NVlabs' order (the released `Sana_*_ControlNet_HED.pth` files), one module.
+"""Sana ControlNet: a branch of copied DiT blocks whose outputs are added to the base DiT's, one module.
 
-Keys follow NVlabs (`controlnet.0.before_proj`, `controlnet.N.copied_block.*`, `controlnet.N.after_proj`), so the
-branch of a combined `.pth` loads as it is. The branch reuses the base DiT's patch embedding, timestep
-modulation and caption mask; its copied blocks have their own weights (their own text keys/values too):
+Two orders exist and each file is run in the order it was trained in (`SanaControlNet.order`):
 
-    x = blocks[0](x_emb);  c_0 = copied_0(x + before_proj(x_embedder(hint)));  c_k = copied_k(c_{k-1})
-    residual_k = after_proj_k(c_k)    is added to the output of base block k (k = 0..6), times the strength.
+- **NVlabs** (the released `Sana_*_ControlNet_HED.pth` files; keys `controlnet.0.before_proj`,
+  `controlnet.N.copied_block.*`, `controlnet.N.after_proj`). The branch reuses the base DiT's patch embedding,
+  timestep modulation and caption projection; it starts from the output of base block 0:
 
-diffusers' `SanaControlNetModel` computes another order (its branch starts from its own embeddings, before base
-block 0, and its residual k joins after base block k + 1); that layout is not read here.
-Shapes: B batch, N image tokens, C width, T caption tokens.
+      c_0 = copied_0(x_0 + before_proj(x_embedder(hint)));  c_k = copied_k(c_{k-1});  x_0 = blocks[0](x_emb)
+      residual_k = after_proj_k(c_k) joins the output of base block k (k = 0..6).
+
+- **diffusers** (`SanaControlNetModel` folders: `input_block`, `transformer_blocks.N`, `controlnet_blocks.N`
+  and its own embedders, stored here under NVlabs' names as the DiT's are). The branch starts from its own
+  embedding of the latent, before any base block, and its residual k joins the output of base block k + 1:
+
+      c_0 = copied_0(x_emb' + before_proj(x_emb'(hint)));  residual_k = after_proj_k(c_k) -> base block k + 1.
+
+Both share the layers (`before_proj` = diffusers' `input_block`, `after_proj` = `controlnet_blocks`), so one
+class holds either. Shapes: B batch, N image tokens, C width, T caption tokens.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, Sequence
 
 import torch
 from torch import nn
 
-from .dit import DiTConfig, SanaBlock
+from .dit import DiTConfig, DiTInputs, SanaBlock, SanaDiT
 
 DEPTH = 7  # copied blocks in every released Sana ControlNet
+Order = Literal["nvlabs", "diffusers"]
 
 
 class ControlBlock(nn.Module):
@@ -36,33 +44,121 @@ class ControlBlock(nn.Module):
         self.after_proj = ops.Linear(cfg.width, cfg.width, **kw)
 
 
-class SanaControlNet(nn.Module):
-    """The control branch for a base DiT of config `cfg` (its width, heads, q/k norm), built through `ops`."""
+@dataclass
+class BaseState:
+    """What a ControlNet reads of one base DiT forward: the DiT, its latent (B, 32, H, W) and timestep (B,),
+    the output of base block 0 (B, N, C), the modulation t6 (B, 6, C), the caption bias (B, 1, 1, T) or None,
+    the token grid (h, w) and the Gemma states (B, T, 2304) (None when only cached keys/values are at hand)."""
 
-    def __init__(self, cfg: DiTConfig, ops: Any = None, depth: int = DEPTH, dtype: torch.dtype | None = None,
-                 device: Any = None):
+    dit: SanaDiT
+    latent: torch.Tensor
+    timestep: torch.Tensor
+    block0: torch.Tensor
+    t6: torch.Tensor
+    bias: torch.Tensor | None
+    hw: tuple[int, int]
+    context: torch.Tensor | None
+
+
+class SanaControlNet(DiTInputs):
+    """The control branch for a base DiT of config `cfg` (its width, heads, q/k norm), built through `ops`.
+    `order` "diffusers" also builds the branch's own embedders (`DiTInputs`, without Sprint's guidance one)."""
+
+    def __init__(self, cfg: DiTConfig, order: Order = "nvlabs", ops: Any = None, depth: int = DEPTH,
+                 dtype: torch.dtype | None = None, device: Any = None):
         super().__init__()
+        if order not in ("nvlabs", "diffusers"):
+            raise ValueError(f"ControlNet order must be 'nvlabs' or 'diffusers', got {order!r}")
         ops = ops or nn
-        self.cfg = cfg
+        self.cfg, self.order = cfg, order
+        if order == "diffusers":
+            self._build_inputs(cfg, ops, dtype=dtype, device=device)
         self.controlnet = nn.ModuleList(ControlBlock(cfg, ops, i == 0, dtype, device) for i in range(depth))
 
-    def residuals(self, x: torch.Tensor, hint: torch.Tensor, y: torch.Tensor, t6: torch.Tensor,
-                  bias: torch.Tensor | None, hw: tuple[int, int]) -> list[torch.Tensor]:
-        """x: (B, N, C) the output of base block 0; hint: (B, N, C) the embedded control latent; y: (B, T, C) the
-        projected caption; t6, bias, hw: as the base blocks get them. Returns one (B, N, C) residual per block."""
-        out, c = [], None
-        for i, block in enumerate(self.controlnet):
-            c = block.copied_block(x + block.before_proj(hint) if i == 0 else c,
-                                   block.copied_block.cross_attn.kv(y), t6, bias, hw)
+    @property
+    def first_block(self) -> int:
+        """The base block whose output residual 0 joins (then k joins block first_block + k)."""
+        return 0 if self.order == "nvlabs" else 1
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.controlnet[0].after_proj.weight.dtype
+
+    def widen(self, dtype: torch.dtype) -> None:
+        """Compute in `dtype` from now on (see `precision.run_finite`)."""
+        self.to(dtype)
+
+    def embed_caption(self, context: torch.Tensor, dit: SanaDiT) -> torch.Tensor:
+        """(B, T, 2304) -> (B, T, C): the base DiT's caption projection (NVlabs) or the branch's own (diffusers)."""
+        owner = dit if self.order == "nvlabs" else self
+        return owner.embed_text(context.to(owner.compute_dtype))
+
+    def text_kv(self, context: torch.Tensor, dit: SanaDiT) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every copied block's cross-attention keys and values for context (B, T, 2304), to compute once per
+        sampling run and pass as `Control.text_kv`."""
+        y = self.embed_caption(context, dit)
+        return [block.copied_block.cross_attn.kv(y) for block in self.controlnet]
+
+    def residuals(self, hint: torch.Tensor, base: BaseState,
+                  text_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> list[torch.Tensor]:
+        """hint: (B, 32, H, W) control latent (scaled, as the DiT's latent). Returns one (B, N, C) residual per
+        copied block, unscaled; residual k joins the output of base block `first_block + k`."""
+        if text_kv is None:
+            if base.context is None:
+                raise ValueError("a ControlNet needs the caption (context) or its text keys/values (text_kv)")
+            text_kv = self.text_kv(base.context, base.dit)
+        if self.order == "nvlabs":
+            x, t6 = base.block0, base.t6
+            c = base.dit.x_embedder.proj(hint.to(x.dtype)).flatten(2).mT         # the base's own patch embedding
+        else:
+            x = self.embed_latent(base.latent)
+            c = self.embed_latent(hint)
+            t6 = self.modulation(base.timestep, x.shape[0], x.device)[1]
+        out = []
+        for i, (block, kv) in enumerate(zip(self.controlnet, text_kv)):
+            c = block.copied_block(x + block.before_proj(c) if i == 0 else c, kv, t6, base.bias, base.hw)
             out.append(block.after_proj(c))
         return out
 
 
 @dataclass
 class Control:
-    """A ControlNet's input to one forward: the branch, its hint (B, 32, H, W) in the DiT's scaled latent space
-    (the DC-AE-encoded control image), and a strength multiplying its residuals."""
+    """A ControlNet's input to the sampler and the DiT: the branch, its hint (1 or B, 32, H, W) in the DiT's
+    scaled latent space (the DC-AE-encoded control image), a strength multiplying its residuals, and the
+    fraction of the sampling steps it acts on, [start, end] (diffusers' `control_guidance_start/end`).
+    `text_kv`: the branch's text keys/values for the current batch, set by the sampler once per run."""
 
     net: SanaControlNet
     hint: torch.Tensor
     scale: float = 1.0
+    start: float = 0.0
+    end: float = 1.0
+    text_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.start <= self.end <= 1.0:
+            raise ValueError(f"ControlNet start/end must satisfy 0 <= start <= end <= 1, got {self.start}, {self.end}")
+
+
+def control_residuals(controls: Sequence[Control], base: BaseState) -> dict[int, torch.Tensor]:
+    """{base block index: the summed, strength-scaled residual to add to its output (B, N, C)}."""
+    dit, B = base.dit, base.latent.shape[0]
+    total: dict[int, torch.Tensor] = {}
+    for control in controls:
+        net = control.net
+        if net.cfg.width != dit.cfg.width:
+            raise ValueError(f"a ControlNet of width {net.cfg.width} cannot drive this DiT of width {dit.cfg.width}")
+        last = net.first_block + len(net.controlnet) - 1
+        if last >= dit.cfg.depth:
+            raise ValueError(f"this ControlNet ({net.order} order) adds to base blocks up to {last}, but the DiT "
+                             f"has {dit.cfg.depth} blocks")
+        hint = control.hint
+        if hint.shape[0] not in (1, B) or hint.shape[-2:] != base.latent.shape[-2:]:
+            raise ValueError(f"a ControlNet hint of shape {tuple(hint.shape)} does not match the latent "
+                             f"{tuple(base.latent.shape)} (batch 1 or {B}, same latent size)")
+        hint = hint.to(base.latent.device).expand(B, -1, -1, -1)
+        for k, r in enumerate(net.residuals(hint, base, control.text_kv)):
+            i = net.first_block + k
+            r = control.scale * r.to(base.block0.dtype)
+            total[i] = total[i] + r if i in total else r
+    return total

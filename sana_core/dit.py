@@ -294,7 +294,71 @@ class FinalLayer(nn.Module):
         return self.linear(_modulate(x, shift, 1 + scale))
 
 
-class SanaDiT(nn.Module):
+class DiTInputs(nn.Module):
+    """The input side of a Sana DiT under NVlabs' names: patch embedding (+ the 2K/4K sin-cos grid), timestep
+    (and Sprint guidance) embedding with the AdaLN-single projection, caption projection + RMSNorm. Shared by
+    `SanaDiT` and the diffusers-order ControlNet, which has its own copy of these layers."""
+
+    cfg: DiTConfig
+
+    def _build_inputs(self, cfg: DiTConfig, ops: Any, **kw: Any) -> None:
+        C, p = cfg.width, cfg.patch_size
+        self.x_embedder = nn.Module()
+        self.x_embedder.proj = ops.Conv2d(cfg.in_channels, C, p, stride=p, **kw)
+        self.t_embedder = _TimestepEmbedder(C, ops, **kw)
+        if cfg.guidance_embed:
+            self.cfg_embedder = _TimestepEmbedder(C, ops, **kw)
+        self.t_block = nn.Sequential(nn.SiLU(), ops.Linear(C, 6 * C, **kw))
+        self.y_embedder = nn.Module()
+        self.y_embedder.y_proj = _CaptionProjection(cfg.caption_channels, C, ops, **kw)
+        self.attention_y_norm = _Norm(C, **kw)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype activations are computed in: the weights' (ComfyUI's DiT may compute wider than it stores)."""
+        return self.t_block[1].weight.dtype
+
+    def pos_embed(self, h: int, w: int, device: torch.device) -> torch.Tensor:
+        """The 2K/4K models' sin-cos embedding of an h x w token grid (h*w, C) fp32 on `device`, kept for the
+        last grid and device (not a buffer: the model stays loadable on `meta`)."""
+        key = (h, w, device)
+        if getattr(self, "_pe", (None,))[0] != key:
+            self._pe = key, sincos_pos_embed(self.cfg.width, h, w, self.cfg.base_size, self.cfg.pe_interpolation
+                                             ).to(device)
+        return self._pe[1]
+
+    def embed_latent(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 32, H, W) latent -> (B, N, C) tokens, token-major, in the compute dtype (+ the sin-cos grid)."""
+        p = self.cfg.patch_size
+        if x.shape[-2] % p or x.shape[-1] % p:
+            raise ValueError(f"latent size {tuple(x.shape[-2:])} is not a multiple of the patch size {p}")
+        dtype = self.compute_dtype
+        tokens = self.x_embedder.proj(x.to(dtype)).flatten(2).mT.contiguous()
+        if self.cfg.use_pe:
+            tokens = (tokens.float() + self.pos_embed(x.shape[-2] // p, x.shape[-1] // p, x.device)[None]).to(dtype)
+        return tokens
+
+    def modulation(self, timestep: torch.Tensor, batch: int, device: torch.device,
+                   guidance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """timestep (B,) or scalar -> t (B, C) for the final layer and t6 (B, 6, C) for the blocks, with 1
+        already added to the two scales (rows 1 and 4), once for all blocks."""
+        dtype = self.compute_dtype
+        timestep = torch.as_tensor(timestep, device=device).reshape(-1).expand(batch)
+        t = self.t_embedder(timestep, dtype)                                     # (B, C)
+        if self.cfg.guidance_embed:
+            if guidance is None:
+                raise ValueError("this Sana-Sprint model needs `guidance` (the guidance scale) in forward()")
+            t = t + self.cfg_embedder(torch.as_tensor(guidance, device=device).reshape(-1).expand(batch), dtype)
+        t6 = self.t_block(t).unflatten(1, (6, -1))                              # (B, 6, C)
+        t6[:, 1::3] += 1
+        return t, t6
+
+    def embed_text(self, context: torch.Tensor) -> torch.Tensor:
+        """Caption projection + RMSNorm: (B, T, 2304) -> (B, T, C)."""
+        return self.attention_y_norm(self.y_embedder.y_proj(context))
+
+
+class SanaDiT(DiTInputs):
     """The linear DiT: predicts the flow velocity v = noise - x0 of a DC-AE latent.
 
     Layers are built through `ops` (default `torch.nn`; ComfyUI passes `comfy.ops.*` for casting/offload).
@@ -305,17 +369,7 @@ class SanaDiT(nn.Module):
         super().__init__()
         ops = ops or nn
         self.cfg = cfg
-        C, kw = cfg.width, dict(dtype=dtype, device=device)
-        p = cfg.patch_size
-        self.x_embedder = nn.Module()
-        self.x_embedder.proj = ops.Conv2d(cfg.in_channels, C, p, stride=p, **kw)
-        self.t_embedder = _TimestepEmbedder(C, ops, **kw)
-        if cfg.guidance_embed:
-            self.cfg_embedder = _TimestepEmbedder(C, ops, **kw)
-        self.t_block = nn.Sequential(nn.SiLU(), ops.Linear(C, 6 * C, **kw))
-        self.y_embedder = nn.Module()
-        self.y_embedder.y_proj = _CaptionProjection(cfg.caption_channels, C, ops, **kw)
-        self.attention_y_norm = _Norm(C, **kw)
+        self._build_inputs(cfg, ops, dtype=dtype, device=device)
         self.blocks = nn.ModuleList(SanaBlock(cfg, ops, dtype, device) for _ in range(cfg.depth))
         self.final_layer = FinalLayer(cfg, ops, dtype, device)
 
@@ -341,47 +395,11 @@ class SanaDiT(nn.Module):
             return sigma
         return sigma_to_timestep(sigma, truncate) * self.cfg.timestep_scale
 
-    def pos_embed(self, h: int, w: int, device: torch.device) -> torch.Tensor:
-        """The 2K/4K models' sin-cos embedding of an h x w token grid (h*w, C) fp32 on `device`, kept for the
-        last grid and device (not a buffer: the model stays loadable on `meta`)."""
-        key = (h, w, device)
-        if getattr(self, "_pe", (None,))[0] != key:
-            self._pe = key, sincos_pos_embed(self.cfg.width, h, w, self.cfg.base_size, self.cfg.pe_interpolation
-                                             ).to(device)
-        return self._pe[1]
-
-    def embed_text(self, context: torch.Tensor) -> torch.Tensor:
-        """Caption projection + RMSNorm: (B, T, 2304) -> (B, T, C)."""
-        return self.attention_y_norm(self.y_embedder.y_proj(context))
-
     def text_kv(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Every block's cross-attention keys and values for context (B, T, 2304). They do not change over the
         sampling steps, so a sampler computes them once and passes them to `forward` as `text_kv`."""
         y = self.embed_text(context.to(self.compute_dtype))
         return [block.cross_attn.kv(y) for block in self.blocks]
-
-    def _control_residuals(self, x: torch.Tensor, controls: Sequence[Control], context: torch.Tensor | None,
-                           t6: torch.Tensor, bias: torch.Tensor | None, hw: tuple[int, int]) -> list[torch.Tensor]:
-        """The summed, strength-scaled residuals of every ControlNet for x (B, N, C), the output of block 0."""
-        if context is None:
-            raise ValueError("ControlNets need the caption `context`: their copied blocks have their own text keys")
-        y = self.embed_text(context.to(x.dtype))
-        total: list[torch.Tensor] = []
-        for control in controls:
-            if control.net.cfg.width != self.cfg.width:
-                raise ValueError(f"a ControlNet of width {control.net.cfg.width} cannot drive this DiT of width "
-                                 f"{self.cfg.width}")
-            hint = control.hint.to(x.device, x.dtype).expand(x.shape[0], -1, -1, -1)
-            hint = self.x_embedder.proj(hint).flatten(2).mT                     # (B, N, C), the base's embedding
-            if hint.shape[1] != x.shape[1]:
-                raise ValueError(f"a ControlNet hint of {tuple(control.hint.shape[-2:])} latent pixels does not match "
-                                 f"the latent's {hw}")
-            for k, r in enumerate(control.net.residuals(x, hint, y, t6, bias, hw)):
-                if k < len(total):
-                    total[k] = total[k] + control.scale * r
-                else:
-                    total.append(control.scale * r)
-        return total
 
     def forward(
         self,
@@ -403,38 +421,30 @@ class SanaDiT(nn.Module):
         (each sample its own); guidance: (B,) Sprint guidance embedding input (scale * `guidance_embeds_scale`);
         pag_layers / pag_batch: blocks and (B,) bool samples whose self-attention is the identity (PAG);
         text_kv: `text_kv(context)` computed earlier (context is then unused but by ControlNets);
-        controls: ControlNets (`controlnet.Control`), NVlabs' order: their residuals join base blocks 0..6.
+        controls: ControlNets (`controlnet.Control`), each adding its strength-scaled residuals to the outputs of
+        base blocks in its own order (`SanaControlNet.order`); their step ranges are the sampler's business.
         Returns v: (B, 32, H, W) in x's dtype.
         """
         cfg, dtype = self.cfg, self.compute_dtype
         B, _, H, W = x.shape
         p = cfg.patch_size
-        if H % p or W % p:
-            raise ValueError(f"latent size {H}x{W} is not a multiple of the patch size {p}")
         h, w = H // p, W // p
-        tokens = self.x_embedder.proj(x.to(dtype)).flatten(2).mT.contiguous()  # (B, N, C), token-major
-        if cfg.use_pe:
-            tokens = (tokens.float() + self.pos_embed(h, w, tokens.device)[None]).to(dtype)
-        timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(B)
-        t = self.t_embedder(timestep, dtype)                                     # (B, C)
-        if cfg.guidance_embed:
-            if guidance is None:
-                raise ValueError("this Sana-Sprint model needs `guidance` (the guidance scale) in forward()")
-            g = torch.as_tensor(guidance, device=x.device).reshape(-1).expand(B)
-            t = t + self.cfg_embedder(g, dtype)
-        t6 = self.t_block(t).unflatten(1, (6, -1))                              # (B, 6, C)
-        t6[:, 1::3] += 1                                                         # the scales' 1 + (rows 1, 4)
+        tokens = self.embed_latent(x)                                            # (B, N, C)
+        t, t6 = self.modulation(timestep, B, x.device, guidance)                # (B, C), (B, 6, C)
         kv = text_kv if text_kv is not None else self.text_kv(context)          # per block 2 x (B, heads, T, d)
         bias = None
         if context_mask is not None:
             bias = ((1 - context_mask.to(dtype)) * -10000.0)[:, None, None, :]  # (B, 1, 1, T)
-        pag, residuals = set(pag_layers), []
+        pag, residuals = set(pag_layers), {}
         for i, block in enumerate(self.blocks):
             tokens = block(tokens, kv[i], t6, bias, (h, w), pag_batch if i in pag else None)
             if i == 0 and controls:
-                residuals = self._control_residuals(tokens, controls, context, t6, bias, (h, w))
-            if i < len(residuals):
-                tokens = tokens + residuals[i]
+                from .controlnet import BaseState, control_residuals
+                base = BaseState(self, x, torch.as_tensor(timestep, device=x.device).reshape(-1).expand(B), tokens,
+                                 t6, bias, (h, w), context)
+                residuals = control_residuals(controls, base)
+            if i in residuals:
+                tokens = tokens + residuals.pop(i)
         out = self.final_layer(tokens, t)                                        # (B, N, p*p*32)
         out = out.reshape(B, h, w, p, p, -1).permute(0, 5, 1, 3, 2, 4).reshape(B, -1, H, W)
         return out.to(x.dtype)

@@ -93,7 +93,7 @@ def test_mismatches_are_errors(models):
             dit(x, t, ctx, mask, controls=[Control(wide, hint)])
         with pytest.raises(ValueError, match="does not match the latent"):
             dit(x, t, ctx, mask, controls=[Control(net, hint[..., :2, :4])])
-        with pytest.raises(ValueError, match="need the caption"):
+        with pytest.raises(ValueError, match="needs the caption"):
             dit(x, t, None, mask, text_kv=dit.text_kv(ctx), controls=[Control(net, hint)])
 
 
@@ -107,3 +107,124 @@ def test_real_size_branch_on_meta(variant):
     assert sum(p.numel() for p in net.parameters()) == 7 * block + 8 * (cfg.width**2 + cfg.width)
     assert [k for k in net.state_dict() if not k.startswith("controlnet.0.")][:1] == ["controlnet.1.copied_block.scale_shift_table"]
     assert "controlnet.0.before_proj.weight" in net.state_dict()
+
+
+# ---- diffusers order: SanaControlNetModel + SanaTransformer2DModel(controlnet_block_samples=...) ----
+
+def diffusers_controlnet(cfg: DiTConfig, seed: int, depth: int = 7):
+    from diffusers import SanaControlNetModel
+
+    from sana_core.tiny import randomize_
+    ref = SanaControlNetModel(
+        in_channels=cfg.in_channels, out_channels=cfg.in_channels, num_attention_heads=cfg.self_heads,
+        attention_head_dim=cfg.self_head_dim, num_layers=depth, num_cross_attention_heads=cfg.cross_heads,
+        cross_attention_head_dim=cfg.width // cfg.cross_heads, cross_attention_dim=cfg.width,
+        caption_channels=cfg.caption_channels, mlp_ratio=cfg.mlp_ratio, sample_size=cfg.base_size)
+    return randomize_(ref, seed).eval()
+
+
+def test_diffusers_order_matches_diffusers(tmp_path):
+    """A diffusers ControlNet folder, loaded by our loader, on our DiT = diffusers' ControlNet + transformer."""
+    from test_dit import diffusers_twin, inputs
+
+    from sana_core.checkpoints.controlnet import load_controlnet
+    from sana_core.tiny import randomize_
+    dit = randomize_(SanaDiT(CFG), 5).eval()
+    ref_dit, ref_net = diffusers_twin(dit), diffusers_controlnet(CFG, 6)
+    ref_net.save_pretrained(tmp_path / "cn")
+    net = load_controlnet(tmp_path / "cn", base=CFG)
+    assert net.order == "diffusers" and len(net.controlnet) == 7
+    x, t, ctx, mask = inputs(CFG)
+    hint = torch.randn(1, 32, 4, 6, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        got = dit(x, t, ctx, mask, controls=[Control(net, hint, 0.8)])
+        samples = ref_net(x, encoder_hidden_states=ctx, timestep=t, controlnet_cond=hint.expand(3, -1, -1, -1),
+                          conditioning_scale=0.8, encoder_attention_mask=mask, return_dict=False)[0]
+        want = ref_dit(x, encoder_hidden_states=ctx, timestep=t, encoder_attention_mask=mask,
+                       controlnet_block_samples=tuple(samples)).sample
+        base = dit(x, t, ctx, mask)
+        # cached text keys/values (as the sampler passes them) give the same result
+        cached = dit(x, t, None, mask, text_kv=dit.text_kv(ctx),
+                     controls=[Control(net, hint, 0.8, text_kv=net.text_kv(ctx, dit))])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cached, got, rtol=1e-6, atol=1e-6)
+    assert (got - base).abs().max() > 1e-2
+
+
+# ---- loading: every layout, only what is needed, strict, in the dtype asked, clear errors ----
+
+def _nvlabs(sd: dict) -> dict:
+    """Our keys -> NVlabs' file layout (the Mix-FFN's 1x1 convs as (out, in, 1, 1) kernels)."""
+    from sana_core.checkpoints.dit import _pointwise
+    return _pointwise({k: v.clone() for k, v in sd.items()}, 4)
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k].to(sa[k].dtype)) for k in sa)
+
+
+def test_loading_layouts(models, tmp_path):
+    from safetensors.torch import save_file
+
+    from sana_core.checkpoints.controlnet import load_controlnet
+    from sana_core.checkpoints.dit import load_dit
+    dit, net = models
+    combined = tmp_path / "Sana_600M_1024px_ControlNet_HED.pth"
+    torch.save({"state_dict": {**_nvlabs(dit.state_dict()), **_nvlabs(net.state_dict())}}, combined)
+    # the combined file is the DiT and the ControlNet, each reading only its own tensors
+    base, branch = load_dit(combined), load_controlnet(combined, base=dit.cfg)
+    assert _same(base, dit) and _same(branch, net) and branch.order == "nvlabs"
+    assert not any(k.startswith(("blocks.", "x_embedder", "final_layer")) for k in branch.state_dict())
+    # the branch alone, as a (prefixed) safetensors file; loaded on meta then assigned, in the dtype asked
+    alone = tmp_path / "branch.safetensors"
+    save_file({"model." + k: v for k, v in _nvlabs(net.state_dict()).items()}, alone)
+    half = load_controlnet(alone, base=dit.cfg, dtype=torch.bfloat16)
+    assert _same(half, net) and all(p.dtype == torch.bfloat16 for p in half.parameters())  # = the bf16 cast
+    assert _same(load_controlnet(alone, base=dit.cfg), net)
+    # a diffusers ControlNet as one safetensors file (no config.json: read from the weights)
+    ref = diffusers_controlnet(CFG, 8)
+    single = tmp_path / "diffusers_controlnet.safetensors"
+    save_file(ref.state_dict(), single)
+    got = load_controlnet(single, base=CFG)
+    assert got.order == "diffusers" and got.first_block == 1 and sum(p.numel() for p in got.parameters()) == \
+        sum(p.numel() for p in ref.parameters())
+
+
+def test_loading_errors(models, tmp_path):
+    from safetensors.torch import save_file
+
+    from sana_core.checkpoints.controlnet import load_controlnet
+    from sana_core.checkpoints.dit import load_dit
+    from sana_core.checkpoints.files import CheckpointError
+    dit, net = models
+    sd_controlnet = tmp_path / "control_v11p_sd15_scribble.safetensors"
+    save_file({"input_hint_block.0.weight": torch.zeros(16, 3, 3, 3), "zero_convs.0.0.weight": torch.zeros(4, 4)},
+              sd_controlnet)
+    with pytest.raises(CheckpointError, match="control_v11p_sd15_scribble.*not a Sana ControlNet.*Stable Diffusion "
+                                              "ControlNet"):
+        load_controlnet(sd_controlnet, base=CFG)
+    dit_only = tmp_path / "dit.safetensors"
+    save_file(_nvlabs(dit.state_dict()), dit_only)
+    with pytest.raises(CheckpointError, match="dit.safetensors: not a Sana ControlNet.*diffusion transformer"):
+        load_controlnet(dit_only, base=CFG)
+    wide = tmp_path / "wide.safetensors"
+    save_file(_nvlabs(_random(SanaControlNet(replace(CFG, width=96, cross_heads=3)), 1).state_dict()), wide)
+    with pytest.raises(CheckpointError, match="wide.safetensors: this ControlNet was made for a Sana DiT with "
+                                              "\\{'width': 96"):
+        load_controlnet(wide, base=CFG)
+    branch = tmp_path / "branch.safetensors"
+    save_file(_nvlabs(net.state_dict()), branch)
+    with pytest.raises(CheckpointError, match="branch.safetensors: no Sana DiT weights"):
+        load_dit(branch)
+    diffusers_folder = tmp_path / "cn"
+    diffusers_controlnet(CFG, 8).save_pretrained(diffusers_folder)
+    with pytest.raises(CheckpointError, match="diffusers Sana ControlNet, not a DiT"):
+        load_dit(diffusers_folder / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(CheckpointError, match="width 64, the DiT it should drive 96"):
+        load_controlnet(diffusers_folder, base=replace(CFG, width=96, cross_heads=3))
+    truncated = tmp_path / "truncated.safetensors"
+    save_file({k: v for k, v in _nvlabs(net.state_dict()).items() if not k.startswith("controlnet.6.")}
+              | {"controlnet.6.after_proj.weight": torch.zeros(64, 64)}, truncated)
+    with pytest.raises(CheckpointError, match="truncated.safetensors: weights do not fit.*missing"):
+        load_controlnet(truncated, base=CFG)

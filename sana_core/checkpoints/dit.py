@@ -20,13 +20,16 @@ from .files import (CheckpointError, PathLike, describe_keys, find_weights_file,
 log = logging.getLogger(__name__)
 
 NVLABS_ANCHOR, DIFFUSERS_ANCHOR = "x_embedder.proj.weight", "patch_embed.proj.weight"
+#: Keys of the ControlNet branch that NVlabs' released ControlNet files carry next to the base model.
+CONTROL_BRANCH = re.compile(r"(?:.*\.)?controlnet\.\d+\.")
 #: NVlabs keys used only in training (null caption, stored pos. embedding buffer, Sprint's log-variance head).
 TRAINING_ONLY = ("y_embedder.y_embedding", "pos_embed", "logvar_linear.weight", "logvar_linear.bias")
 #: Cross-attention heads of the released widths (their head dims are 72 and 112; not readable from weights).
 CROSS_HEADS = {1152: 16, 2240: 20}
 
-def _key_map(depth: int, qk_norm: bool, guidance: bool) -> list[tuple[str, list[str]]]:
-    """(NVlabs key, diffusers keys) pairs; several diffusers keys are concatenated on dim 0 (fused q/k/v)."""
+def _key_map(depth: int, qk_norm: bool, guidance: bool, final: bool = True) -> list[tuple[str, list[str]]]:
+    """(NVlabs key, diffusers keys) pairs; several diffusers keys are concatenated on dim 0 (fused q/k/v).
+    final: the output layer too (a diffusers ControlNet has the rest and no output layer)."""
     wb = ("weight", "bias")
     time = "time_embed.timestep_embedder" if guidance else "time_embed.emb.timestep_embedder"
     pairs = [(f"x_embedder.proj.{s}", [f"patch_embed.proj.{s}"]) for s in wb]
@@ -51,8 +54,9 @@ def _key_map(depth: int, qk_norm: bool, guidance: bool) -> list[tuple[str, list[
         if qk_norm:
             pairs += [(f"{a}{att}.{x}_norm.weight", [f"{d}{datt}.norm_{x}.weight"])
                       for att, datt in (("attn", "attn1"), ("cross_attn", "attn2")) for x in "qk"]
-    pairs += [("final_layer.scale_shift_table", ["scale_shift_table"])]
-    pairs += [(f"final_layer.linear.{s}", [f"proj_out.{s}"]) for s in wb]
+    if final:
+        pairs += [("final_layer.scale_shift_table", ["scale_shift_table"])]
+        pairs += [(f"final_layer.linear.{s}", [f"proj_out.{s}"]) for s in wb]
     return pairs
 
 
@@ -74,13 +78,14 @@ def _depth(sd: dict[str, torch.Tensor], prefix: str) -> int:
     return len(found)
 
 
-def diffusers_to_nvlabs(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """diffusers `SanaTransformer2DModel` keys -> our (NVlabs) keys. Consumes `sd` tensor by tensor."""
+def diffusers_to_nvlabs(sd: dict[str, torch.Tensor], final: bool = True) -> dict[str, torch.Tensor]:
+    """diffusers `SanaTransformer2DModel` keys (final=False: the same parts of a `SanaControlNetModel`) -> our
+    (NVlabs) keys. Consumes `sd` tensor by tensor."""
     depth = _depth(sd, "transformer_blocks.")
     qk_norm = "transformer_blocks.0.attn1.norm_q.weight" in sd
     guidance = "time_embed.guidance_embedder.linear_1.weight" in sd
     out = {}
-    for ours, theirs in _key_map(depth, qk_norm, guidance):
+    for ours, theirs in _key_map(depth, qk_norm, guidance, final):
         missing = [k for k in theirs if k not in sd]
         if missing:
             raise CheckpointError(f"diffusers Sana transformer is missing {missing[0]!r}: truncated or not a Sana DiT?")
@@ -105,7 +110,13 @@ def nvlabs_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def to_nvlabs(sd: dict[str, torch.Tensor], source: PathLike | str) -> dict[str, torch.Tensor]:
     """Any supported DiT state dict (prefixed or not, either layout) -> our keys and shapes, training-only
     keys dropped."""
+    if not sd:
+        raise CheckpointError(f"{source}: no Sana DiT weights in this file (a ControlNet branch alone is loaded by the "
+                              "ControlNet loader, next to a base DiT)")
     sd = strip_prefixes(sd, (NVLABS_ANCHOR, DIFFUSERS_ANCHOR))
+    if "input_block.weight" in sd and "controlnet_blocks.0.weight" in sd:
+        raise CheckpointError(f"{source}: this is a diffusers Sana ControlNet, not a DiT; load it with the ControlNet "
+                              "loader next to a base DiT")
     if NVLABS_ANCHOR in sd:
         for k in TRAINING_ONLY:
             sd.pop(k, None)
@@ -180,7 +191,8 @@ def load_dit(path: PathLike, dtype: torch.dtype | None = None, device: torch.dev
              ops: Any = None, use_pe: bool | None = None, variant: str | None = None,
              model_class: type[SanaDiT] = SanaDiT) -> SanaDiT:
     """Load a Sana DiT from an NVlabs `.pth`, a single safetensors file (either layout, any wrapper prefix)
-    or a diffusers folder (root or `transformer/`, sharded and `variant` files included).
+    or a diffusers folder (root or `transformer/`, sharded and `variant` files included). The ControlNet branch
+    of NVlabs' combined ControlNet files (`controlnet.N.*`) is not read (`checkpoints.controlnet` loads it).
 
     dtype: None keeps the file's dtype (fp8 storage becomes bf16); use_pe overrides the 2K/4K positional
     embedding decision; model_class: a SanaDiT subclass to build (a host's adapter). The variant found is in
@@ -189,7 +201,7 @@ def load_dit(path: PathLike, dtype: torch.dtype | None = None, device: torch.dev
     """
     path = Path(path)
     file, config = _resolve(path, variant)
-    sd = to_nvlabs(read_state_dict(file, dtype), file)
+    sd = to_nvlabs(read_state_dict(file, dtype, keep=lambda k: not CONTROL_BRANCH.match(k)), file)
     name = "/".join(path.resolve().parts[-3:])
     try:
         detected, cfg = detect_config(sd, name, config, use_pe)

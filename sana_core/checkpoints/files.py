@@ -9,13 +9,14 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
 log = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike
+Keep = Callable[[str], bool] | None  # which raw keys of a file to read (None: all)
 
 class CheckpointError(ValueError):
     """A weight file that cannot be used: unreadable, truncated, or not the model that was expected."""
@@ -24,6 +25,11 @@ class CheckpointError(ValueError):
 #: Key fragments of the models that end up in the wrong loader, first match wins (for error messages).
 KNOWN_MODELS = (
     ("lora", "a LoRA"),
+    ("input_hint_block.", "a Stable Diffusion ControlNet"),
+    ("controlnet_cond_embedding.", "a diffusers SD / SDXL ControlNet"),
+    ("controlnet_x_embedder.", "a Flux / SD3 ControlNet"),
+    ("controlnet.0.before_proj.", "a Sana ControlNet (NVlabs)"),
+    ("input_block.", "a diffusers Sana ControlNet"),
     ("input_blocks.", "a Stable Diffusion / SDXL UNet"),
     ("double_blocks.", "a Flux transformer"),
     ("joint_blocks.", "an SD3 transformer"),
@@ -48,20 +54,21 @@ def describe_keys(sd: dict[str, "torch.Tensor"]) -> str:
     return f"it looks like {what} ({found})" if what else f"found {found}"
 
 
-def _load_safetensors(path: Path, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+def _load_safetensors(path: Path, dtype: torch.dtype | None, keep: Keep) -> dict[str, torch.Tensor]:
     """Tensor by tensor from the memory-mapped file, each cast as it is read: one copy in memory at most."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {k: _cast(f.get_tensor(k), dtype) for k in f.keys()}
+            return {k: _cast(f.get_tensor(k), dtype) for k in f.keys() if keep is None or keep(k)}
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise CheckpointError(
             f"{path}: cannot read this .safetensors file ({e}); it may be truncated or corrupt, download it again"
         ) from e
 
 
-def _load_pickle(path: Path, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+def _load_pickle(path: Path, dtype: torch.dtype | None, keep: Keep) -> dict[str, torch.Tensor]:
+    """The tensors stay memory-mapped until kept and cast: the ones not kept are never read."""
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises many kinds (UnpicklingError, RuntimeError, EOFError, ...)
@@ -76,10 +83,10 @@ def _load_pickle(path: Path, dtype: torch.dtype | None) -> dict[str, torch.Tenso
             break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: expected a dict of tensors (optionally under 'state_dict'), found {type(obj).__name__}")
-    return cast_state_dict(obj, dtype)
+    return cast_state_dict({k: v for k, v in obj.items() if keep is None or keep(k)}, dtype)
 
 
-def _load_sharded(index_path: Path, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+def _load_sharded(index_path: Path, dtype: torch.dtype | None, keep: Keep) -> dict[str, torch.Tensor]:
     try:
         weight_map = json.loads(index_path.read_text())["weight_map"]
     except (OSError, ValueError, KeyError) as e:
@@ -89,8 +96,8 @@ def _load_sharded(index_path: Path, dtype: torch.dtype | None) -> dict[str, torc
         shard_path = index_path.parent / shard
         if not shard_path.is_file():
             raise FileNotFoundError(f"{index_path}: shard '{shard}' listed in the index is missing ({shard_path})")
-        sd.update(read_state_dict(shard_path, dtype))
-    missing = set(weight_map) - set(sd)
+        sd.update(read_state_dict(shard_path, dtype, keep))
+    missing = {k for k in weight_map if keep is None or keep(k)} - set(sd)
     if missing:
         raise CheckpointError(f"{index_path}: {len(missing)} keys listed in the index are absent from the shards, e.g. {sorted(missing)[:3]}")
     return sd
@@ -114,8 +121,9 @@ def find_weights_file(folder: PathLike, stems: Iterable[str], variant: str | Non
     raise FileNotFoundError(f"{folder}: no weight file found (expected {wanted} or a sharded .index.json)")
 
 
-def read_state_dict(path: PathLike, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Read every tensor of a weight file (``.safetensors``, ``*.index.json``, ``.pth``/``.pt``/``.ckpt``/``.bin``).
+def read_state_dict(path: PathLike, dtype: torch.dtype | None = None, keep: Keep = None) -> dict[str, torch.Tensor]:
+    """Read the tensors of a weight file (``.safetensors``, ``*.index.json``, ``.pth``/``.pt``/``.ckpt``/``.bin``):
+    all, or those whose raw key ``keep(key)`` accepts (the others are never read into memory).
 
     Floating-point tensors are cast to ``dtype`` as they are read (None keeps the file's; fp8 becomes bf16),
     so a file is never held twice. Returns the raw keys; see :func:`strip_prefixes` for wrapper prefixes.
@@ -127,12 +135,28 @@ def read_state_dict(path: PathLike, dtype: torch.dtype | None = None) -> dict[st
         raise CheckpointError(f"{path}: is a folder; expected a weight file")
     name = path.name.lower()
     if name.endswith(".index.json"):
-        return _load_sharded(path, dtype)
+        return _load_sharded(path, dtype, keep)
     if name.endswith(".safetensors") or name.endswith(".sft"):
-        return _load_safetensors(path, dtype)
+        return _load_safetensors(path, dtype, keep)
     if name.endswith((".pth", ".pt", ".ckpt", ".bin")):
-        return _load_pickle(path, dtype)
+        return _load_pickle(path, dtype, keep)
     raise CheckpointError(f"{path}: unknown weight file type; expected .safetensors, .pth, .pt, .ckpt, .bin or a shard .index.json")
+
+
+def read_keys(path: PathLike) -> list[str]:
+    """The raw keys of a weight file, without reading its tensors (pickles are memory-mapped)."""
+    path = Path(path)
+    if path.name.lower().endswith(".index.json"):
+        return list(read_json(path).get("weight_map", {}))
+    if path.name.lower().endswith((".safetensors", ".sft")):
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                return list(f.keys())
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"{path}: cannot read this .safetensors file ({e})") from e
+    return list(read_state_dict(path))
 
 
 def strip_prefixes(sd: dict[str, torch.Tensor], anchors: Iterable[str]) -> dict[str, torch.Tensor]:
