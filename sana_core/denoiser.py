@@ -5,12 +5,13 @@ Flow space: x_t = (1 - s) x0 + s noise; the DiT predicts v = noise - x0, so x0 =
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Sequence
 
 import torch
 
 from . import precision
+from .controlnet import Control
 from .dit import SanaDiT
 from .samplers import Generators, cfg, default_noise_sampler, denoise_sigmas, flow_denoised, get_sampler, pag
 
@@ -52,7 +53,10 @@ class SanaDenoiser:
     `cudagraph_steps`: mark each DiT call as a new step for a DiT compiled with CUDA graphs (a call's outputs
     are not read after the next call, which reuses their memory).
     The text side is prepared once (first call) and reused every step: the caption rows after the longest real
-    prompt are dropped (padding every sample masks out anyway) and each block's text keys/values are kept.
+    prompt are dropped (padding every sample masks out anyway) and each block's text keys/values are kept, the
+    ControlNets' copied blocks' too.
+    `controls`: ControlNets acting on every branch of the batch (their hint is repeated for CFG and PAG, as
+    NVlabs and diffusers do), each on the steps of its [start, end] fraction (`schedule_controls`).
     """
 
     dit: SanaDiT
@@ -63,7 +67,9 @@ class SanaDenoiser:
     pag_layers: tuple[int, ...] = (8,)
     truncate_timesteps: bool = True
     cudagraph_steps: bool = False
+    controls: Sequence[Control] = ()
     calls: int = field(default=0, init=False)
+    _windows: list[tuple[float, float]] | None = field(default=None, init=False, repr=False)
     _text: tuple | None = field(default=None, init=False, repr=False)
     _finite: torch.Tensor | None = field(default=None, init=False, repr=False)  # all outputs finite so far
 
@@ -80,12 +86,35 @@ class SanaDenoiser:
     def use_cfg(self) -> bool:
         return not self.sprint and self.uncond is not None and self.guidance_scale > 1.0
 
-    def prepare_text(self, device: torch.device) -> tuple[torch.Tensor, list]:
-        """(mask (nB, T'), per-block text K/V) for the batch [cond | uncond | cond (PAG)], T' = longest prompt."""
+    def prepare_text(self, device: torch.device) -> tuple[torch.Tensor, list, list]:
+        """(mask (nB, T'), per-block text K/V, per-ControlNet per-block text K/V) for the batch
+        [cond | uncond | cond (PAG)], T' = longest prompt."""
         branches = [self.cond] + ([self.uncond] if self.use_cfg else []) + ([self.cond] if self.pag_scale > 0 else [])
         embeds, mask = trim_padding(torch.cat([c.embeds for c in branches]).to(device),
                                     torch.cat([c.mask for c in branches]).to(device))
-        return mask, self.dit.text_kv(embeds)
+        return mask, self.dit.text_kv(embeds), [c.net.text_kv(embeds, self.dit) for c in self.controls]
+
+    def schedule_controls(self, sigmas: torch.Tensor) -> None:
+        """Turn each ControlNet's [start, end] fraction of the steps into the sigmas it acts at, for the schedule
+        `sigmas` (steps + 1 values, decreasing): step i of n runs when not (i / n < start or (i + 1) / n > end),
+        diffusers' `control_guidance_start/end` rule."""
+        n, s = len(sigmas) - 1, [float(v) for v in sigmas]
+        self._windows = []
+        for c in self.controls:
+            steps = [i for i in range(n) if not (i / n < c.start or (i + 1) / n > c.end)]
+            self._windows.append((s[steps[-1]], s[steps[0]]) if steps else (float("inf"), float("-inf")))
+
+    def _active(self, sigma: float, n: int, kv: list) -> list[Control]:
+        """The ControlNets acting at `sigma`, with their hints repeated for the n branches of B samples."""
+        out = []
+        for i, c in enumerate(self.controls):
+            lo, hi = self._windows[i] if self._windows is not None else (float("-inf"), float("inf"))
+            if lo - 1e-6 <= sigma <= hi + 1e-6:
+                hint = c.hint if c.hint.shape[0] == 1 else c.hint.repeat(n, 1, 1, 1)
+                out.append(replace(c, hint=hint, text_kv=kv[i]))
+        if len(out) < len(self.controls):
+            log.debug("%d of %d ControlNets act at sigma %.4f", len(out), len(self.controls), sigma)
+        return out
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, **extra_args: object) -> torch.Tensor:
         """x: (B, 32, h, w) flow-space latent; sigma: (B,) or scalar in [0, 1] -> x0, same shape, fp32.
@@ -97,7 +126,8 @@ class SanaDenoiser:
             raise ValueError(f"text batch {self.cond.embeds.shape[0]} does not match the latent batch {B}")
         n = 1 + self.use_cfg + (self.pag_scale > 0)
         if self.dit.compute_dtype == torch.float16:
-            v = precision.run_finite(lambda: self._velocity(x, sigma, n), self.dit, "the DiT")
+            models = precision.Widened(self.dit, *(c.net for c in self.controls))
+            v = precision.run_finite(lambda: self._velocity(x, sigma, n), models, "the DiT")
         else:  # no host sync per step: `check_finite` looks once, after sampling
             v = self._velocity(x, sigma, n)
             finite = torch.isfinite(v).all()
@@ -116,7 +146,8 @@ class SanaDenoiser:
         key = (x.device, self.dit.compute_dtype)
         if self._text is None or self._text[0] != key:
             self._text = key, self.prepare_text(x.device)
-        mask, kv = self._text[1]
+        mask, kv, control_kv = self._text[1]
+        controls = self._active(float(sigma[0]), n, control_kv) if self.controls else ()
         pag_batch = None
         if self.pag_scale > 0:
             pag_batch = torch.arange(n * B, device=x.device) >= (n - 1) * B
@@ -128,7 +159,7 @@ class SanaDenoiser:
         self.calls += 1
         return self.dit(x.repeat(n, 1, 1, 1), self.dit.timestep(sigma, self.truncate_timesteps).repeat(n), None, mask,
                         guidance=guidance, pag_layers=self.pag_layers if self.pag_scale > 0 else (),
-                        pag_batch=pag_batch, text_kv=kv).float()
+                        pag_batch=pag_batch, text_kv=kv, controls=controls).float()
 
     def check_finite(self) -> None:
         """Raise FloatingPointError if any DiT output so far (bfloat16/float32 runs) had inf/NaN."""
@@ -179,6 +210,7 @@ def sample(denoiser: SanaDenoiser, noise: torch.Tensor, sampler: str = "flow_dpm
     Sprint's `max_timesteps` / `intermediate_timesteps`.
     """
     sigmas = denoise_sigmas(sampler, steps, shift, denoise, **scm_times)
+    denoiser.schedule_controls(sigmas)
     x, model = noise.float(), denoiser
     if denoise < 1 or mask is not None:
         if init is None:

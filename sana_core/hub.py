@@ -18,6 +18,12 @@ log = logging.getLogger(__name__)
 
 VARIANTS = ("fp16", "bf16")
 SMALL_FILES = ("*.json", "*.txt", "*.model")  # configs, shard indexes, tokenizer files
+#: NVlabs repos released as one `.pth` (the ControlNets hold the base DiT and the branch): the file to fetch.
+SINGLE_FILE_REPOS = {
+    "Efficient-Large-Model/Sana_600M_1024px_ControlNet_HED": "checkpoints/Sana_600M_1024px_ControlNet_HED.pth",
+    "Efficient-Large-Model/Sana_1600M_1024px_BF16_ControlNet_HED":
+        "checkpoints/Sana_1600M_1024px_BF16_ControlNet_HED.pth",
+}
 
 
 def default_variant(dtype: torch.dtype) -> str | None:
@@ -79,15 +85,16 @@ def fetch(repo: str, folders: Sequence[str], variant: str | None) -> Path:
 
 def resolve(ref: str | Path, parts: Sequence[str] = ("",), variant: str | None = None) -> Path:
     """A local file or folder as it is; a repo id fetched with only `parts` (subfolders; "" = the whole repo as
-    one component) in `variant`; `owner/name/file` fetches that one file."""
+    one component) in `variant`; `owner/name/file` fetches that one file, as does a repo of `SINGLE_FILE_REPOS`."""
     path = Path(ref).expanduser()
     if path.exists():
         return path
     repo = repo_of(ref)
     if repo is None:
         raise FileNotFoundError(f"{ref}: no such file or folder, and not a Hugging Face repo id (owner/name)")
-    if repo[1]:
+    file = repo[1] or SINGLE_FILE_REPOS.get(repo[0])
+    if file:
         from huggingface_hub import hf_hub_download
 
-        return Path(hf_hub_download(repo[0], repo[1]))
+        return Path(hf_hub_download(repo[0], file))
     return fetch(repo[0], parts, variant)

@@ -17,9 +17,11 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 
 from . import hub
+from .checkpoints.controlnet import load_controlnet
 from .checkpoints.dcae import load_dcae
 from .checkpoints.dit import load_dit
 from .checkpoints.gemma import load_text_encoder
+from .controlnet import Control, SanaControlNet
 from .dcae import DCAE, run_finite
 from .denoiser import SanaDenoiser, TextCondition, latent_mask, sample
 from .dit import SanaDiT
@@ -83,8 +85,10 @@ class SanaPipeline:
     """
 
     def __init__(self, dit: SanaDiT, vae: DCAE, text_encoder: SanaTextEncoder,
-                 device: torch.device | str | None = None, offload: bool = False, compile: bool | str = False):
+                 device: torch.device | str | None = None, offload: bool = False, compile: bool | str = False,
+                 controlnets: Sequence[SanaControlNet] = ()):
         self.dit, self.vae, self.text_encoder = dit, vae, text_encoder
+        self.controlnets = list(controlnets)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.offload = offload
         mode = "default" if compile is True else compile or None
@@ -93,7 +97,7 @@ class SanaPipeline:
         self.compiled = torch.compile(dit, dynamic=False, mode=None if mode == "default" else mode) if mode else None
         self._cudagraphs = mode in ("reduce-overhead", "max-autotune")
         self._compiled_shapes: set[tuple[int, ...]] = set()
-        for m in (dit, vae, text_encoder):
+        for m in (dit, vae, text_encoder, *self.controlnets):
             m.to("cpu" if offload else self.device)
 
     @classmethod
@@ -102,12 +106,16 @@ class SanaPipeline:
                         dtype: torch.dtype = torch.bfloat16, vae_dtype: torch.dtype | None = None,
                         device: torch.device | str | None = None, variant: str | None = None,
                         use_pe: bool | None = None, offload: bool = False,
-                        compile: bool | str = False) -> "SanaPipeline":
+                        compile: bool | str = False,
+                        controlnet: str | Path | Sequence[str | Path] | None = None) -> "SanaPipeline":
         """Load from a diffusers Sana folder or repo (`model`), or from separate files: `dit` (NVlabs `.pth`,
         safetensors or diffusers folder), `vae` (DC-AE) and `text_encoder` (Gemma-2 folder or single file).
         Parts given separately override the folder's; parts missing from both come from the default repos.
         From a hub repo only the parts still needed are fetched, in one precision: `variant` ("fp16", "bf16",
-        "none" for full precision; default from `dtype`, see `hub.default_variant`)."""
+        "none" for full precision; default from `dtype`, see `hub.default_variant`).
+        controlnet: one or several Sana ControlNets (NVlabs' combined `.pth` or its repo id, which may also be
+        the `dit`: each part is read once; a branch-only file; a diffusers `SanaControlNetModel` folder or file),
+        loaded in `dtype`; they act when `pipe(control_image=...)` is given."""
         variant = hub.default_variant(dtype) if variant is None else hub.check_variant(variant)
         need = [part for part, given in (("transformer", dit), ("vae", vae), ("text_encoder", text_encoder))
                 if not given]
@@ -120,10 +128,11 @@ class SanaPipeline:
         vae_path = hub.resolve(vae or (root if root is not None else DEFAULT_VAE), variant=variant)
         te_path = hub.resolve(text_encoder or (root if root is not None else DEFAULT_TEXT_ENCODER), variant=variant)
         te_dtype = torch.bfloat16 if dtype == torch.float16 else dtype  # Gemma overflows in fp16
-        return cls(load_dit(dit_path, dtype=dtype, variant=_present(dit_path, variant), use_pe=use_pe),
-                   load_dcae(vae_path, dtype=vae_dtype or dtype),
-                   load_text_encoder(te_path, dtype=te_dtype),
-                   device=device, offload=offload, compile=compile)
+        base = load_dit(dit_path, dtype=dtype, variant=_present(dit_path, variant), use_pe=use_pe)
+        refs = [] if controlnet is None else [controlnet] if isinstance(controlnet, (str, Path)) else list(controlnet)
+        nets = [load_controlnet(hub.resolve(ref, variant=variant), base=base.cfg, dtype=dtype) for ref in refs]
+        return cls(base, load_dcae(vae_path, dtype=vae_dtype or dtype), load_text_encoder(te_path, dtype=te_dtype),
+                   device=device, offload=offload, compile=compile, controlnets=nets)
 
     def load_lora(self, path: str | Path, scale: float = 1.0) -> None:
         """Merge a Sana LoRA (diffusers/PEFT, kohya, NVlabs or ComfyUI names; a path, repo file or hf:// URL) into
@@ -134,11 +143,55 @@ class SanaPipeline:
         log.info("LoRA %s merged at scale %g (%d layers)", path, scale, n)
 
     def _on_device(self, model: torch.nn.Module) -> torch.nn.Module:
+        """`model` on the device (the DiT with its ControlNets); with offload, every other model on the CPU."""
+        group = [model, *self.controlnets] if model is self.dit else [model]
         if self.offload:
-            for other in (self.dit, self.vae, self.text_encoder):
-                if other is not model:
+            for other in (self.dit, self.vae, self.text_encoder, *self.controlnets):
+                if all(other is not m for m in group):
                     other.to("cpu")
-        return model.to(self.device)
+        for m in group:
+            m.to(self.device)
+        return model
+
+    def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in 0..1 -> scaled DC-AE latents (B, 32, H/32, W/32) float32."""
+        vae = self._on_device(self.vae)
+        return vae.scale(run_finite(vae, "encode", pixels.to(self.device, torch.float32) * 2 - 1).float())
+
+    def _controls(self, control_image: Any, scale: Any, start: Any, end: Any, height: int, width: int,
+                  batch: int, per_prompt: int) -> list[Control]:
+        """Each ControlNet's `Control`: its image resized (bicubic) + centre-cropped to the output size as NVlabs'
+        app does, DC-AE-encoded; scale/start/end one for all or one per ControlNet."""
+        n = len(self.controlnets)
+        if control_image is None:
+            if n:
+                raise ValueError(f"this pipeline has {n} ControlNet(s): give control_image (one per ControlNet)")
+            if (scale, start, end) != (1.0, 0.0, 1.0):
+                log.warning("controlnet_conditioning_scale / control_guidance_start / end act only with a ControlNet "
+                            "and control_image; this pipeline was loaded without one")
+            return []
+        if not n:
+            raise ValueError("control_image needs a ControlNet: SanaPipeline.from_pretrained(..., controlnet=PATH)")
+        images = list(control_image) if isinstance(control_image, (list, tuple)) and n > 1 else [control_image]
+
+        def each(value: Any, name: str) -> list[float]:
+            values = list(value) if isinstance(value, (list, tuple)) else [value] * n
+            if len(values) != n:
+                raise ValueError(f"{name}: {len(values)} values for {n} ControlNets")
+            return [float(v) for v in values]
+
+        if len(images) != n:
+            raise ValueError(f"control_image: {len(images)} images for {n} ControlNets (give a list, one each)")
+        controls = []
+        for net, image, s, a, b in zip(self.controlnets, images, each(scale, "controlnet_conditioning_scale"),
+                                       each(start, "control_guidance_start"), each(end, "control_guidance_end")):
+            pixels = control_pixels(image, height, width)
+            if pixels.shape[0] not in (1, batch // per_prompt, batch):
+                raise ValueError(f"control_image: {pixels.shape[0]} images for {batch // per_prompt} prompts")
+            if 1 < pixels.shape[0] < batch:
+                pixels = pixels.repeat_interleave(per_prompt, 0)
+            controls.append(Control(net, self._encode_pixels(pixels), s, a, b))
+        return controls
 
     @torch.no_grad()
     def encode_prompt(self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None,
@@ -188,6 +241,10 @@ class SanaPipeline:
         intermediate_timesteps: float | None = SCM_INTERMEDIATE_TIMESTEPS,
         return_seeds: bool = False,
         use_resolution_binning: bool = False,
+        control_image: Any = None,
+        controlnet_conditioning_scale: float | Sequence[float] = 1.0,
+        control_guidance_start: float | Sequence[float] = 0.0,
+        control_guidance_end: float | Sequence[float] = 1.0,
     ) -> Any:
         """Generate images.
 
@@ -213,6 +270,11 @@ class SanaPipeline:
         times (intermediate is used with 2 steps). use_resolution_binning: any height/width; the image is made at
         the model's training bucket nearest in aspect ratio and resized + centre-cropped to the size asked, as
         diffusers' `use_resolution_binning` (off by default here: the size asked is the size made).
+        control_image: the hint of each loaded ControlNet (a list with several): a ready control image (for the
+        HED ControlNets white scribble lines on black), as a PIL image, a file path or a tensor (N, 3, h, w) in
+        0..1 of any size, resized (bicubic) + centre-cropped to height x width, one for all images or one per
+        prompt; controlnet_conditioning_scale: strength of each; control_guidance_start / end: the fraction of
+        the steps it acts on (diffusers' names and rule). The hint steers the CFG and PAG branches too.
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r}: expected one of {', '.join(OUTPUT_TYPES)}")
@@ -269,18 +331,18 @@ class SanaPipeline:
         if image is not None:
             if tuple(image.shape[-2:]) != (height, width) or image.shape[0] not in (1, B):
                 raise ValueError(f"image has shape {tuple(image.shape)}, expected (1 or {B}, 3, {height}, {width})")
-            vae = self._on_device(self.vae)
-            pixels = (image.to(self.device, torch.float32) * 2 - 1).expand(B, -1, -1, -1)
-            init = vae.scale(run_finite(vae, "encode", pixels).float())
+            init = self._encode_pixels(image.expand(B, -1, -1, -1))
             if mask_image is not None:
                 mask_image = torch.as_tensor(mask_image)
                 if tuple(mask_image.shape[-2:]) != (height, width):
                     raise ValueError(f"mask_image has shape {tuple(mask_image.shape)}, expected ({height}, {width})")
                 mask = latent_mask(mask_image, shape[-2:]).to(self.device)
+        controls = self._controls(control_image, controlnet_conditioning_scale, control_guidance_start,
+                                  control_guidance_end, height, width, B, num_images_per_prompt)
         self._on_device(self.dit)
         denoiser = SanaDenoiser(self.dit if self.compiled is None else self.compiled, cond, uncond, guidance_scale,
                                 pag_guidance_scale, tuple(pag_layers), truncate_timesteps=truncate_timesteps,
-                                cudagraph_steps=self._cudagraphs)
+                                cudagraph_steps=self._cudagraphs, controls=controls)
         started, new_shape = time.perf_counter(), self.compiled is not None and shape not in self._compiled_shapes
         x0 = sample(denoiser, latents.to(self.device), sampler, num_inference_steps,
                     shift if shift is not None else default_shift(height, width),
@@ -364,6 +426,29 @@ def _given(embeds: torch.Tensor, mask: torch.Tensor | None, name: str) -> TextCo
     if tuple(mask.shape) != tuple(embeds.shape[:2]):
         raise ValueError(f"{name}_attention_mask: expected {tuple(embeds.shape[:2])}, got {tuple(mask.shape)}")
     return TextCondition(embeds, mask.long())
+
+
+def control_pixels(image: Any, height: int, width: int) -> torch.Tensor:
+    """A control image -> (N, 3, height, width) float32 in 0..1: a PIL image, an image file path, or a tensor
+    (N, 3, h, w) / (3, h, w) in 0..1 (a grey (N, 1, h, w) one is repeated to RGB), resized (bicubic) to cover the
+    size and centre-cropped, as NVlabs' ControlNet app prepares its HED scribbles."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(image, (str, Path)):
+        try:
+            with Image.open(image) as im:
+                image = im.convert("RGB")
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"control_image {str(image)!r}: not a readable image file ({e})") from e
+    if isinstance(image, Image.Image):
+        image = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1)
+    if not isinstance(image, torch.Tensor) or image.ndim not in (3, 4) or image.shape[-3] not in (1, 3):
+        what = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ValueError(f"control_image: expected a PIL image, an image file path or a (N, 3, H, W) tensor in "
+                         f"0..1, got {what}")
+    image = image.float().reshape(-1, *image.shape[-3:]).expand(-1, 3, -1, -1)
+    return resize_and_crop(image, height, width, mode="bicubic").clamp(0, 1)
 
 
 def load_image(path: str | Path, width: int, height: int, mask: bool = False) -> torch.Tensor:

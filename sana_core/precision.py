@@ -25,6 +25,22 @@ class Widenable(Protocol):
     def widen(self, dtype: torch.dtype) -> None: ...
 
 
+class Widened:
+    """Several models that compute together (a DiT and its ControlNets) seen as one `Widenable`: the first's
+    compute dtype, all widened at once."""
+
+    def __init__(self, *models: Widenable):
+        self.models = models
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.models[0].compute_dtype
+
+    def widen(self, dtype: torch.dtype) -> None:
+        for model in self.models:
+            model.widen(dtype)
+
+
 def all_finite(x: torch.Tensor) -> bool:
     return bool(torch.isfinite(x).all())
 

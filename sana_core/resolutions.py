@@ -56,13 +56,16 @@ def bin_size(height: int, width: int, base: int) -> tuple[int, int]:
     return table[ratio]
 
 
-def resize_and_crop(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Images (B, C, h, w) scaled (bilinear) to cover height x width, then centre-cropped to it."""
+def resize_and_crop(images: torch.Tensor, height: int, width: int, mode: str = "bilinear") -> torch.Tensor:
+    """Images (B, C, h, w) scaled to cover height x width, then centre-cropped to it. mode "bilinear" (no
+    antialiasing: diffusers' resolution binning) or "bicubic" (antialiased, as PIL's bicubic resize that NVlabs'
+    ControlNet app applies to control images)."""
     h, w = images.shape[-2:]
     if (h, w) == (height, width):
         return images
     scale = max(height / h, width / w)
     rh, rw = int(h * scale), int(w * scale)
-    images = torch.nn.functional.interpolate(images, size=(rh, rw), mode="bilinear", align_corners=False)
+    images = torch.nn.functional.interpolate(images, size=(rh, rw), mode=mode, align_corners=False,
+                                             antialias=mode == "bicubic")
     top, left = (rh - height) // 2, (rw - width) // 2
     return images[..., top:top + height, left:left + width]

@@ -120,15 +120,16 @@ def write_tiny_dcae(folder: str | Path, seed: int = 0, layout: str = "diffusers"
     return folder
 
 
-def tiny_dit_config(sprint: bool = False, caption_channels: int = 64):
-    """A 2-block, width-64 DiT (2 self- and 2 cross-attention heads); Sprint adds q/k norm and the guidance embedder."""
+def tiny_dit_config(sprint: bool = False, caption_channels: int = 64, depth: int = 2):
+    """A width-64 DiT of `depth` blocks (2 self- and 2 cross-attention heads); Sprint adds q/k norm and the
+    guidance embedder. A ControlNet needs depth 8 (its 7 residuals join blocks 0..6 or 1..7)."""
     from .dit import DiTConfig
 
-    return DiTConfig(depth=2, width=64, cross_heads=2, caption_channels=caption_channels,
+    return DiTConfig(depth=depth, width=64, cross_heads=2, caption_channels=caption_channels,
                      qk_norm=sprint, guidance_embed=sprint)
 
 
-def write_tiny_pipeline(folder: str | Path, seed: int = 0, sprint: bool = False) -> Path:
+def write_tiny_pipeline(folder: str | Path, seed: int = 0, sprint: bool = False, depth: int = 2) -> Path:
     """A complete tiny Sana diffusers folder, as `Efficient-Large-Model/Sana_*_diffusers` lays it out:
     model_index.json, transformer/, vae/, text_encoder/ (Gemma2Model), tokenizer/, scheduler/.
     `sprint=True` writes a Sana-Sprint folder (guidance embedder, SCM scheduler). Returns the folder."""
@@ -153,7 +154,7 @@ def write_tiny_pipeline(folder: str | Path, seed: int = 0, sprint: bool = False)
     config = json.loads((te / "config.json").read_text())
     (te / "config.json").write_text(json.dumps({**config, "architectures": ["Gemma2Model"]}, indent=2))
 
-    dit = randomize_(SanaDiT(tiny_dit_config(sprint, caption_channels=config["hidden_size"])), seed + 1)
+    dit = randomize_(SanaDiT(tiny_dit_config(sprint, config["hidden_size"], depth)), seed + 1)
     save_dit(dit, root / "transformer")
     write_tiny_dcae(root / "vae", seed + 2)
     if sprint:
@@ -170,6 +171,22 @@ def write_tiny_pipeline(folder: str | Path, seed: int = 0, sprint: bool = False)
              "transformer": ["diffusers", "SanaTransformer2DModel"], "vae": ["diffusers", "AutoencoderDC"]}
     (root / "model_index.json").write_text(json.dumps(index, indent=2))
     return root
+
+
+def write_tiny_controlnet(path: str | Path, dit: str | Path, seed: int = 0) -> Path:
+    """A tiny NVlabs ControlNet release for the DiT at `dit` (a folder or file our loader reads, 8+ blocks): one
+    `.pth` `{"state_dict": ...}` holding the base model and a random 7-block branch (`controlnet.N.*`), as
+    `Sana_600M_1024px_ControlNet_HED.pth` is laid out. Returns the file."""
+    from .checkpoints.dit import _pointwise, load_dit
+    from .controlnet import SanaControlNet
+
+    base = load_dit(dit, dtype=torch.float32)
+    branch = randomize_(SanaControlNet(base.cfg), seed)
+    sd = {**base.state_dict(), **branch.state_dict()}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": _pointwise({k: v.contiguous() for k, v in sd.items()}, 4)}, path)
+    return path
 
 
 if __name__ == "__main__":
