@@ -5,10 +5,11 @@ from comfy_api.latest import ComfyExtension, io
 
 from .conditioning import SanaGemmaTextEncode
 from .latent import SanaDCAEDecode, SanaDCAEEncode, SanaEmptyLatentImage
-from .loaders import SanaCheckpointLoader, SanaDCAELoader, SanaFolderLoader, SanaGemmaLoader, SanaLoraLoader
+from .loaders import (SanaCheckpointLoader, SanaControlNetLoader, SanaDCAELoader, SanaFolderLoader, SanaGemmaLoader,
+                      SanaLoraLoader)
 from .sampling import SanaPAG, SanaSampler, SanaSamplerSelect, SanaScheduler
 
-NODES = [SanaCheckpointLoader, SanaFolderLoader, SanaLoraLoader, SanaGemmaLoader, SanaDCAELoader,
+NODES = [SanaCheckpointLoader, SanaFolderLoader, SanaLoraLoader, SanaControlNetLoader, SanaGemmaLoader, SanaDCAELoader,
          SanaGemmaTextEncode, SanaEmptyLatentImage, SanaSampler, SanaPAG, SanaSamplerSelect, SanaScheduler,
          SanaDCAEDecode, SanaDCAEEncode]
 

@@ -12,6 +12,8 @@ from .common import CATEGORY, DTYPES, GEMMA, choices, full_path, patcher, pick_d
 
 log = logging.getLogger(__name__)
 DIT_FOLDERS = ("diffusion_models", "checkpoints")
+#: The DiT loader also lists models/controlnet: NVlabs' ControlNet releases hold the base DiT too.
+CKPT_FOLDERS = DIT_FOLDERS + ("controlnet",)
 USE_PE = {"auto": None, "on": True, "off": False}
 WEIGHT_DTYPE_TIP = ("storage dtype of the weights; default: ComfyUI's choice for this GPU (bf16 where supported). "
                     "fp8 stores in 8 bits and computes in bf16/fp16 (half the memory); _fast uses fp8 matmuls "
@@ -106,8 +108,10 @@ class SanaCheckpointLoader(io.ComfyNode):
             description="Loads a Sana DiT (NVlabs .pth, safetensors of either layout, or a diffusers folder) from "
                         "models/diffusion_models or models/checkpoints. The variant (0.6B, 1.6B, 2K/4K, Sana 1.5, "
                         "Sprint) is detected from the weights. Outputs a native MODEL for SanaSampler, KSampler, "
-                        "SamplerCustomAdvanced, shift nodes and LoRA loaders.",
-            inputs=[io.Combo.Input("ckpt_name", options=choices(*DIT_FOLDERS, component="transformer"),
+                        "SamplerCustomAdvanced, shift nodes and LoRA loaders. NVlabs' ControlNet releases "
+                        "(Sana_*_ControlNet_HED.pth, in models/controlnet) hold the base DiT too: pick the file here "
+                        "and in SanaControlNetLoader (its branch is read there, the base here).",
+            inputs=[io.Combo.Input("ckpt_name", options=choices(*CKPT_FOLDERS, component="transformer"),
                                    tooltip="DiT file or folder (a Sana diffusers folder or its transformer/)"),
                     io.Combo.Input("weight_dtype", options=_weight_dtypes(), default="default",
                                    tooltip=WEIGHT_DTYPE_TIP),
@@ -117,8 +121,34 @@ class SanaCheckpointLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, ckpt_name: str, weight_dtype: str, use_pe: str = "auto") -> io.NodeOutput:
-        model = load_model(full_path(ckpt_name, *DIT_FOLDERS), ckpt_name, weight_dtype, use_pe)
+        model = load_model(full_path(ckpt_name, *CKPT_FOLDERS), ckpt_name, weight_dtype, use_pe)
         return io.NodeOutput(model, ui={"sana_variant": [model.model.sana_variant]})
+
+
+class SanaControlNetLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SanaControlNetLoader", display_name="Load Sana ControlNet", category=CATEGORY,
+            description="Loads a Sana ControlNet from models/controlnet: NVlabs' released HED ControlNets "
+                        "(Sana_600M / Sana_1600M_1024px_ControlNet_HED.pth, which also hold the base DiT: only the "
+                        "branch is read here), a branch-only file, or a diffusers SanaControlNetModel folder. Use "
+                        "it with core Apply ControlNet (strength, start/end percent, chaining) and give that node "
+                        "the Sana VAE: the control image (white scribbles on black for HED) is encoded by the DC-AE.",
+            inputs=[io.Combo.Input("control_net_name", options=choices("controlnet", component="controlnet"),
+                                   tooltip="a Sana ControlNet file or folder in models/controlnet"),
+                    io.Combo.Input("weight_dtype", options=_weight_dtypes(), default="default",
+                                   tooltip=WEIGHT_DTYPE_TIP),
+                    io.Vae.Input("vae", optional=True,
+                                 tooltip="Sana's DC-AE, used when Apply ControlNet gets no VAE (e.g. the old Apply "
+                                         "ControlNet node, which has no vae input)")],
+            outputs=[io.ControlNet.Output()])
+
+    @classmethod
+    def execute(cls, control_net_name: str, weight_dtype: str, vae=None) -> io.NodeOutput:
+        from .controlnet import load_sana_controlnet
+
+        return io.NodeOutput(load_sana_controlnet(full_path(control_net_name, "controlnet"), weight_dtype, vae))
 
 
 class SanaGemmaLoader(io.ComfyNode):

@@ -7,7 +7,9 @@ manager loads, offloads and partially loads it (its layers are built from `comfy
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import comfy.conds
 import comfy.latent_formats
@@ -39,22 +41,28 @@ class SanaLatentFormat(comfy.latent_formats.LatentFormat):
     scale_factor = 0.41407
 
 
+class SanaControls(list):
+    """The Sana ControlNets acting on one DiT call (`sana_core.controlnet.Control`s): what a Sana CONTROL_NET's
+    `get_control` hands the model instead of core's {"input": ...} residuals (the NVlabs order needs the
+    output of the DiT's own block 0, so the branch runs inside the DiT's forward)."""
+
+
 class TextKVCache:
     """Every block's text keys/values for the captions of one sampling run (ComfyUI re-concatenates the same
-    captions every step). Keyed by the captions' content; cleared when the run ends, so LoRA or weight changes
-    between runs are never served stale values."""
+    captions every step), for the DiT and each ControlNet. Keyed by the model and the captions' content; cleared
+    when the run ends, so LoRA or weight changes between runs are never served stale values."""
 
-    def __init__(self, size: int = 4):
-        self.size, self.entries = size, []  # [(context, mask, dtype, kv)]
+    def __init__(self, size: int = 8):
+        self.size, self.entries = size, []  # [(model, context, mask, dtype, kv)]
 
-    def get(self, dit: SanaDiT, context: torch.Tensor, mask: torch.Tensor | None) -> list:
-        dtype = dit.compute_dtype
-        for c, m, d, kv in self.entries:
-            if d == dtype and c.shape == context.shape and torch.equal(c, context) and (
+    def get(self, model: torch.nn.Module, dtype: torch.dtype, context: torch.Tensor, mask: torch.Tensor | None,
+            compute: Callable[[], list]) -> list:
+        for o, c, m, d, kv in self.entries:
+            if o is model and d == dtype and c.shape == context.shape and torch.equal(c, context) and (
                     m is mask or (m is not None and mask is not None and torch.equal(m, mask))):
                 return kv
-        kv = dit.text_kv(context)
-        self.entries = [(context, mask, dtype, kv)] + self.entries[: self.size - 1]
+        kv = compute()
+        self.entries = [(model, context, mask, dtype, kv)] + self.entries[: self.size - 1]
         return kv
 
 
@@ -65,7 +73,8 @@ class ComfySanaDiT(SanaDiT):
     fp8 storage or a ModelComputeDtype node). After a float16 overflow (`SanaModel._apply_model`) it computes in
     `upcast`; the weights stay as stored and comfy.ops casts them layer by layer, so ComfyUI's memory manager and
     LoRA patches are untouched. PAG and the text keys/values cache come through
-    `transformer_options`; what it cannot honour (a ControlNet, attention patches) is an error, never ignored.
+    `transformer_options`; Sana ControlNets come as `control` (`SanaControls`); what it cannot honour (another
+    model's ControlNet, attention patches) is an error, never ignored.
     """
 
     upcast: torch.dtype | None = None    # the compute dtype after a float16 overflow
@@ -82,9 +91,9 @@ class ComfySanaDiT(SanaDiT):
                 attention_mask: torch.Tensor | None = None, guidance: torch.Tensor | None = None,
                 control: object = None, transformer_options: dict | None = None, **kwargs: object) -> torch.Tensor:
         options = transformer_options or {}
-        if control is not None:
-            raise ValueError("Sana: a ControlNet is connected, but this pack cannot run ControlNets on Sana yet; remove "
-                             "the Apply ControlNet node (its control would otherwise be ignored)")
+        if control is not None and not isinstance(control, SanaControls):
+            raise ValueError("Sana: the ControlNet applied to this Sana model is not a Sana ControlNet (an SD / Flux "
+                             "one?); load a Sana ControlNet with SanaControlNetLoader")
         patches = [k for k in ("patches_replace", "patches") if options.get(k)]
         if patches:
             names = sorted({name for k in patches for name in options[k]})
@@ -95,14 +104,20 @@ class ComfySanaDiT(SanaDiT):
         pag_batch = torch.ones(x.shape[0], dtype=torch.bool, device=x.device) if layers else None
         if attention_mask is not None:
             context, attention_mask = trim_padding(context, attention_mask)
+        nets = [c.net for c in control or ()]
+        for net in nets:
+            net.compute = self.compute_dtype                   # the branch computes as the DiT does
         if self.upcast is not None:
-            for m in self.modules():  # re-asserted each call: ComfyUI resets the flag when it unpatches
-                if hasattr(m, "comfy_cast_weights"):
+            for m in (m for module in (self, *nets) for m in module.modules()):  # re-asserted each call: ComfyUI
+                if hasattr(m, "comfy_cast_weights"):                              # resets it when it unpatches
                     m.comfy_cast_weights = True
-        cache = options.get(TEXT_KV)
-        kv = cache.get(self, context, attention_mask) if cache is not None else None
+        cache, dtype = options.get(TEXT_KV), self.compute_dtype
+        kv = cache.get(self, dtype, context, attention_mask, lambda: self.text_kv(context)) if cache else None
+        controls = [replace(c, text_kv=cache.get(c.net, dtype, context, attention_mask,
+                                                 lambda net=c.net: net.text_kv(context, self)) if cache else None)
+                    for c in control or ()]
         return super().forward(x.to(self.compute_dtype), timestep, context, attention_mask, guidance, layers,
-                               pag_batch, text_kv=kv)
+                               pag_batch, text_kv=kv, controls=controls)
 
 
 def check_flow(model_sampling: object) -> None:

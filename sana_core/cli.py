@@ -4,10 +4,14 @@
     python -m sana_core.cli --txt_file prompts.txt --model ./Sana_600M_1024px_diffusers
     python -m sana_core.cli --json_file prompts.json --dit Sana_1600M_1024px.pth --vae dc-ae --text_encoder gemma
     python -m sana_core.cli --prompt "a red fox" --image photo.png --mask mask.png   # inpainting (white = repaint)
+    python -m sana_core.cli --prompt "a castle" --controlnet Efficient-Large-Model/Sana_600M_1024px_ControlNet_HED \
+        --dit Efficient-Large-Model/Sana_600M_1024px_ControlNet_HED --control_image scribble.png
 
 A txt file holds one prompt a line (blank lines and lines starting with # are skipped). A json file holds a
 list of prompts or records, or an object mapping names to prompts or records; a record has "prompt" and may
-override "negative_prompt", "seed", "height", "width", "steps", "guidance_scale", "pag_guidance_scale".
+override "negative_prompt", "seed", "height", "width", "steps", "guidance_scale", "pag_guidance_scale", and
+"image", "mask", "control_image" (a path, or a list with one per ControlNet; relative paths are looked up next to
+the json file when they are not found from the working folder).
 Every PNG carries its prompt and settings in its metadata.
 """
 from __future__ import annotations
@@ -24,7 +28,8 @@ import torch
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 RECORD_FIELDS = {"prompt", "name", "negative_prompt", "seed", "height", "width", "steps", "guidance_scale",
-                 "pag_guidance_scale"}
+                 "pag_guidance_scale", "image", "mask", "control_image"}
+PATH_FIELDS = ("image", "mask", "control_image")  # record fields naming files
 #: plan_jobs' settings that GenerationSettings checks before any model is loaded
 GENERATION_FIELDS = {"negative_prompt", "height", "width", "num_inference_steps", "guidance_scale",
                      "pag_guidance_scale", "pag_layers", "sampler", "shift", "use_chi"}
@@ -53,12 +58,29 @@ def read_prompts(args: argparse.Namespace) -> list[dict[str, Any]]:
                 raise ValueError(f"{path}: entry {key!r} has unknown fields {sorted(unknown)}; valid: {sorted(RECORD_FIELDS)}")
             if isinstance(data, dict):
                 rec = {"name": str(key), **rec}
+            for field in PATH_FIELDS:
+                if field in rec:
+                    rec[field] = _record_paths(rec[field], path, key, field)
             records.append(rec)
     else:
         return [{"prompt": args.prompt}]
     if not records:
         raise ValueError(f"{path}: holds no prompts")
     return records
+
+
+def _record_paths(value: Any, json_path: Path, key: Any, field: str) -> str | tuple[str, ...]:
+    """A record's file path(s), each existing as given or next to the json file."""
+    values = value if isinstance(value, list) else [value]
+    out = []
+    for v in values:
+        if not isinstance(v, str):
+            raise ValueError(f"{json_path}: entry {key!r}: \"{field}\" must be a file path (or a list of them)")
+        found = Path(v) if Path(v).exists() else json_path.parent / v
+        if not found.exists():
+            raise FileNotFoundError(f"{json_path}: entry {key!r}: {field} {v!r} not found (nor next to the json file)")
+        out.append(str(found))
+    return tuple(out) if isinstance(value, list) else out[0]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,6 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how much of the schedule runs on --image (0-1; default 0.6 for image-to-image, 1.0 when "
                         "inpainting)")
     p.add_argument("--num_images_per_prompt", type=int, default=1, help="images of each prompt (seeds count up)")
+    p.add_argument("--controlnet", action="append", default=[], metavar="PATH",
+                   help="a Sana ControlNet (NVlabs .pth or repo id, which may also be --dit; diffusers folder); repeat "
+                        "for several")
+    p.add_argument("--control_image", action="append", default=[], metavar="PATH",
+                   help="the control image of each --controlnet, in order (HED: white scribbles on black; any size, "
+                        "resized and centre-cropped)")
+    p.add_argument("--control_scale", type=float, action="append", default=[], metavar="SCALE",
+                   help="ControlNet strength: one for all or one per --controlnet (default 1)")
+    p.add_argument("--control_start", type=float, default=0.0, help="fraction of the steps before the ControlNets act")
+    p.add_argument("--control_end", type=float, default=1.0, help="fraction of the steps after which they stop")
     p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                    help="merge a Sana LoRA into the DiT (repeat for several; scale default 1)")
     p.add_argument("--variant", help="weight files to download from a hub repo: fp16, bf16, or 'none' for the full "
@@ -166,12 +198,38 @@ def plan_jobs(images: list[dict[str, Any]], args: argparse.Namespace, sprint: bo
             shift=args.shift, use_chi=not args.no_chi, truncate_timesteps=args.truncate_timesteps,
             max_timesteps=args.max_timesteps, intermediate_timesteps=args.intermediate_timesteps,
             max_sequence_length=args.max_sequence_length, complex_human_instruction=args.complex_human_instruction,
-            use_resolution_binning=args.resolution_binning)
+            use_resolution_binning=args.resolution_binning,
+            image=rec.get("image", args.image), mask=rec.get("mask", args.mask),
+            control_image=_as_tuple(rec.get("control_image", tuple(args.control_image))))
         if jobs and jobs[-1][0] == settings and len(jobs[-1][1]) < args.batch_size:
             jobs[-1][1].append(rec)
         else:
             jobs.append((settings, [rec]))
     return jobs
+
+
+def _as_tuple(value: Any) -> tuple:
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+
+
+def check_controls(jobs: list[tuple[dict, list[dict]]], args: argparse.Namespace) -> None:
+    """ControlNet flags that fit together, before any model is loaded."""
+    n = len(args.controlnet)
+    if len(args.control_scale) not in (0, 1, n):
+        raise ValueError(f"--control_scale: {len(args.control_scale)} values for {n} --controlnet")
+    if not 0 <= args.control_start <= args.control_end <= 1:
+        raise ValueError("--control_start and --control_end must satisfy 0 <= start <= end <= 1")
+    for settings, recs in jobs:
+        given = settings["control_image"]
+        if len(given) != n:
+            where = f"prompt {recs[0]['name']!r}" if any("control_image" in r for r in recs) else "--control_image"
+            raise ValueError(f"{where}: {len(given)} control images for {n} --controlnet (one each)")
+        for path in given:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"control image {path}: no such file")
+        if settings["mask"] and not settings["image"]:
+            raise ValueError(f"prompt {recs[0]['name']!r}: a mask needs an image (the picture whose masked region "
+                             "is repainted)")
 
 
 def parse_lora(text: str) -> tuple[str, float]:
@@ -200,8 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.mask and not args.image:
             raise ValueError("--mask needs --image (the picture whose masked region is repainted)")
-        if args.strength is not None and not (args.image and 0 < args.strength <= 1):
-            raise ValueError("--strength must be in (0, 1] and needs --image")
+        if args.strength is not None and not 0 < args.strength <= 1:
+            raise ValueError("--strength must be in (0, 1]")
         if args.num_images_per_prompt < 1 or args.batch_size < 1:
             raise ValueError("--num_images_per_prompt and --batch_size must be at least 1")
         loras = [parse_lora(text) for text in args.lora]
@@ -212,13 +270,17 @@ def main(argv: list[str] | None = None) -> int:
                 "nothing to make: %s", "every image is already in --output_dir" if args.skip_existing
                 else "--start_index/--end_index (or this process's share) select no prompt")
             return 0
-        for settings, _ in plan_jobs(images, args, sprint=False):  # fail on bad sizes before loading anything
+        planned = plan_jobs(images, args, sprint=False)
+        check_controls(planned, args)
+        if args.strength is not None and not any(settings["image"] for settings, _ in planned):
+            raise ValueError("--strength needs --image (or records with an \"image\")")
+        for settings, _ in planned:  # fail on bad sizes before loading anything
             if not args.resolution_binning:
                 GenerationSettings("", **{k: v for k, v in settings.items() if k in GENERATION_FIELDS}).validate()
         pipe = SanaPipeline.from_pretrained(args.model, dit=args.dit, vae=args.vae, text_encoder=args.text_encoder,
                                             dtype=DTYPES[args.dtype], device=device_for_rank(args.device),
                                             use_pe=args.use_pe, offload=args.offload, compile=args.compile or False,
-                                            variant=args.variant)
+                                            variant=args.variant, controlnet=args.controlnet or None)
         for path, scale in loras:
             pipe.load_lora(path, scale)
     except (ValueError, FileNotFoundError) as e:
@@ -226,19 +288,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     jobs = plan_jobs(images, args, sprint=pipe.dit.cfg.guidance_embed)
     model = str(args.dit or args.model)
-    strength = args.strength or (1.0 if args.mask else 0.6)
     for settings, recs in tqdm(jobs, desc="batches", disable=args.no_progress or len(jobs) <= 1):
-        extra = {}
-        if args.image:
+        settings = dict(settings)
+        image, mask, control = settings.pop("image"), settings.pop("mask"), settings.pop("control_image")
+        extra: dict[str, Any] = {}
+        if image:
             size = (settings["width"], settings["height"])
-            extra = {"image": load_image(args.image, *size), "strength": strength,
-                     "mask_image": load_image(args.mask, *size, mask=True) if args.mask else None}
+            extra = {"image": load_image(image, *size), "strength": args.strength or (1.0 if mask else 0.6),
+                     "mask_image": load_image(mask, *size, mask=True) if mask else None}
+        if control:
+            extra |= {"control_image": list(control) if len(control) > 1 else control[0],
+                      "controlnet_conditioning_scale": args.control_scale[0] if len(args.control_scale) == 1
+                      else args.control_scale or 1.0,
+                      "control_guidance_start": args.control_start, "control_guidance_end": args.control_end}
         images = pipe([r["prompt"] for r in recs], seed=[r["seed"] for r in recs], progress=not args.no_progress,
                       tiled_decode=args.tiled_decode, **settings, **extra)
+        shown = {"image": image, "mask": mask, "strength": extra["strength"]} if image else {}
+        if control:
+            shown |= {"controlnet": args.controlnet, "control_image": list(control),
+                      "control_scale": args.control_scale or [1.0], "control_start": args.control_start,
+                      "control_end": args.control_end}
         metas = [{**settings, "prompt": r["prompt"], "seed": r["seed"], "model": model, "variant": pipe.dit.variant,
-                  "loras": [f"{p}:{s:g}" for p, s in loras],
-                  **({"image": args.image, "mask": args.mask, "strength": strength} if args.image else {})}
-                 for r in recs]
+                  "loras": [f"{p}:{s:g}" for p, s in loras], **shown} for r in recs]
         for path in save_images(images, args.output_dir, metas, [r["name"] for r in recs]):
             print(path)
     return 0

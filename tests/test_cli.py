@@ -215,6 +215,8 @@ def test_two_processes_under_torchrun(folder, tmp_path):
 @pytest.mark.parametrize("flags,match", [
     (["--variant", "fp8"], "variant='fp8': expected one of fp16, bf16"),
     (["--num_images_per_prompt", "0"], "--num_images_per_prompt and --batch_size must be at least 1"),
+    (["--strength", "0.5"], "--strength needs --image"),
+    (["--strength", "1.5", "--image", "x.png"], "--strength must be in (0, 1]"),
 ])
 def test_bad_flags_are_named(folder, capsys, flags, match):
     code, _, err = run(capsys, "--model", folder, *flags, *SMALL)

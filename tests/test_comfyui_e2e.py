@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -52,17 +53,28 @@ def server(tmp_path_factory):
     from safetensors.torch import save_file
 
     from sana_core.checkpoints.dit import load_dit, save_dit
-    from sana_core.tiny import write_tiny_gemma, write_tiny_pipeline
+    from sana_core.controlnet import SanaControlNet
+    from sana_core.tiny import randomize_, write_tiny_controlnet, write_tiny_gemma, write_tiny_pipeline
 
     root = tmp_path_factory.mktemp("comfy")
     models = root / "models"
-    for sub in ("diffusion_models", "text_encoders", "vae", "upscale_models", "loras"):
+    for sub in ("diffusion_models", "text_encoders", "vae", "upscale_models", "loras", "controlnet"):
         (models / sub).mkdir(parents=True)
     sana = write_tiny_pipeline(root / "sana_e2e_tiny", seed=21)
     sprint = write_tiny_pipeline(root / "sana_e2e_sprint", seed=22, sprint=True)
     for sub in ("diffusion_models", "text_encoders", "vae"):
         (models / sub / "sana_e2e_tiny").symlink_to(sana)
     (models / "diffusion_models" / "sana_e2e_sprint").symlink_to(sprint)
+    deep = write_tiny_pipeline(root / "sana_e2e_deep", seed=23, depth=8)  # room for a ControlNet's 7 blocks
+    for sub in ("diffusion_models", "text_encoders", "vae"):
+        (models / sub / "sana_e2e_deep").symlink_to(deep)
+    write_tiny_controlnet(models / "controlnet" / "sana_e2e_ControlNet_HED.pth", deep / "transformer", seed=24)
+    write_tiny_controlnet(models / "controlnet" / "sana_e2e_ControlNet_B.pth", deep / "transformer", seed=25)
+    save_file({"input_hint_block.0.weight": torch.zeros(16, 3, 3, 3), "zero_convs.0.0.weight": torch.zeros(4, 4)},
+              str(models / "controlnet" / "sana_e2e_sd15_controlnet.safetensors"))
+    wide = randomize_(SanaControlNet(replace(load_dit(deep).cfg, width=96, cross_heads=3)), 26)
+    save_file({k: v.contiguous() for k, v in wide.state_dict().items()},
+              str(models / "controlnet" / "sana_e2e_ControlNet_wide.safetensors"))
     (models / "text_encoders" / "sana_e2e_sprint").symlink_to(sprint)
     write_tiny_gemma(root / "gemma", seed=3, single_file=models / "diffusion_models" / "sana_e2e_gemma_in_dit_slot.safetensors")
     save_file({"input_blocks.0.0.weight": torch.zeros(4, 4), "middle_block.0.in_layers.0.weight": torch.zeros(4)},
@@ -89,6 +101,9 @@ def server(tmp_path_factory):
     alpha = np.full(gradient.shape[:2], 255, np.uint8)
     alpha[MASKED[1]:MASKED[3], MASKED[0]:MASKED[2]] = 0  # LoadImage's MASK is 1 where alpha is 0
     Image.fromarray(np.dstack([gradient, alpha])).save(root / "input" / "sana_e2e_masked.png")
+    lines = np.zeros((SMALL[1], SMALL[0], 3), np.uint8)  # a scribble hint at the test size: white lines on black
+    lines[20:26, 10:180], lines[30:120, 90:96] = 255, 255
+    Image.fromarray(lines).save(root / "input" / "sana_e2e_scribble.png")
     nodes = root / "custom_nodes"
     nodes.mkdir()
     installed = [p for p in (Path(COMFY) / "custom_nodes").iterdir() if p.resolve() == ROOT]
@@ -98,6 +113,7 @@ def server(tmp_path_factory):
     config.write_text(json.dumps({"sana_tests": {
         "base_path": str(root), "diffusion_models": "models/diffusion_models", "text_encoders": "models/text_encoders",
         "vae": "models/vae", "upscale_models": "models/upscale_models", "loras": "models/loras",
+        "controlnet": "models/controlnet",
         "custom_nodes": "custom_nodes"}}))
     port = _free_port()
     log = open(root / "comfy.log", "w")
@@ -117,7 +133,7 @@ def server(tmp_path_factory):
         except OSError:
             pass
         time.sleep(0.5)
-    client.root, client.sana, client.sprint = root, sana, sprint
+    client.root, client.sana, client.sprint, client.deep = root, sana, sprint, deep
     client.info = client.request("GET", "/object_info")[1]
     yield client
     proc.terminate()
@@ -141,13 +157,17 @@ def _images(server, entry: dict) -> dict[str, list[np.ndarray]]:
 def _prepare(server, workflow: Path, steps: int = 3) -> dict:
     """A bundled workflow converted to API format, with tiny models, small images and few steps."""
     prompt = to_api(json.loads(workflow.read_text()), server.info)
-    sprint = "sprint" in workflow.stem
+    sprint, control = "sprint" in workflow.stem, "controlnet" in workflow.stem
+    tiny = "sana_e2e_deep/" if control else "sana_e2e_tiny/"
     for node in prompt.values():
         kind, inputs = node["class_type"], node["inputs"]
         if kind == "SanaCheckpointLoader":
-            inputs["ckpt_name"] = "sana_e2e_sprint/" if sprint else "sana_e2e_tiny/"
+            inputs["ckpt_name"] = ("sana_e2e_ControlNet_HED.pth" if control else
+                                   "sana_e2e_sprint/" if sprint else "sana_e2e_tiny/")
+        elif kind == "SanaControlNetLoader":
+            inputs["control_net_name"] = "sana_e2e_ControlNet_HED.pth"
         elif kind in ("SanaGemmaLoader", "SanaDCAELoader"):
-            inputs["text_encoder" if kind == "SanaGemmaLoader" else "vae_name"] = "sana_e2e_tiny/"
+            inputs["text_encoder" if kind == "SanaGemmaLoader" else "vae_name"] = tiny
         elif kind == "SanaFolderLoader":
             inputs["folder"] = "sana_e2e_tiny/"
         elif kind == "LoadImage" and "inpaint" in workflow.stem:
@@ -156,6 +176,8 @@ def _prepare(server, workflow: Path, steps: int = 3) -> dict:
             inputs["width"], inputs["height"] = SMALL
         elif kind in ("SanaSampler", "KSampler", "SanaScheduler") and not sprint:
             inputs["steps"] = steps
+            if kind == "SanaSampler":
+                inputs["pag_layers"] = "1"  # the tiny DiTs have 2 (8) blocks
         elif kind == "UpscaleModelLoader":
             inputs["model_name"] = "sana_e2e_compact_x2.safetensors"
         elif kind == "SanaDCAEDecode":
@@ -673,3 +695,128 @@ def test_sana_lora_loader_reads_comfyui_trainer_keys(server):
         p[sampler]["inputs"]["model"] = ["lora", 0]
         images.append(next(iter(_run_images(server, p).values())))
     assert np.abs(images[0] - images[1]).max() > 10
+
+
+CONTROL = ROOT / "workflows" / "sana_controlnet_scribble.json"
+
+
+def _control_prompt(server, steps: int = 3, strength: float = 0.8) -> dict:
+    """The ControlNet workflow with the scribble at the test size as the hint (no Canny), PAG off."""
+    p = _prepare(server, CONTROL, steps=steps)
+    photo, apply_ = _node(p, "LoadImage"), _node(p, "ControlNetApplyAdvanced")
+    p[photo]["inputs"]["image"] = "sana_e2e_scribble.png"
+    p[apply_]["inputs"].update(image=[photo, 0], strength=strength)
+    p[_node(p, "SanaSampler")]["inputs"].update(pag_scale=0.0, seed=7)
+    for kind in ("Canny", "ImageScale", "PreviewImage"):
+        del p[_node(p, kind)]
+    return p
+
+
+def test_apply_controlnet_under_sana_sampler_equals_the_engine(server):
+    """The released layout (base + branch in one .pth, loaded by both loaders) through core Apply ControlNet
+    (Advanced) = the engine's pipe(control_image=...) on the same files and seed."""
+    from PIL import Image
+
+    from sana_core.pipeline import SanaPipeline
+
+    p = _control_prompt(server)
+    (got,) = _images(server, server.run(p)).values()
+    release = server.root / "models" / "controlnet" / "sana_e2e_ControlNet_HED.pth"
+    pipe = SanaPipeline.from_pretrained(server.deep, dit=release, controlnet=release, dtype=torch.float32,
+                                        device="cpu")
+    texts = {n["inputs"]["role"]: n["inputs"]["text"] for n in p.values() if n["class_type"] == "SanaGemmaTextEncode"}
+    hint = Image.open(server.root / "input" / "sana_e2e_scribble.png")
+    want = pipe(texts["positive"], negative_prompt=texts["negative"], seed=7, num_inference_steps=3, width=SMALL[0],
+                height=SMALL[1], control_image=hint, controlnet_conditioning_scale=0.8, output_type="pt",
+                progress=False)
+    want = (want[0].permute(1, 2, 0).numpy() * 255).astype(np.int16)
+    assert np.abs(got[0].astype(np.int16) - want).max() <= 1
+    plain = pipe(texts["positive"], negative_prompt=texts["negative"], seed=7, num_inference_steps=3,
+                 width=SMALL[0], height=SMALL[1], control_image=hint, controlnet_conditioning_scale=0.0,
+                 output_type="pt", progress=False)
+    assert np.abs((plain[0].permute(1, 2, 0).numpy() * 255) - want).mean() > 1  # the ControlNet acts
+
+
+def test_controlnet_ranges_chaining_and_core_samplers(server):
+    """Start/end percent and chaining change the image as expected; KSampler and SamplerCustomAdvanced run it."""
+    p = _control_prompt(server, steps=4)
+    apply_, sampler = _node(p, "ControlNetApplyAdvanced"), _node(p, "SanaSampler")
+    decode = _node(p, "VAEDecode")
+    cond = p[apply_]["inputs"]
+    variants = {"full": {}, "none": {"strength": 0.0}, "late": {"start_percent": 0.5}, "early": {"end_percent": 0.4}}
+    for name, change in variants.items():
+        nid = _add(p, f"apply_{name}", "ControlNetApplyAdvanced", **{**cond, **change})[0]
+        s = _add(p, f"sampler_{name}", "SanaSampler", **{**p[sampler]["inputs"], "positive": [nid, 0],
+                                                          "negative": [nid, 1]})
+        _save(p, name, _add(p, f"decode_{name}", "VAEDecode", samples=s, vae=p[decode]["inputs"]["vae"]))
+    # two ControlNets on one hint at half strength each = one at full strength (core's chaining)
+    half = _add(p, "half_1", "ControlNetApplyAdvanced", **{**cond, "strength": cond["strength"] / 2})
+    second = _add(p, "loader_2", "SanaControlNetLoader", control_net_name="sana_e2e_ControlNet_HED.pth",
+                  weight_dtype="default")
+    chained = _add(p, "half_2", "ControlNetApplyAdvanced", **{**cond, "strength": cond["strength"] / 2,
+                                                               "positive": [half[0], 0], "negative": [half[0], 1],
+                                                               "control_net": second})
+    s = _add(p, "sampler_chain", "SanaSampler", **{**p[sampler]["inputs"], "positive": [chained[0], 0],
+                                                  "negative": [chained[0], 1]})
+    _save(p, "chain", _add(p, "decode_chain", "VAEDecode", samples=s, vae=p[decode]["inputs"]["vae"]))
+    # another ControlNet file chained: acts differently
+    other = _add(p, "loader_b", "SanaControlNetLoader", control_net_name="sana_e2e_ControlNet_B.pth",
+                 weight_dtype="default")
+    both = _add(p, "both", "ControlNetApplyAdvanced", **{**cond, "positive": [apply_, 0], "negative": [apply_, 1],
+                                                         "control_net": other})
+    s = _add(p, "sampler_both", "SanaSampler", **{**p[sampler]["inputs"], "positive": [both[0], 0],
+                                                 "negative": [both[0], 1]})
+    _save(p, "both", _add(p, "decode_both", "VAEDecode", samples=s, vae=p[decode]["inputs"]["vae"]))
+    # core samplers on the controlled conditioning
+    ks = _add(p, "ks", "KSampler", model=p[sampler]["inputs"]["model"], positive=[apply_, 0], negative=[apply_, 1],
+              latent_image=p[sampler]["inputs"]["latent_image"], seed=7, steps=4, cfg=4.5, sampler_name="euler",
+              scheduler="simple", denoise=1.0)
+    _save(p, "ksampler", _add(p, "decode_ks", "VAEDecode", samples=ks, vae=p[decode]["inputs"]["vae"]))
+    ks_plain = _add(p, "ks_plain", "KSampler", **{**p["ks"]["inputs"], "positive": p[apply_]["inputs"]["positive"],
+                                                  "negative": p[apply_]["inputs"]["negative"]})
+    _save(p, "ksampler_plain", _add(p, "decode_ksp", "VAEDecode", samples=ks_plain, vae=p[decode]["inputs"]["vae"]))
+    guider = _add(p, "guider", "CFGGuider", model=p[sampler]["inputs"]["model"], positive=[apply_, 0],
+                  negative=[apply_, 1], cfg=4.5)
+    custom = _add(p, "custom", "SamplerCustomAdvanced", noise=_add(p, "noise", "RandomNoise", noise_seed=7),
+                  guider=guider, sampler=_add(p, "select", "SanaSamplerSelect", sampler="flow_dpmpp_2m"),
+                  sigmas=_add(p, "sigmas", "SanaScheduler", sampler="flow_dpmpp_2m", steps=4, shift=0.0, denoise=1.0,
+                              model=p[sampler]["inputs"]["model"]), latent_image=p[sampler]["inputs"]["latent_image"])
+    _save(p, "custom", _add(p, "decode_custom", "VAEDecode", samples=custom, vae=p[decode]["inputs"]["vae"]))
+    got = _run_images(server, p)
+    diff = lambda a, b: np.abs(got[a] - got[b]).mean()
+    assert diff("full", "none") > 1
+    for part in ("late", "early"):
+        assert diff(part, "full") > 0.2 and diff(part, "none") > 0.2, part
+    assert np.abs(got["chain"] - got["full"]).max() <= 2
+    assert diff("both", "full") > 0.2
+    assert diff("ksampler", "ksampler_plain") > 1
+    assert np.abs(got["custom"] - got["full"]).max() <= 2  # SamplerCustomAdvanced = SanaSampler
+
+
+@pytest.mark.parametrize("change,node,message", [
+    ({"control_net_name": "sana_e2e_sd15_controlnet.safetensors"}, "SanaControlNetLoader",
+     "not a Sana ControlNet: it looks like a Stable Diffusion ControlNet"),
+    ({"control_net_name": "sana_e2e_ControlNet_wide.safetensors"}, "SanaSampler",
+     "this Sana ControlNet (width 96) was made for another Sana model"),
+    ({"no_vae": True}, "ControlNetApplyAdvanced", "connect a Sana VAE to the vae input of Apply ControlNet"),
+])
+def test_controlnet_errors_name_the_input(server, change, node, message):
+    p = _control_prompt(server, steps=2)
+    if change.pop("no_vae", False):
+        del p[_node(p, "ControlNetApplyAdvanced")]["inputs"]["vae"]
+    p[_node(p, "SanaControlNetLoader")]["inputs"].update(change)
+    error = error_of(server.run(p))
+    assert error and error["node_type"] == node and message in error["exception_message"], error
+
+
+def test_old_apply_controlnet_uses_the_loaders_vae(server):
+    """ControlNetApply (no vae input) works when SanaControlNetLoader was given the DC-AE."""
+    p = _control_prompt(server, steps=2)
+    apply_, loader = _node(p, "ControlNetApplyAdvanced"), _node(p, "SanaControlNetLoader")
+    p[loader]["inputs"]["vae"] = p[apply_]["inputs"].pop("vae")
+    inputs = p[apply_]["inputs"]
+    pos = _add(p, "old_apply", "ControlNetApply", conditioning=inputs["positive"], control_net=inputs["control_net"],
+               image=inputs["image"], strength=inputs["strength"])
+    sampler = _node(p, "SanaSampler")
+    p[sampler]["inputs"].update(positive=pos, cfg=1.0)  # one branch: the old node controls the positive only
+    assert server.run(p)["status"]["status_str"] == "success"

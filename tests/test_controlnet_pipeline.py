@@ -131,3 +131,54 @@ def test_bad_control_inputs(controlled, plain, scribble, tmp_path):
         controlled(PROMPTS[0], control_image=scribble, controlnet_conditioning_scale=[1, 1], **kw)
     with pytest.raises(ValueError, match="0 <= start <= end <= 1"):
         controlled(PROMPTS[0], control_image=scribble, control_guidance_start=0.8, control_guidance_end=0.2, **kw)
+
+
+def _cli(capsys, *args):
+    from sana_core.cli import main
+    code = main([*args, "--dtype", "fp32", "--no_progress", "--steps", "4", "--height", "128", "--width", "192"])
+    out = capsys.readouterr()
+    return code, out.out.split(), out.err
+
+
+def test_cli_controlnet_equals_pipe(folder, release, controlled, scribble, tmp_path, capsys):
+    import json
+    hint = tmp_path / "scribble.png"
+    scribble.resize((300, 260)).save(hint)  # any size: resized and cropped
+    code, paths, err = _cli(capsys, "--model", str(folder), "--controlnet", str(release), "--control_image", str(hint),
+                            "--control_scale", "0.8", "--control_end", "0.5", "--prompt", PROMPTS[0], "--seed", "9",
+                            "--output_dir", str(tmp_path / "out"))
+    assert code == 0, err
+    want = controlled(PROMPTS[0], control_image=hint, controlnet_conditioning_scale=0.8, control_guidance_end=0.5,
+                      seed=9, num_inference_steps=4, progress=False, **SIZE)[0]
+    assert np.array_equal(np.asarray(Image.open(paths[0])), np.asarray(want))
+    meta = json.loads(Image.open(paths[0]).text["sana"])
+    assert meta["control_image"] == [str(hint)] and meta["control_scale"] == [0.8] and meta["control_end"] == 0.5
+    # json records bring their own control image (relative to the json file) and start image
+    other = tmp_path / "lines.png"
+    scribble.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(other)
+    spec = tmp_path / "prompts.json"
+    spec.write_text(json.dumps({"a": {"prompt": PROMPTS[0], "seed": 9, "control_image": "lines.png"},
+                                "b": {"prompt": PROMPTS[0], "seed": 9, "image": "lines.png"}}))
+    code, paths, err = _cli(capsys, "--model", str(folder), "--controlnet", str(release), "--control_image", str(hint),
+                            "--json_file", str(spec), "--output_dir", str(tmp_path / "rec"))
+    assert code == 0, err
+    want = controlled(PROMPTS[0], control_image=other, seed=9, num_inference_steps=4, progress=False, **SIZE)[0]
+    assert np.array_equal(np.asarray(Image.open(paths[0])), np.asarray(want))
+    assert json.loads(Image.open(paths[1]).text["sana"])["image"] == str(other)
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--control_image", "{hint}"], "0 --controlnet"),
+    (["--controlnet", "{release}"], "--control_image: 0 control images for 1 --controlnet"),
+    (["--controlnet", "{release}", "--control_image", "{hint}", "--control_scale", "1", "--control_scale", "2"],
+     "--control_scale: 2 values for 1 --controlnet"),
+    (["--controlnet", "{release}", "--control_image", "missing.png"], "control image missing.png: no such file"),
+    (["--controlnet", "{release}", "--control_image", "{hint}", "--control_start", "0.9", "--control_end", "0.1"],
+     "0 <= start <= end <= 1"),
+])
+def test_cli_bad_controlnet_flags(folder, release, scribble, tmp_path, capsys, flags, match):
+    hint = tmp_path / "h.png"
+    scribble.save(hint)
+    flags = [f.format(hint=hint, release=release) for f in flags]
+    code, _, err = _cli(capsys, "--model", str(folder), *flags, "--output_dir", str(tmp_path))
+    assert code == 2 and match in err

@@ -44,6 +44,11 @@ IO = {
     "RandomNoise": ([], [("NOISE", "NOISE")]),
     "CFGGuider": ([("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING")],
                   [("GUIDER", "GUIDER")]),
+    "SanaControlNetLoader": ([("vae", "VAE")], [("CONTROL_NET", "CONTROL_NET")]),
+    "ControlNetApplyAdvanced": ([("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                                 ("control_net", "CONTROL_NET"), ("image", "IMAGE"), ("vae", "VAE")],
+                                [("positive", "CONDITIONING"), ("negative", "CONDITIONING")]),
+    "Canny": ([("image", "IMAGE")], [("IMAGE", "IMAGE")]),
     "SamplerCustomAdvanced": ([("noise", "NOISE"), ("guider", "GUIDER"), ("sampler", "SAMPLER"),
                                ("sigmas", "SIGMAS"), ("latent_image", "LATENT")],
                               [("output", "LATENT"), ("denoised_output", "LATENT")]),
@@ -196,6 +201,30 @@ def custom_sampler() -> Graph:
     return g
 
 
+def controlnet_scribble() -> Graph:
+    """NVlabs' HED ControlNet: the released .pth is the DiT (SanaCheckpointLoader) and the ControlNet
+    (SanaControlNetLoader); core Canny makes a line hint from a photo (comfyui_controlnet_aux's Fake Scribble /
+    HED preprocessors match NVlabs' training data better), core Apply ControlNet encodes it with the DC-AE. The
+    sampler settings are NVlabs' ControlNet app defaults (CFG 4.5, PAG 2.0, 20 steps, shift 3)."""
+    g = Graph()
+    release = "Sana_600M_1024px_ControlNet_HED.pth"
+    model, pos, neg, dcae = _front(g, dit=release, prompt="a fairytale castle on a hill at sunset, watercolor")
+    net = g.add("SanaControlNetLoader", [release, "default"], 1, 3)
+    photo = g.add("LoadImage", ["example.png", "image"], 0, 3)
+    scaled = g.add("ImageScale", ["lanczos", 1024, 1024, "center"], 0, 4, image=(photo, 0))
+    hint = g.add("Canny", [0.4, 0.8], 1, 4, "Line hint (or Fake Scribble / HED from comfyui_controlnet_aux)",
+                 image=scaled)
+    g.add("PreviewImage", [], 2, 4, "Hint", images=hint)
+    applied = g.add("ControlNetApplyAdvanced", [1.0, 0.0, 1.0], 2, 2, positive=pos, negative=neg, control_net=net,
+                    image=hint, vae=dcae)
+    latent = g.add("SanaEmptyLatentImage", [1024, 1024, 1, "custom"], 1, 2)
+    out = g.add("SanaSampler", _sampler(pag=2.0, shift=3.0), 3, 0, model=model, positive=(applied, 0),
+                negative=(applied, 1), latent_image=latent)
+    image = g.add("VAEDecode", [], 4, 0, samples=out, vae=dcae)
+    g.add("SaveImage", ["Sana_ControlNet"], 5, 0, images=image)
+    return g
+
+
 WORKFLOWS = {
     "sana_text_to_image_1024": text_to_image,
     "sana_4k_tiled_decode": text_to_image_4k,
@@ -205,6 +234,7 @@ WORKFLOWS = {
     "sana_ksampler": ksampler,
     "sana_sampler_custom_advanced": custom_sampler,
     "sana_inpaint": inpaint,
+    "sana_controlnet_scribble": controlnet_scribble,
 }
 
 if __name__ == "__main__":

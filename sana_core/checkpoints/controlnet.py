@@ -79,13 +79,14 @@ def _resolve(path: Path, variant: str | None) -> tuple[Path, dict | None]:
 
 
 def load_controlnet(path: PathLike, base: DiTConfig | None = None, dtype: torch.dtype | None = None,
-                    device: torch.device | str = "cpu", ops: Any = None, variant: str | None = None) -> SanaControlNet:
+                    device: torch.device | str = "cpu", ops: Any = None, variant: str | None = None,
+                    model_class: type[SanaControlNet] = SanaControlNet) -> SanaControlNet:
     """Load a Sana ControlNet: NVlabs' branch (`controlnet.N.*` keys; from a combined base + ControlNet `.pth`
     only the branch is read) or a diffusers `SanaControlNetModel` (folder, its `controlnet/` subfolder, or a
     single safetensors file). Each runs in the order it was trained in (`SanaControlNet.order`).
 
     base: the config of the DiT it will drive (its width, MLP and q/k norm must match: else CheckpointError);
-    dtype: None keeps the file's. Raises CheckpointError naming the file for anything that is not a Sana
+    dtype: None keeps the file's; model_class: a SanaControlNet subclass to build (a host's adapter). Raises CheckpointError naming the file for anything that is not a Sana
     ControlNet, before any model exists.
     """
     path = Path(path)
@@ -114,7 +115,7 @@ def load_controlnet(path: PathLike, base: DiTConfig | None = None, dtype: torch.
     depth = _depth(sd, "controlnet.")
     dtype = sd[NVLABS_ANCHOR].dtype
     with torch.device("meta"):
-        net = SanaControlNet(cfg, order, ops=ops, depth=depth, dtype=dtype)
+        net = model_class(cfg, order, ops=ops, depth=depth, dtype=dtype)
     load_strict(net, sd, file)
     log.info("loaded a Sana ControlNet (%s order, %d blocks, width %d) from %s (%s)", order, depth, cfg.width,
              file, dtype)
