@@ -68,10 +68,13 @@ def test_forward_follows_nvlabs_order(models):
     assert (got - base).abs().max() > 1e-2  # the control acts
 
 
-def test_identities(models):
-    dit, net = models
+@pytest.mark.parametrize("order", ["nvlabs", "diffusers"])
+def test_identities(models, order):
+    """For both orders: zero after_proj = the base model exactly; strength 0 too; two ControlNets at half
+    strength on one hint = one at full strength."""
+    dit = models[0]
     x, hint, t, ctx, mask = _inputs(3)
-    silent = _random(SanaControlNet(CFG), 1)
+    net, silent = (_random(SanaControlNet(CFG, order), 1) for _ in range(2))
     for block in silent.controlnet:
         torch.nn.init.zeros_(block.after_proj.weight)
         torch.nn.init.zeros_(block.after_proj.bias)
@@ -82,6 +85,21 @@ def test_identities(models):
         one = dit(x, t, ctx, mask, controls=[Control(net, hint, 1.0)])
         two = dit(x, t, ctx, mask, controls=[Control(net, hint, 0.5), Control(net, hint, 0.5)])
     torch.testing.assert_close(two, one, rtol=1e-5, atol=1e-5)
+    assert (one - base).abs().max() > 1e-2
+
+
+def test_float16_overflow_widens_the_dit_and_its_controlnets(models):
+    """The sampler's float16 fallback converts the DiT and every ControlNet together, then redoes the step."""
+    from sana_core.denoiser import SanaDenoiser, TextCondition
+    dit = _random(SanaDiT(CFG), 0)
+    with torch.no_grad():
+        dit.final_layer.linear.weight.mul_(1e5)  # finite weights whose output overflows float16 (65504)
+    dit.half()
+    net = _random(SanaControlNet(CFG), 1).half()
+    x, hint, _, ctx, mask = _inputs()
+    denoiser = SanaDenoiser(dit, TextCondition(ctx, mask), guidance_scale=1.0, controls=[Control(net, hint)])
+    out = denoiser(x, torch.tensor(0.5))
+    assert dit.dtype == torch.bfloat16 and net.compute_dtype == torch.bfloat16 and torch.isfinite(out).all()
 
 
 def test_mismatches_are_errors(models):
