@@ -13,7 +13,6 @@ import logging
 
 import comfy.controlnet
 import comfy.model_management as mm
-import comfy.ops
 import torch
 
 from sana_core.checkpoints.controlnet import load_controlnet
@@ -21,7 +20,7 @@ from sana_core.controlnet import Control, SanaControlNet
 from sana_core.dit import SanaDiT
 from sana_core.resolutions import resize_and_crop
 
-from .model import WEIGHT_DTYPES, SanaControls, SanaLatentFormat, SanaModelConfig
+from .model import SanaControls, SanaLatentFormat, weight_ops
 
 log = logging.getLogger(__name__)
 
@@ -106,13 +105,9 @@ class SanaControlNetPatch(comfy.controlnet.ControlNet):
 
 def load_sana_controlnet(path: str, weight_dtype: str = "default", vae: object = None) -> SanaControlNetPatch:
     """A Sana ControlNet file or folder (NVlabs' combined `.pth`: only its branch is read) -> CONTROL_NET,
-    stored in `weight_dtype` (a `WEIGHT_DTYPES` name) and computing as the DiT it drives."""
+    stored in `weight_dtype` (a `model.WEIGHT_DTYPES` name) and computing as the DiT it drives."""
     load_device = mm.get_torch_device()
-    dtype, fast = WEIGHT_DTYPES[weight_dtype]
-    if dtype is None:
-        dtype = mm.unet_dtype(model_params=0, supported_dtypes=SanaModelConfig.supported_inference_dtypes)
-    compute = mm.unet_manual_cast(dtype, load_device, SanaModelConfig.supported_inference_dtypes)
-    ops = comfy.ops.pick_operations(dtype, compute, load_device=load_device, fp8_optimizations=fast)
+    dtype, compute, ops = weight_ops(weight_dtype, load_device)
     net = load_controlnet(path, dtype=dtype, ops=ops, device=mm.unet_offload_device(), model_class=ComfySanaControlNet)
     log.info("Sana: ControlNet %s (%s order, %d blocks, width %d)", path, net.order, len(net.controlnet),
              net.cfg.width)

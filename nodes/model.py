@@ -243,17 +243,23 @@ WEIGHT_DTYPES = {"default": (None, False), "bf16": (torch.bfloat16, False), "fp1
                  "fp8_e4m3fn_fast": (torch.float8_e4m3fn, True), "fp8_e5m2": (torch.float8_e5m2, False)}
 
 
+def weight_ops(weight_dtype: str, load_device: torch.device) -> tuple[torch.dtype, torch.dtype | None, object]:
+    """(storage dtype, ComfyUI's compute dtype for it on `load_device` or None, the `comfy.ops` to build with) for
+    a `WEIGHT_DTYPES` choice: the DiT's and its ControlNets' one rule."""
+    dtype, fast = WEIGHT_DTYPES[weight_dtype]
+    if dtype is None:
+        dtype = mm.unet_dtype(model_params=0, supported_dtypes=SanaModelConfig.supported_inference_dtypes)
+    compute = mm.unet_manual_cast(dtype, load_device, SanaModelConfig.supported_inference_dtypes)
+    return dtype, compute, comfy.ops.pick_operations(dtype, compute, load_device=load_device, fp8_optimizations=fast)
+
+
 def load_sana_model(path: str | Path, weight_dtype: str = "default",
                     use_pe: bool | None = None) -> comfy.model_patcher.ModelPatcher:
     """A Sana DiT file or folder -> MODEL. `weight_dtype` (a `WEIGHT_DTYPES` name) is the storage dtype; the
     compute dtype is ComfyUI's choice for it on this device (fp8 computes in bf16/fp16). use_pe: force the 2K/4K
     positional embedding on/off (None: from the config or the file name)."""
     load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
-    dtype, fast = WEIGHT_DTYPES[weight_dtype]
-    if dtype is None:
-        dtype = mm.unet_dtype(model_params=0, supported_dtypes=SanaModelConfig.supported_inference_dtypes)
-    compute = mm.unet_manual_cast(dtype, load_device, SanaModelConfig.supported_inference_dtypes)
-    ops = comfy.ops.pick_operations(dtype, compute, load_device=load_device, fp8_optimizations=fast)
+    dtype, compute, ops = weight_ops(weight_dtype, load_device)
     dit = load_dit(path, dtype=dtype, ops=ops, model_class=ComfySanaDiT, use_pe=use_pe)
     config = SanaModelConfig({"disable_unet_model_creation": True})  # the DiT is built and loaded above
     config.manual_cast_dtype = compute

@@ -13,9 +13,9 @@ import torch
 
 from ..controlnet import SanaControlNet
 from ..dit import DiTConfig
-from .dit import CONTROL_BRANCH, CROSS_HEADS, _depth, _pointwise, diffusers_to_nvlabs
-from .files import (CheckpointError, PathLike, describe_keys, find_weights_file, load_strict, read_json,
-                    read_keys, read_state_dict, strip_prefixes)
+from .dit import CONTROL_BRANCH, CROSS_HEADS, _depth, _pointwise, diffusers_to_nvlabs, with_diffusers_config
+from .files import (CheckpointError, PathLike, describe_keys, load_strict, locate, read_keys, read_state_dict,
+                    strip_prefixes)
 
 log = logging.getLogger(__name__)
 
@@ -58,24 +58,7 @@ def _diffusers_config(config: dict | None, sd: dict[str, torch.Tensor]) -> DiTCo
                     caption_channels=sd["y_embedder.y_proj.fc1.weight"].shape[1],
                     mlp_ratio=sd["controlnet.0.copied_block.mlp.point_conv.conv.weight"].shape[1] / width,
                     qk_norm="controlnet.0.copied_block.attn.q_norm.weight" in sd)
-    if config:
-        interp = config.get("interpolation_scale")
-        cfg = replace(cfg, cross_heads=config.get("num_cross_attention_heads") or cfg.cross_heads,
-                      self_head_dim=config.get("attention_head_dim", cfg.self_head_dim),
-                      use_pe=interp is not None, pe_interpolation=float(interp or 1.0),
-                      base_size=config.get("sample_size", cfg.base_size))
-    return cfg
-
-
-def _resolve(path: Path, variant: str | None) -> tuple[Path, dict | None]:
-    if path.is_file():
-        return path, None
-    if (path / "controlnet").is_dir():
-        path = path / "controlnet"
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such file or folder")
-    config = read_json(path / "config.json") if (path / "config.json").is_file() else None
-    return find_weights_file(path, ("diffusion_pytorch_model", "model"), variant), config
+    return with_diffusers_config(cfg, config) if config else cfg
 
 
 def load_controlnet(path: PathLike, base: DiTConfig | None = None, dtype: torch.dtype | None = None,
@@ -86,11 +69,11 @@ def load_controlnet(path: PathLike, base: DiTConfig | None = None, dtype: torch.
     single safetensors file). Each runs in the order it was trained in (`SanaControlNet.order`).
 
     base: the config of the DiT it will drive (its width, MLP and q/k norm must match: else CheckpointError);
-    dtype: None keeps the file's; model_class: a SanaControlNet subclass to build (a host's adapter). Raises CheckpointError naming the file for anything that is not a Sana
-    ControlNet, before any model exists.
+    dtype: None keeps the file's; model_class: a SanaControlNet subclass to build (a host's adapter).
+    Raises CheckpointError naming the file for anything that is not a Sana ControlNet, before any model exists.
     """
     path = Path(path)
-    file, config = _resolve(path, variant)
+    file, config = locate(path, "controlnet", variant)
     if any(CONTROL_BRANCH.match(k) for k in read_keys(file)):
         sd = strip_prefixes(read_state_dict(file, dtype, keep=CONTROL_BRANCH.match), (NVLABS_ANCHOR,))
         order = "nvlabs"

@@ -14,8 +14,7 @@ from typing import Any
 import torch
 
 from ..dit import VARIANTS, DiTConfig, SanaDiT
-from .files import (CheckpointError, PathLike, describe_keys, find_weights_file, load_strict,
-                    read_json, read_state_dict, strip_prefixes)
+from .files import CheckpointError, PathLike, describe_keys, load_strict, locate, read_state_dict, strip_prefixes
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +134,17 @@ def _resolution_hint(name: str) -> int | None:
     return {"2": 2048, "4": 4096}[m.group(1)] if m.group(1) else int(m.group(2))
 
 
+def with_diffusers_config(cfg: DiTConfig, dc: dict) -> DiTConfig:
+    """`cfg` with what a diffusers `config.json` (transformer or ControlNet) says and the weights cannot: heads,
+    the sin-cos positional embedding, the timestep and guidance scales."""
+    interp = dc.get("interpolation_scale")
+    return replace(cfg, cross_heads=dc.get("num_cross_attention_heads") or cfg.cross_heads,
+                   self_head_dim=dc.get("attention_head_dim", cfg.self_head_dim),
+                   use_pe=interp is not None, pe_interpolation=float(interp or 1.0),
+                   base_size=dc.get("sample_size", cfg.base_size), timestep_scale=dc.get("timestep_scale", 1.0),
+                   guidance_embeds_scale=dc.get("guidance_embeds_scale", cfg.guidance_embeds_scale))
+
+
 def detect_config(sd: dict[str, torch.Tensor], name: str = "", diffusers_config: dict | None = None,
                   use_pe: bool | None = None) -> tuple[str, DiTConfig]:
     """The variant name and config of a DiT state dict in our keys.
@@ -153,14 +163,7 @@ def detect_config(sd: dict[str, torch.Tensor], name: str = "", diffusers_config:
         mlp_ratio=sd["blocks.0.mlp.point_conv.conv.weight"].shape[1] / width,
         qk_norm="blocks.0.attn.q_norm.weight" in sd, guidance_embed="cfg_embedder.mlp.0.weight" in sd)
     if diffusers_config:
-        dc = diffusers_config
-        interp = dc.get("interpolation_scale")
-        cfg = replace(cfg, cross_heads=dc.get("num_cross_attention_heads") or cfg.cross_heads,
-                      self_head_dim=dc.get("attention_head_dim", cfg.self_head_dim),
-                      use_pe=interp is not None, pe_interpolation=float(interp or 1.0),
-                      base_size=dc.get("sample_size", cfg.base_size),
-                      timestep_scale=dc.get("timestep_scale", 1.0),
-                      guidance_embeds_scale=dc.get("guidance_embeds_scale", cfg.guidance_embeds_scale))
+        cfg = with_diffusers_config(cfg, diffusers_config)
     else:
         res = _resolution_hint(name)
         if res:
@@ -173,18 +176,6 @@ def detect_config(sd: dict[str, torch.Tensor], name: str = "", diffusers_config:
         cfg = replace(cfg, use_pe=use_pe)
     variant = next((n for n, v in VARIANTS.items() if v == cfg), f"custom ({cfg.depth} blocks, width {cfg.width})")
     return variant, cfg
-
-
-def _resolve(path: Path, variant: str | None) -> tuple[Path, dict | None]:
-    """A weight file and, for diffusers folders, the transformer config."""
-    if path.is_file():
-        return path, None
-    if (path / "transformer").is_dir():
-        path = path / "transformer"
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such file or folder")
-    config = read_json(path / "config.json") if (path / "config.json").is_file() else None
-    return find_weights_file(path, ("diffusion_pytorch_model", "model"), variant), config
 
 
 def load_dit(path: PathLike, dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
@@ -200,7 +191,7 @@ def load_dit(path: PathLike, dtype: torch.dtype | None = None, device: torch.dev
     not a complete Sana DiT, before any model exists.
     """
     path = Path(path)
-    file, config = _resolve(path, variant)
+    file, config = locate(path, "transformer", variant)
     sd = to_nvlabs(read_state_dict(file, dtype, keep=lambda k: not CONTROL_BRANCH.match(k)), file)
     name = "/".join(path.resolve().parts[-3:])
     try:

@@ -121,6 +121,19 @@ def find_weights_file(folder: PathLike, stems: Iterable[str], variant: str | Non
     raise FileNotFoundError(f"{folder}: no weight file found (expected {wanted} or a sharded .index.json)")
 
 
+def locate(path: Path, component: str, variant: str | None = None) -> tuple[Path, dict | None]:
+    """A weight file as it is, or in a diffusers folder (its root or its `component/` subfolder) the weight file
+    and the `config.json` next to it (None when absent)."""
+    if path.is_file():
+        return path, None
+    if (path / component).is_dir():
+        path = path / component
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    config = read_json(path / "config.json") if (path / "config.json").is_file() else None
+    return find_weights_file(path, ("diffusion_pytorch_model", "model"), variant), config
+
+
 def read_state_dict(path: PathLike, dtype: torch.dtype | None = None, keep: Keep = None) -> dict[str, torch.Tensor]:
     """Read the tensors of a weight file (``.safetensors``, ``*.index.json``, ``.pth``/``.pt``/``.ckpt``/``.bin``):
     all, or those whose raw key ``keep(key)`` accepts (the others are never read into memory).
