@@ -118,12 +118,14 @@ def sincos_pos_embed(dim: int, h: int, w: int, base_size: int, interpolation: fl
 def relu_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, eps: float = 1e-15) -> torch.Tensor:
     """ReLU linear attention, O(N): out_n = sum_m (q_n . k_m) v_m / sum_m (q_n . k_m), q and k after ReLU.
 
-    q, k, v: (B, heads, N, d), any dtype and strides; accumulated in fp32; returns (B, heads, N, d) fp32.
+    q, k, v: (B, heads, N, d), any dtype and strides; accumulated in fp32 (also under autocast, as NVlabs'
+    trainer runs it); returns (B, heads, N, d) fp32.
     """
-    q, k = _fp32(q, relu=True), _fp32(k, relu=True)
-    kv = k.mT @ _fp32(v)                                   # (B, heads, d, d)
-    den = q @ k.sum(dim=2, keepdim=True).mT                # (B, heads, N, 1)
-    return (q @ kv).div_(den.add_(eps))                    # (B, heads, N, d)
+    with torch.autocast(q.device.type, enabled=False):
+        q, k = _fp32(q, relu=True), _fp32(k, relu=True)
+        kv = k.mT @ _fp32(v)                               # (B, heads, d, d)
+        den = q @ k.sum(dim=2, keepdim=True).mT            # (B, heads, N, 1)
+        return (q @ kv).div_(den.add_(eps))                # (B, heads, N, d)
 
 
 def _fp32(t: torch.Tensor, relu: bool = False) -> torch.Tensor:
@@ -178,7 +180,7 @@ class GLUMBConv(nn.Module):
 
     def forward(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:  # (B, N, C) -> (B, N, C)
         x = F.silu(self.inverted_conv.conv(x))                            # (B, N, 2F)
-        x = self.depth_conv.conv(x.transpose(1, 2).unflatten(2, hw))      # (B, 2F, H, W), channels-last memory
+        x = self.depth_conv.conv(x.unflatten(1, hw).permute(0, 3, 1, 2))  # (B, 2F, H, W), channels-last memory
         x, gate = x.flatten(2).transpose(1, 2).chunk(2, dim=-1)           # 2 x (B, N, F)
         return self.point_conv.conv(x * F.silu(gate))
 
@@ -333,7 +335,12 @@ class DiTInputs(nn.Module):
         if x.shape[-2] % p or x.shape[-1] % p:
             raise ValueError(f"latent size {tuple(x.shape[-2:])} is not a multiple of the patch size {p}")
         dtype = self.compute_dtype
-        tokens = self.x_embedder.proj(x.to(dtype)).flatten(2).mT.contiguous()
+        x = x.to(dtype)
+        if x.shape[0] == 1 and x.device.type == "cpu":  # ATen convolves one small CPU latent with its own kernel
+            tokens = self.x_embedder.proj(x.expand(2, -1, -1, -1))[:1]  # (slow_conv2d), as a batch: same rounding
+        else:
+            tokens = self.x_embedder.proj(x)
+        tokens = tokens.flatten(2).mT.contiguous()
         if self.cfg.use_pe:
             tokens = (tokens.float() + self.pos_embed(x.shape[-2] // p, x.shape[-1] // p, x.device)[None]).to(dtype)
         return tokens
@@ -341,15 +348,19 @@ class DiTInputs(nn.Module):
     def modulation(self, timestep: torch.Tensor, batch: int, device: torch.device,
                    guidance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """timestep (B,) or scalar -> t (B, C) for the final layer and t6 (B, 6, C) for the blocks, with 1
-        already added to the two scales (rows 1 and 4), once for all blocks."""
+        already added to the two scales (rows 1 and 4), once for all blocks.
+
+        Row by row: a CPU matrix product of a few rows rounds them otherwise than the same rows among more (MKL,
+        under 4 rows a thread), and these have a row per sample: a sample's t must not depend on its batch."""
         dtype = self.compute_dtype
         timestep = torch.as_tensor(timestep, device=device).reshape(-1).expand(batch)
-        t = self.t_embedder(timestep, dtype)                                     # (B, C)
+        t = torch.cat([self.t_embedder(timestep[i:i + 1], dtype) for i in range(batch)])     # (B, C)
         if self.cfg.guidance_embed:
             if guidance is None:
                 raise ValueError("this Sana-Sprint model needs `guidance` (the guidance scale) in forward()")
-            t = t + self.cfg_embedder(torch.as_tensor(guidance, device=device).reshape(-1).expand(batch), dtype)
-        t6 = self.t_block(t).unflatten(1, (6, -1))                              # (B, 6, C)
+            guidance = torch.as_tensor(guidance, device=device).reshape(-1).expand(batch)
+            t = t + torch.cat([self.cfg_embedder(guidance[i:i + 1], dtype) for i in range(batch)])
+        t6 = torch.cat([self.t_block(t[i:i + 1]) for i in range(batch)]).unflatten(1, (6, -1))  # (B, 6, C)
         t6[:, 1::3] += 1
         return t, t6
 

@@ -177,7 +177,7 @@ def write_tiny_controlnet(path: str | Path, dit: str | Path, seed: int = 0) -> P
     """A tiny NVlabs ControlNet release for the DiT at `dit` (a folder or file our loader reads, 8+ blocks): one
     `.pth` `{"state_dict": ...}` holding the base model and a random 7-block branch (`controlnet.N.*`), as
     `Sana_600M_1024px_ControlNet_HED.pth` is laid out. Returns the file."""
-    from .checkpoints.dit import _pointwise, load_dit
+    from .checkpoints.dit import load_dit, pointwise_kernels
     from .controlnet import SanaControlNet
 
     base = load_dit(dit, dtype=torch.float32)
@@ -185,7 +185,7 @@ def write_tiny_controlnet(path: str | Path, dit: str | Path, seed: int = 0) -> P
     sd = {**base.state_dict(), **branch.state_dict()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": _pointwise({k: v.contiguous() for k, v in sd.items()}, 4)}, path)
+    torch.save({"state_dict": pointwise_kernels({k: v.contiguous() for k, v in sd.items()}, 4)}, path)
     return path
 
 

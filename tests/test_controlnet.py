@@ -173,8 +173,8 @@ def test_diffusers_order_matches_diffusers(tmp_path):
 
 def _nvlabs(sd: dict) -> dict:
     """Our keys -> NVlabs' file layout (the Mix-FFN's 1x1 convs as (out, in, 1, 1) kernels)."""
-    from sana_core.checkpoints.dit import _pointwise
-    return _pointwise({k: v.clone() for k, v in sd.items()}, 4)
+    from sana_core.checkpoints.dit import pointwise_kernels
+    return pointwise_kernels({k: v.clone() for k, v in sd.items()}, 4)
 
 
 def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:

@@ -13,7 +13,8 @@ import torch
 
 from ..controlnet import SanaControlNet
 from ..dit import DiTConfig
-from .dit import CONTROL_BRANCH, CROSS_HEADS, _depth, _pointwise, diffusers_to_nvlabs, with_diffusers_config
+from .dit import (CONTROL_BRANCH, CROSS_HEADS, _depth, diffusers_to_nvlabs, pointwise_kernels,
+                  with_diffusers_config)
 from .files import (CheckpointError, PathLike, describe_keys, load_strict, locate, read_keys, read_state_dict,
                     strip_prefixes)
 
@@ -87,7 +88,7 @@ def load_controlnet(path: PathLike, base: DiTConfig | None = None, dtype: torch.
             sd = diffusers_to_ours(sd)
         except CheckpointError as e:
             raise CheckpointError(f"{file}: {e}") from e
-    sd = _pointwise(sd, 2)
+    sd = pointwise_kernels(sd, 2)
     try:
         cfg = _branch_config(sd, base, file) if order == "nvlabs" else _diffusers_config(config, sd)
     except KeyError as e:

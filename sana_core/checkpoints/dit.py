@@ -62,7 +62,7 @@ def _key_map(depth: int, qk_norm: bool, guidance: bool, final: bool = True) -> l
 _POINTWISE = (".mlp.inverted_conv.conv.weight", ".mlp.point_conv.conv.weight")
 
 
-def _pointwise(sd: dict[str, torch.Tensor], ndim: int) -> dict[str, torch.Tensor]:
+def pointwise_kernels(sd: dict[str, torch.Tensor], ndim: int) -> dict[str, torch.Tensor]:
     """The Mix-FFN's 1x1 conv kernels as our Linear weights (ndim 2) or as the checkpoints' (out, in, 1, 1) (4)."""
     for k in sd:
         if k.endswith(_POINTWISE) and sd[k].ndim != ndim:
@@ -99,7 +99,7 @@ def nvlabs_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Our (NVlabs) keys -> diffusers keys (fused q/k/v split on dim 0). Used to write diffusers files."""
     depth = _depth(sd, "blocks.")
     qk_norm, guidance = "blocks.0.attn.q_norm.weight" in sd, "cfg_embedder.mlp.0.weight" in sd
-    sd = _pointwise(dict(sd), 4)
+    sd = pointwise_kernels(dict(sd), 4)
     out = {}
     for ours, theirs in _key_map(depth, qk_norm, guidance):
         out.update(zip(theirs, sd[ours].chunk(len(theirs), dim=0)))
@@ -119,9 +119,9 @@ def to_nvlabs(sd: dict[str, torch.Tensor], source: PathLike | str) -> dict[str, 
     if NVLABS_ANCHOR in sd:
         for k in TRAINING_ONLY:
             sd.pop(k, None)
-        return _pointwise(sd, 2)
+        return pointwise_kernels(sd, 2)
     if DIFFUSERS_ANCHOR in sd:
-        return _pointwise(diffusers_to_nvlabs(sd), 2)
+        return pointwise_kernels(diffusers_to_nvlabs(sd), 2)
     raise CheckpointError(f"{source}: not a Sana DiT checkpoint: {describe_keys(sd)}; expected keys such as "
                           f"'{NVLABS_ANCHOR}' (NVlabs) or '{DIFFUSERS_ANCHOR}' (diffusers)")
 
@@ -232,7 +232,8 @@ def save_dit(model: SanaDiT, path: PathLike, layout: str = "diffusers", prefix: 
     from safetensors.torch import save_file
 
     path = Path(path)
-    sd = _pointwise({k: v.detach().to(dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}, 4)
+    sd = {k: v.detach().to(dtype or v.dtype).contiguous() for k, v in model.state_dict().items()}
+    sd = pointwise_kernels(sd, 4)
     if layout == "diffusers":
         sd = nvlabs_to_diffusers(sd)
     elif layout != "nvlabs":

@@ -1,0 +1,193 @@
+"""Every training option, once: its name, type, default and help (the CLI flags and config-file keys are the
+field names). Resolution order: these defaults < the config file (`--config`, YAML or JSON) < command-line flags.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .lora import DEFAULT_TARGETS
+from .recipe import DENSITIES, WEIGHTINGS
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def _opt(default: Any, help: str) -> Any:
+    kw = {"default_factory": lambda: list(default)} if isinstance(default, (list, tuple)) else {"default": default}
+    return field(**kw, metadata={"help": help})
+
+
+def _choice(default: Any, choices: tuple, help: str) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    # data and model
+    data_dir: list = _opt([], "image + caption folders (one or several)")
+    model: str = _opt("Efficient-Large-Model/Sana_600M_512px_diffusers",
+                      "the DiT to train: diffusers folder or repo id, NVlabs .pth, single .safetensors, hf:// URL")
+    vae: str = _opt(None, "DC-AE to encode the images (default: the model folder's, else the Sana 1.1 DC-AE)")
+    text_encoder: str = _opt(None, "Gemma-2 folder or file (default: the model folder's, else Sana's Gemma-2-2B-IT)")
+    output_dir: str = _opt("output/sana-train", "where checkpoints, logs, validation grids and the result go")
+    cache_dir: str = _opt(None, "feature cache (default: $XDG_CACHE_HOME or ~/.cache, sana_core/train_features)")
+    resolution: int = _opt(512, "training size in px (a multiple of 32); with --multi_scale the buckets' base size")
+    multi_scale: bool = _opt(False, "bucket images by aspect ratio (NVlabs' tables at --resolution)")
+    on_bad_data: str = _choice("skip", ("skip", "error"), "bad images/captions: skip them (reported and listed in "
+                               "OUTPUT_DIR/bad_data.txt) or refuse to start, listing them")
+    min_image_size: int = _opt(None, "shorter image side below this (px) is bad data (default: resolution / 2)")
+    # what to train
+    mode: str = _choice("lora", ("lora", "full"), "LoRA adapters or every DiT weight")
+    lora_rank: int = _opt(4, "LoRA rank (diffusers' default 4)")
+    lora_alpha: float = _opt(None, "LoRA alpha (scale alpha / rank; default: the rank, scale 1)")
+    lora_targets: list = _opt(DEFAULT_TARGETS, "layers to adapt, diffusers' module names or endings: to_q to_k to_v "
+                              "to_out.0 (default: every attention projection), attn1.to_q, attn2, ...")
+    # optimisation
+    batch_size: int = _opt(1, "images per process per micro-step; global batch = this x accumulation x processes")
+    gradient_accumulation_steps: int = _opt(1, "micro-steps per optimizer step")
+    lr: float = _opt(1e-4, "learning rate (after --scale_lr)")
+    scale_lr: str = _choice("none", ("none", "sqrt", "linear"), "NVlabs' auto_lr: lr x (global batch / 256)^(1/2 or 1)")
+    optimizer: str = _choice(None, ("adamw", "came"), "default: CAME for full (NVlabs), AdamW for LoRA (diffusers)")
+    weight_decay: float = _opt(0.0, "weight decay (NVlabs: 0)")
+    warmup_steps: int = _opt(0, "linear warm-up steps, then constant lr (NVlabs pre-training: 2000)")
+    max_grad_norm: float = _opt(None, "gradient clipping (default: 0.1 full as NVlabs, 1.0 LoRA as diffusers; 0 off)")
+    max_steps: int = _opt(None, "optimizer steps to train (overrides --num_epochs)")
+    num_epochs: int = _opt(1, "passes over the data (when --max_steps is not given)")
+    seed: int = _opt(0, "seed of data order, noise, timesteps, caption dropout and LoRA init")
+    precision: str = _choice("auto", PRECISIONS, "mixed precision (weights stay fp32); auto: bf16 on CUDA, else fp32")
+    gradient_checkpointing: bool = _opt(False, "recompute each DiT block in the backward pass (less memory, slower)")
+    ema_rate: float = _opt(None, "keep an EMA of the trained weights at this rate (NVlabs: 0.9999); saved as *_ema")
+    fsdp: bool = _opt(False, "shard the DiT over the processes by block (FSDP full shard; full fine-tunes)")
+    cpu: bool = _opt(False, "train on the CPU even if a GPU is present")
+    # recipe
+    weighting_scheme: str = _choice("logit_normal", DENSITIES, "timestep density (NVlabs: logit_normal)")
+    logit_mean: float = _opt(0.0, "logit_normal: mean")
+    logit_std: float = _opt(1.0, "logit_normal: std")
+    mode_scale: float = _opt(1.29, "mode density: scale")
+    loss_weighting: str = _choice("none", WEIGHTINGS, "per-sigma loss weight (NVlabs: none; diffusers' sigma_sqrt, "
+                                  "cosmap)")
+    flow_shift: float = _opt(None, "timestep shift (default 3.0, 6.0 from 4K)")
+    caption_dropout: float = _opt(0.1, "probability of training a sample on the null caption (NVlabs: 0.1)")
+    max_sequence_length: int = _opt(300, "caption tokens")
+    # checkpoints, validation, logging
+    checkpointing_steps: int = _opt(500, "save a resumable checkpoint every N steps (0: only at the end)")
+    checkpoints_total_limit: int = _opt(None, "keep only the newest N checkpoints")
+    resume: str = _opt(None, "'latest' or a checkpoint folder to resume from")
+    validation_prompts: list = _opt([], "prompts sampled every --validation_steps, saved as a grid")
+    validation_steps: int = _opt(500, "steps between validation grids")
+    validation_sampling_steps: int = _opt(20, "Flow-DPM-Solver steps of the validation images")
+    validation_guidance_scale: float = _opt(4.5, "CFG scale of the validation images")
+    save_dtype: str = _choice("fp32", ("fp32", "bf16", "fp16"), "dtype of the saved full fine-tune")
+    encode_batch_size: int = _opt(4, "images / captions encoded at once when filling the cache")
+    progress: bool = _opt(True, "progress bar (loss, lr, speed)")
+
+    def resolved_optimizer(self) -> str:
+        return self.optimizer or ("came" if self.mode == "full" else "adamw")
+
+    def resolved_max_grad_norm(self) -> float:
+        return self.max_grad_norm if self.max_grad_norm is not None else (0.1 if self.mode == "full" else 1.0)
+
+    def validate(self) -> None:
+        """ValueError naming the flag for values that cannot work (before anything is loaded)."""
+        if not self.data_dir:
+            raise ValueError("--data_dir: give at least one image + caption folder")
+        positive = ("batch_size", "gradient_accumulation_steps", "num_epochs", "encode_batch_size",
+                    "validation_sampling_steps", "max_sequence_length")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"--max_steps must be at least 1, got {self.max_steps}")
+        if self.resolution <= 0 or self.resolution % 32:
+            raise ValueError(f"--resolution {self.resolution} must be a positive multiple of 32")
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be positive, got {self.lr}")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"--caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        if self.ema_rate is not None and not 0 < self.ema_rate < 1:
+            raise ValueError(f"--ema_rate must be in (0, 1), got {self.ema_rate}")
+        if self.fsdp and self.mode == "lora":
+            raise ValueError("--fsdp shards full fine-tunes; LoRA trains with DDP (drop --fsdp)")
+        for name in ("checkpointing_steps", "validation_steps", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value is not None and value not in choices:
+                raise ValueError(f"--{f.name} {value!r}: valid are {', '.join(choices)}")
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Flags from TrainConfig; unset flags stay absent (default SUPPRESS) so a config file can supply them."""
+    p = argparse.ArgumentParser(prog="python -m sana_core.train", description=__doc__.split("\n\n")[0],
+                                argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", help="YAML or JSON file of options (keys = the flag names); flags override it")
+    for f in fields(TrainConfig):
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        help_text = f"{f.metadata['help']} (default: {default})"
+        kw: dict[str, Any] = {"help": help_text.replace("%", "%%")}
+        if f.type == "bool":
+            kw.update(nargs="?", const=True, type=_bool, metavar="BOOL")
+        elif f.type == "list":
+            kw.update(nargs="+")
+        else:
+            kw["type"] = {"int": int, "float": float}.get(f.type, str)
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        p.add_argument(f"--{f.name}", **kw)
+    return p
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML (.yaml/.yml) or JSON config: a mapping of option names; unknown names are an error naming them."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path}: no such file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except Exception as e:  # yaml and json raise their own error types
+        raise ValueError(f"--config {path}: cannot be parsed ({type(e).__name__}: {e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a mapping of option names to values")
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"--config {path}: unknown options {unknown}; valid: {sorted(known)}")
+    return data
+
+
+def parse(argv: list[str] | None = None) -> TrainConfig:
+    """TrainConfig from defaults < --config file < flags, validated."""
+    args = vars(build_parser().parse_args(argv))
+    values = read_config_file(args.pop("config")) if "config" in args else {}
+    values.update(args)
+    if isinstance(values.get("data_dir"), str):
+        values["data_dir"] = [values["data_dir"]]
+    if isinstance(values.get("validation_prompts"), str):
+        values["validation_prompts"] = [values["validation_prompts"]]
+    cfg = TrainConfig(**values)
+    cfg.validate()
+    return cfg
+
+
+def dump(cfg: TrainConfig) -> str:
+    """The config as JSON (a valid --config file)."""
+    return json.dumps(asdict(cfg), indent=2)
