@@ -54,6 +54,7 @@ def server(tmp_path_factory):
 
     from sana_core.checkpoints.dit import load_dit, save_dit
     from sana_core.controlnet import SanaControlNet
+    from sana_core.train.lora import add_lora, save_lora
     from sana_core.tiny import randomize_, write_tiny_controlnet, write_tiny_gemma, write_tiny_pipeline
 
     root = tmp_path_factory.mktemp("comfy")
@@ -94,6 +95,12 @@ def server(tmp_path_factory):
                "transformer.transformer_blocks.1.attn2.to_v.lora_A.weight": torch.randn(4, 64, generator=g),
                "transformer.transformer_blocks.1.attn2.to_v.lora_B.weight": torch.randn(64, 4, generator=g)},
               str(models / "loras" / "sana_e2e_lora_diffusers.safetensors"))
+    trained = load_dit(sana)  # a LoRA as our trainer writes it (diffusers names, fused q/k/v as 3 LoRAs)
+    with torch.no_grad():
+        for adapter in add_lora(trained, rank=4, seed=5):
+            for up in adapter.ups:
+                up.normal_(std=0.3, generator=g)
+    save_lora(trained, models / "loras" / "sana_e2e_trained_lora.safetensors")
     (root / "input").mkdir()
     (root / "user").mkdir()
     gradient = np.linspace(0, 255, SMALL[0] * SMALL[1] * 3).reshape(SMALL[1], SMALL[0], 3).astype(np.uint8)
@@ -820,3 +827,22 @@ def test_old_apply_controlnet_uses_the_loaders_vae(server):
     sampler = _node(p, "SanaSampler")
     p[sampler]["inputs"].update(positive=pos, cfg=1.0)  # one branch: the old node controls the positive only
     assert server.run(p)["status"]["status_str"] == "success"
+
+
+def test_trained_lora_in_the_node_equals_the_engine(server):
+    """A LoRA file as `python -m sana_core.train` saves it: SanaLoraLoader = the engine's pipe.load_lora."""
+    from sana_core.pipeline import SanaPipeline
+
+    p = _prepare(server, T2I, steps=3)
+    sampler = _node(p, "SanaSampler")
+    lora = _add(p, "lora", "SanaLoraLoader", model=p[sampler]["inputs"]["model"],
+                lora_name="sana_e2e_trained_lora.safetensors", strength=0.8)
+    p[sampler]["inputs"]["model"] = lora
+    (got,) = _images(server, server.run(p)).values()
+    pipe = SanaPipeline.from_pretrained(server.sana, dtype=torch.float32, device="cpu")
+    pipe.load_lora(server.root / "models" / "loras" / "sana_e2e_trained_lora.safetensors", 0.8)
+    texts = {n["inputs"]["role"]: n["inputs"]["text"] for n in p.values() if n["class_type"] == "SanaGemmaTextEncode"}
+    want = pipe(texts["positive"], negative_prompt=texts["negative"], seed=42, num_inference_steps=3, width=SMALL[0],
+                height=SMALL[1], output_type="pt", progress=False)
+    want = (want[0].permute(1, 2, 0).numpy() * 255).astype(np.int16)
+    assert np.abs(got[0].astype(np.int16) - want).max() <= 1
