@@ -26,7 +26,7 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import nn
 
-from .dit import DiTConfig, DiTInputs, SanaBlock, SanaDiT
+from .dit import DiTConfig, DiTInputs, SanaBlock, SanaDiT, caption_kv
 
 DEPTH = 7  # copied blocks in every released Sana ControlNet
 Order = Literal["nvlabs", "diffusers"]
@@ -93,14 +93,15 @@ class SanaControlNet(DiTInputs):
         owner = dit if self.order == "nvlabs" else self
         return owner.embed_text(context.to(owner.compute_dtype))
 
-    def text_kv(self, context: torch.Tensor, dit: SanaDiT) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Every copied block's cross-attention keys and values for context (B, T, 2304), to compute once per
-        sampling run and pass as `Control.text_kv`."""
-        y = self.embed_caption(context, dit)
-        return [block.copied_block.cross_attn.kv(y) for block in self.controlnet]
+    def text_kv(self, context: torch.Tensor, dit: SanaDiT, mask: torch.Tensor | None = None) -> list:
+        """Every copied block's cross-attention keys and values for context (B, T, 2304) (grouped by caption
+        length with a `mask`, as `SanaDiT.text_kv`), to compute once per sampling run and pass as
+        `Control.text_kv`."""
+        return caption_kv([block.copied_block.cross_attn for block in self.controlnet],
+                          lambda c: self.embed_caption(c, dit), context, mask)
 
     def residuals(self, hint: torch.Tensor, base: BaseState,
-                  text_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> list[torch.Tensor]:
+                  text_kv: list | None = None) -> list[torch.Tensor]:
         """hint: (B, 32, H, W) control latent (scaled, as the DiT's latent). Returns one (B, N, C) residual per
         copied block, unscaled; residual k joins the output of base block `first_block + k`."""
         if text_kv is None:
@@ -133,7 +134,7 @@ class Control:
     scale: float = 1.0
     start: float = 0.0
     end: float = 1.0
-    text_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    text_kv: list | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.start <= self.end <= 1.0:

@@ -52,9 +52,9 @@ class SanaDenoiser:
     dtypes are checked without a host sync per step, once at the end (`check_finite`).
     `cudagraph_steps`: mark each DiT call as a new step for a DiT compiled with CUDA graphs (a call's outputs
     are not read after the next call, which reuses their memory).
-    The text side is prepared once (first call) and reused every step: the caption rows after the longest real
-    prompt are dropped (padding every sample masks out anyway) and each block's text keys/values are kept, the
-    ControlNets' copied blocks' too.
+    The text side is prepared once (first call) and reused every step: each block's text keys/values, the
+    ControlNets' copied blocks' too, grouped by caption length on each caption's real tokens (`dit.TextGroups`):
+    no padding is attended to, and an image is the same bits whatever captions share its batch.
     `controls`: ControlNets acting on every branch of the batch (their hint is repeated for CFG and PAG, as
     NVlabs and diffusers do), each on the steps of its [start, end] fraction (`schedule_controls`).
     """
@@ -87,12 +87,13 @@ class SanaDenoiser:
         return not self.sprint and self.uncond is not None and self.guidance_scale > 1.0
 
     def prepare_text(self, device: torch.device) -> tuple[torch.Tensor, list, list]:
-        """(mask (nB, T'), per-block text K/V, per-ControlNet per-block text K/V) for the batch
-        [cond | uncond | cond (PAG)], T' = longest prompt."""
+        """(mask (nB, T), per-block text K/V, per-ControlNet per-block text K/V) for the batch
+        [cond | uncond | cond (PAG)], grouped by caption length (see the class docstring)."""
         branches = [self.cond] + ([self.uncond] if self.use_cfg else []) + ([self.cond] if self.pag_scale > 0 else [])
-        embeds, mask = trim_padding(torch.cat([c.embeds for c in branches]).to(device),
-                                    torch.cat([c.mask for c in branches]).to(device))
-        return mask, self.dit.text_kv(embeds), [c.net.text_kv(embeds, self.dit) for c in self.controls]
+        embeds = torch.cat([c.embeds for c in branches]).to(device)
+        mask = torch.cat([c.mask for c in branches]).to(device)
+        return (mask, self.dit.text_kv(embeds, mask),
+                [c.net.text_kv(embeds, self.dit, mask) for c in self.controls])
 
     def schedule_controls(self, sigmas: torch.Tensor) -> None:
         """Turn each ControlNet's [start, end] fraction of the steps into the sigmas it acts at, for the schedule

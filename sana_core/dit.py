@@ -212,6 +212,45 @@ class LinearSelfAttention(nn.Module):
         return self.proj(out)
 
 
+@dataclass
+class TextGroups:
+    """One cross-attention's text keys/values for captions of different lengths, each on its real tokens only:
+    the samples `rows[g]` (a list of indices into the batch) share a caption length T_g and their keys/values
+    `keys[g]`, `values[g]` (G, heads, T_g, d). No padding is attended to, so an image does not depend on the
+    other captions of its batch (a padded batch sums its softmax in an order set by its longest caption)."""
+
+    rows: list[list[int]]
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+
+TextKV = tuple[torch.Tensor, torch.Tensor] | TextGroups  # one cross-attention's text keys/values
+
+
+def caption_kv(attns: Sequence["CrossAttention"], embed: Any, context: torch.Tensor,
+               mask: torch.Tensor | None = None) -> list:
+    """The text keys/values of the cross-attentions `attns` for captions (B, T, 2304), `embed` mapping them to
+    (B, T, C). Without `mask`: dense (k, v) pairs over all T rows (the caller passes the padding bias). With a
+    right-padded `mask` (B, T): `TextGroups`, each caption projected alone on its real tokens (a product over a
+    few rows rounds by their number: alone, a caption's keys are the same bits in any batch)."""
+    if mask is None:
+        y = embed(context)
+        return [a.kv(y) for a in attns]
+    lengths = [int(n) for n in mask.sum(1)]
+    if any(not bool(mask[i, :n].all()) for i, n in enumerate(lengths)):
+        raise ValueError("caption masks must be right-padded (real tokens first) to group captions by length")
+    rows: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        rows.setdefault(max(n, 1), []).append(i)
+    per_sample = {i: [a.kv(embed(context[i:i + 1, :max(n, 1)])) for a in attns] for i, n in enumerate(lengths)}
+    groups = []
+    for a in range(len(attns)):
+        kv = [(torch.cat([per_sample[i][a][0] for i in r]), torch.cat([per_sample[i][a][1] for i in r]))
+              for r in rows.values()]
+        groups.append(TextGroups(list(rows.values()), [k for k, _ in kv], [v for _, v in kv]))
+    return groups
+
+
 class CrossAttention(nn.Module):
     """Softmax attention from image tokens to text tokens, with the text padding mask as an additive bias."""
 
@@ -234,15 +273,20 @@ class CrossAttention(nn.Module):
             k = self.k_norm(k)
         return tuple(t.reshape(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (k, v))
 
-    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
-                bias: torch.Tensor | None) -> torch.Tensor:
-        """x: (B, N, C) image tokens; kv: `kv(y)`; bias: (B, 1, 1, T) additive or None."""
+    def forward(self, x: torch.Tensor, kv: TextKV, bias: torch.Tensor | None) -> torch.Tensor:
+        """x: (B, N, C) image tokens; kv: `kv(y)` with bias (B, 1, 1, T) additive or None, or `TextGroups`
+        (each caption on its own real tokens: bias unused)."""
         B, N, C = x.shape
         q = self.q_linear(x)
         if hasattr(self, "q_norm"):
             q = self.q_norm(q)
         q = q.reshape(B, N, self.heads, C // self.heads).transpose(1, 2)
-        out = F.scaled_dot_product_attention(q, *kv, attn_mask=bias)  # (B, heads, N, d)
+        if isinstance(kv, TextGroups):
+            out = torch.empty_like(q)
+            for rows, k, v in zip(kv.rows, kv.keys, kv.values):
+                out[rows] = F.scaled_dot_product_attention(q[rows], k, v)
+        else:
+            out = F.scaled_dot_product_attention(q, *kv, attn_mask=bias)  # (B, heads, N, d)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
 
@@ -350,19 +394,20 @@ class DiTInputs(nn.Module):
         """timestep (B,) or scalar -> t (B, C) for the final layer and t6 (B, 6, C) for the blocks, with 1
         already added to the two scales (rows 1 and 4), once for all blocks.
 
-        Row by row: a CPU matrix product of a few rows rounds them otherwise than the same rows among more (MKL,
-        under 4 rows a thread), and these have a row per sample: a sample's t must not depend on its batch."""
+        These MLPs have a row per sample; they run on a multiple of 4 rows (zero rows added): MKL multiplies fewer
+        rows a thread with other kernels, which round otherwise, so a sample's t would depend on its batch."""
         dtype = self.compute_dtype
-        timestep = torch.as_tensor(timestep, device=device).reshape(-1).expand(batch)
-        t = torch.cat([self.t_embedder(timestep[i:i + 1], dtype) for i in range(batch)])     # (B, C)
+        rows = -(-batch // 4) * 4
+        timestep = F.pad(torch.as_tensor(timestep, device=device).reshape(-1).expand(batch), (0, rows - batch))
+        t = self.t_embedder(timestep, dtype)                                     # (rows, C)
         if self.cfg.guidance_embed:
             if guidance is None:
                 raise ValueError("this Sana-Sprint model needs `guidance` (the guidance scale) in forward()")
             guidance = torch.as_tensor(guidance, device=device).reshape(-1).expand(batch)
-            t = t + torch.cat([self.cfg_embedder(guidance[i:i + 1], dtype) for i in range(batch)])
-        t6 = torch.cat([self.t_block(t[i:i + 1]) for i in range(batch)]).unflatten(1, (6, -1))  # (B, 6, C)
+            t = t + self.cfg_embedder(F.pad(guidance, (0, rows - batch)), dtype)
+        t6 = self.t_block(t).unflatten(1, (6, -1))                              # (rows, 6, C)
         t6[:, 1::3] += 1
-        return t, t6
+        return t[:batch], t6[:batch]
 
     def embed_text(self, context: torch.Tensor) -> torch.Tensor:
         """Caption projection + RMSNorm: (B, T, 2304) -> (B, T, C)."""
@@ -406,11 +451,12 @@ class SanaDiT(DiTInputs):
             return sigma
         return sigma_to_timestep(sigma, truncate) * self.cfg.timestep_scale
 
-    def text_kv(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Every block's cross-attention keys and values for context (B, T, 2304). They do not change over the
-        sampling steps, so a sampler computes them once and passes them to `forward` as `text_kv`."""
-        y = self.embed_text(context.to(self.compute_dtype))
-        return [block.cross_attn.kv(y) for block in self.blocks]
+    def text_kv(self, context: torch.Tensor, mask: torch.Tensor | None = None) -> list:
+        """Every block's cross-attention keys and values for context (B, T, 2304) (`caption_kv`: with the
+        right-padded `mask` (B, T), grouped by caption length on the real tokens only). They do not change over
+        the sampling steps, so a sampler computes them once and passes them to `forward` as `text_kv`."""
+        embed = lambda c: self.embed_text(c.to(self.compute_dtype))  # noqa: E731
+        return caption_kv([block.cross_attn for block in self.blocks], embed, context, mask)
 
     def forward(
         self,

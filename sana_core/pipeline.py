@@ -154,9 +154,11 @@ class SanaPipeline:
         return model
 
     def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in 0..1 -> scaled DC-AE latents (B, 32, H/32, W/32) float32."""
+        """Images (B, 3, H, W) in 0..1 -> scaled DC-AE latents (B, 32, H/32, W/32) float32, one image at a time
+        (as `decode`: a latent does not depend on the images encoded with it)."""
         vae = self._on_device(self.vae)
-        return vae.scale(run_finite(vae, "encode", pixels.to(self.device, torch.float32) * 2 - 1).float())
+        pixels = pixels.to(self.device, torch.float32) * 2 - 1
+        return torch.cat([vae.scale(run_finite(vae, "encode", p[None]).float()) for p in pixels])
 
     def _controls(self, control_image: Any, scale: Any, start: Any, end: Any, height: int, width: int,
                   batch: int, per_prompt: int) -> list[Control]:
@@ -331,7 +333,7 @@ class SanaPipeline:
         if image is not None:
             if tuple(image.shape[-2:]) != (height, width) or image.shape[0] not in (1, B):
                 raise ValueError(f"image has shape {tuple(image.shape)}, expected (1 or {B}, 3, {height}, {width})")
-            init = self._encode_pixels(image.expand(B, -1, -1, -1))
+            init = self._encode_pixels(image).expand(B, -1, -1, -1)
             if mask_image is not None:
                 mask_image = torch.as_tensor(mask_image)
                 if tuple(mask_image.shape[-2:]) != (height, width):
@@ -369,12 +371,14 @@ class SanaPipeline:
         """Scaled latents (B, 32, h, w) -> images (B, 3, 32h, 32w) float32 in 0..1 (resized and centre-cropped to
         `size` = (height, width) when given, before the clamp, as diffusers' resolution binning).
 
-        A float16 DC-AE that overflows is converted to bfloat16 (with a warning) and the decode repeated
-        (`dcae.run_finite`)."""
+        One image at a time: an image does not depend on the latents decoded with it (a CPU convolution rounds
+        otherwise in another batch), and the peak memory is one image's. A float16 DC-AE that overflows is
+        converted to bfloat16 (with a warning) and the decode repeated (`dcae.run_finite`)."""
         vae = self._on_device(self.vae)
         z = latents.to(self.device) / vae.cfg.scaling_factor
         budget = OFFLOAD_DECODE_BYTES if self.offload else None
-        image = run_finite(vae, "decode", z, tiled=tiled, max_memory=budget).float()
+        image = torch.cat([run_finite(vae, "decode", z[i:i + 1], tiled=tiled, max_memory=budget).float()
+                           for i in range(z.shape[0])])
         if size is not None:
             image = resize_and_crop(image, *size)
         return (image / 2 + 0.5).clamp(0, 1)

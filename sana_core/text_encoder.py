@@ -59,7 +59,9 @@ def resolve_dtype(dtype: torch.dtype | None, device: torch.device | str) -> torc
 class SanaTextEncoder(torch.nn.Module):
     """Gemma-2 decoder and its tokenizer, encoding prompts into Sana's caption embeddings.
 
-    Repeated prompts of a batch (e.g. the negative ``[""] * B``) are encoded once. With ``cache_size > 0`` the
+    Repeated prompts of a batch (e.g. the negative ``[""] * B``) are encoded once, and every prompt alone: its
+    embedding is then the same bits whatever prompts share its batch (Gemma run on a batch padded to its longest
+    prompt rounds differently, ~1e-5, as CPU kernels do for other shapes). With ``cache_size > 0`` the
     results of that many recent distinct prompts are also kept across calls (per device and dtype); clear
     ``self.cache`` after changing the weights in place (e.g. a LoRA), or the cached embeddings go stale.
     """
@@ -100,9 +102,9 @@ class SanaTextEncoder(torch.nn.Module):
                              f"max_length {max_length}")
         keys = [(p.lower().strip(), use_chi and chi, max_length, self.device, self.dtype) for p in prompts]
         new = [key for key in dict.fromkeys(keys) if key not in self.cache]
-        if new:
-            embeds, mask = self._encode([key[0] for key in new], use_chi, max_length, chi)
-            self.cache.update((key, (e, m)) for key, e, m in zip(new, embeds, mask))
+        for key in new:  # each prompt alone (see the class docstring)
+            embeds, mask = self._encode([key[0]], use_chi, max_length, chi)
+            self.cache[key] = embeds[0], mask[0]
         rows = [self.cache[key] for key in keys]
         for key in keys:
             self.cache.move_to_end(key)

@@ -162,3 +162,19 @@ def test_layers_come_from_injected_ops(recording_ops):
     layers = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     assert layers and all(any(m is n for n in made) for m in layers)
     assert not list(model.buffers())  # nothing left on meta after an assign-load
+
+
+def test_caption_groups_equal_the_padded_batch_and_do_not_depend_on_it():
+    """Text keys/values grouped by caption length (each caption on its real tokens only) give the padded,
+    masked batch's result, and a sample's output is the same bits alone as within a batch of other captions."""
+    ours = randomize_(SanaDiT(TINY), seed=6).eval()
+    x, t, ctx, mask = inputs(TINY, H=8, W=8)
+    with torch.no_grad():
+        dense = ours(x, t, ctx, mask)
+        grouped = ours(x, t, None, mask, text_kv=ours.text_kv(ctx, mask))
+        alone = ours(x[1:2], t[1:2], None, mask[1:2], text_kv=ours.text_kv(ctx[1:2], mask[1:2]))
+    torch.testing.assert_close(grouped, dense, rtol=RTOL, atol=ATOL)
+    assert torch.equal(alone[0], grouped[1])
+    left_padded = mask.flip(1)
+    with pytest.raises(ValueError, match="right-padded"):
+        ours.text_kv(ctx, left_padded)
