@@ -239,6 +239,10 @@ class Trainer:
                 use_orig_params=True)
         self.accelerator = accelerate.Accelerator(mixed_precision="no" if precision == "fp32" else precision,
                                                   cpu=cfg.cpu, **kwargs)
+        if cfg.fsdp and self.accelerator.distributed_type != accelerate.DistributedType.FSDP:
+            raise ValueError(f"--fsdp: accelerate shards with FSDP only over several GPU (accelerator) processes; this "
+                             f"run is {self.accelerator.distributed_type.value} with {self.accelerator.num_processes} "
+                             "process(es): drop --fsdp (DDP) or launch on GPUs")
         self.device = self.accelerator.device
         self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else \
             Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sana_core" / "train_features"
@@ -482,9 +486,10 @@ class Trainer:
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "train_config.json").write_text(dump(cfg))
-            log.info("training %s: %d images, %d steps, global batch %d (%d x %d x %d processes), %d batches an "
-                     "epoch, %d trainable parameters", cfg.mode, len(self.records), total, self.global_batch,
-                     cfg.batch_size, cfg.gradient_accumulation_steps, self.world, per_epoch,
+            log.info("training %s: %d images, %d steps, global batch %d (%d x %d x %d processes, %s), %d batches "
+                     "an epoch, %d trainable parameters", cfg.mode, len(self.records), total, self.global_batch,
+                     cfg.batch_size, cfg.gradient_accumulation_steps, self.world,
+                     self.accelerator.distributed_type.value, per_epoch,
                      sum(p.numel() for p in self.trainable.values()))
         log_file = self.out / "train_log.csv"
         if self.main and (self.progress.step == 0 or not log_file.is_file()):
