@@ -246,3 +246,16 @@ def test_loading_errors(models, tmp_path):
               | {"controlnet.6.after_proj.weight": torch.zeros(64, 64)}, truncated)
     with pytest.raises(CheckpointError, match="truncated.safetensors: weights do not fit.*missing"):
         load_controlnet(truncated, base=CFG)
+
+
+def test_hed_release_repo_ids_fetch_their_pth(monkeypatch, tmp_path):
+    """NVlabs' HED repos hold one .pth (no diffusers folder): their repo id fetches that file only."""
+    import huggingface_hub
+
+    from sana_core import hub
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda repo, file: calls.append((repo, file)) or str(tmp_path / "x.pth"))
+    for repo, file in hub.SINGLE_FILE_REPOS.items():
+        assert hub.resolve(repo) == tmp_path / "x.pth" and calls[-1] == (repo, file)
+    assert len(calls) == 2 and all(f.endswith("_ControlNet_HED.pth") for _, f in calls)
