@@ -66,13 +66,7 @@ class SanaControlNetPatch(comfy.controlnet.ControlNet):
         dit = getattr(model, "diffusion_model", None)
         if not isinstance(dit, SanaDiT):
             raise ValueError("a Sana ControlNet can only drive a Sana model (load the model with a Sana loader)")
-        net = self.control_model
-        ours, theirs = (net.cfg.width, net.cfg.mlp_ratio, net.cfg.qk_norm), (dit.cfg.width, dit.cfg.mlp_ratio,
-                                                                              dit.cfg.qk_norm)
-        if ours != theirs or net.first_block + len(net.controlnet) > dit.cfg.depth:
-            raise ValueError(f"this Sana ControlNet (width {net.cfg.width}) was made for another Sana model than "
-                             f"{getattr(dit, 'variant', 'this one')} (width {dit.cfg.width}); use the ControlNet "
-                             "released for that model")
+        self.control_model.check_base(dit.cfg)  # before sampling starts
         super().pre_run(model, percent_to_timestep_function)
 
     def _hint(self, x_noisy: torch.Tensor, batched_number: int) -> torch.Tensor:

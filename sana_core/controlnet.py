@@ -88,6 +88,21 @@ class SanaControlNet(DiTInputs):
         """Compute in `dtype` from now on (see `precision.run_finite`)."""
         self.to(dtype)
 
+    def check_base(self, cfg: DiTConfig) -> None:
+        """ValueError unless this branch can drive a DiT of config `cfg`: the same width, MLP and q/k norm, and
+        a block for each residual to join."""
+        if self.cfg.width != cfg.width:
+            raise ValueError(f"a ControlNet of width {self.cfg.width} cannot drive this DiT of width {cfg.width}: "
+                             "use the ControlNet released for that model")
+        ours, theirs = (self.cfg.mlp_ratio, self.cfg.qk_norm), (cfg.mlp_ratio, cfg.qk_norm)
+        if ours != theirs:
+            raise ValueError(f"a ControlNet made for a DiT with (MLP ratio, q/k norm) {ours} cannot drive this DiT "
+                             f"with {theirs}: use the ControlNet released for that model")
+        last = self.first_block + len(self.controlnet) - 1
+        if last >= cfg.depth:
+            raise ValueError(f"this ControlNet ({self.order} order) adds to base blocks up to {last}, but the DiT "
+                             f"has {cfg.depth} blocks")
+
     def embed_caption(self, context: torch.Tensor, dit: SanaDiT) -> torch.Tensor:
         """(B, T, 2304) -> (B, T, C): the base DiT's caption projection (NVlabs) or the branch's own (diffusers)."""
         owner = dit if self.order == "nvlabs" else self
@@ -147,12 +162,7 @@ def control_residuals(controls: Sequence[Control], base: BaseState) -> dict[int,
     total: dict[int, torch.Tensor] = {}
     for control in controls:
         net = control.net
-        if net.cfg.width != dit.cfg.width:
-            raise ValueError(f"a ControlNet of width {net.cfg.width} cannot drive this DiT of width {dit.cfg.width}")
-        last = net.first_block + len(net.controlnet) - 1
-        if last >= dit.cfg.depth:
-            raise ValueError(f"this ControlNet ({net.order} order) adds to base blocks up to {last}, but the DiT "
-                             f"has {dit.cfg.depth} blocks")
+        net.check_base(dit.cfg)
         hint = control.hint
         if hint.shape[0] not in (1, B) or hint.shape[-2:] != base.latent.shape[-2:]:
             raise ValueError(f"a ControlNet hint of shape {tuple(hint.shape)} does not match the latent "

@@ -807,7 +807,7 @@ def test_controlnet_ranges_chaining_and_core_samplers(server):
     ({"control_net_name": "sana_e2e_sd15_controlnet.safetensors"}, "SanaControlNetLoader",
      "not a Sana ControlNet: it looks like a Stable Diffusion ControlNet"),
     ({"control_net_name": "sana_e2e_ControlNet_wide.safetensors"}, "SanaSampler",
-     "this Sana ControlNet (width 96) was made for another Sana model"),
+     "a ControlNet of width 96 cannot drive this DiT of width 64: use the ControlNet released for that model"),
     ({"no_vae": True}, "ControlNetApplyAdvanced", "connect a Sana VAE to the vae input of Apply ControlNet"),
 ])
 def test_controlnet_errors_name_the_input(server, change, node, message):

@@ -111,6 +111,11 @@ def test_mismatches_are_errors(models):
             dit(x, t, ctx, mask, controls=[Control(wide, hint)])
         with pytest.raises(ValueError, match="does not match the latent"):
             dit(x, t, ctx, mask, controls=[Control(net, hint[..., :2, :4])])
+        with pytest.raises(ValueError, match=r"\(MLP ratio, q/k norm\) \(2.5, True\) cannot drive this DiT with "
+                                             r"\(2.5, False\)"):
+            SanaControlNet(replace(CFG, qk_norm=True)).check_base(CFG)
+        with pytest.raises(ValueError, match=r"diffusers order\) adds to base blocks up to 7, but the DiT has 7"):
+            SanaControlNet(CFG, "diffusers").check_base(replace(CFG, depth=7))
         with pytest.raises(ValueError, match="needs the caption"):
             dit(x, t, None, mask, text_kv=dit.text_kv(ctx), controls=[Control(net, hint)])
 
