@@ -46,9 +46,10 @@ class ControlBlock(nn.Module):
 
 @dataclass
 class BaseState:
-    """What a ControlNet reads of one base DiT forward: the DiT, its latent (B, 32, H, W) and timestep (B,),
-    the output of base block 0 (B, N, C), the modulation t6 (B, 6, C), the caption bias (B, 1, 1, T) or None,
-    the token grid (h, w) and the Gemma states (B, T, 2304) (None when only cached keys/values are at hand)."""
+    """What a ControlNet reads of one base DiT forward: the DiT, its latent (B, 32, H, W) and timestep (B,) or
+    scalar (as `SanaDiT.forward` got it), the output of base block 0 (B, N, C), the modulation t6 (B, 6, C), the
+    caption bias (B, 1, 1, T) or None, the token grid (h, w) and the Gemma states (B, T, 2304) (None when only
+    cached keys/values are at hand)."""
 
     dit: SanaDiT
     latent: torch.Tensor

@@ -242,7 +242,11 @@ def caption_kv(attns: Sequence["CrossAttention"], embed: Any, context: torch.Ten
     rows: dict[int, list[int]] = {}
     for i, n in enumerate(lengths):
         rows.setdefault(max(n, 1), []).append(i)
-    per_sample = {i: [a.kv(embed(context[i:i + 1, :max(n, 1)])) for a in attns] for i, n in enumerate(lengths)}
+    per_sample: dict[int, list] = {}  # a caption repeated in the batch (CFG negatives, PAG's copy) projected once
+    for i, n in enumerate(lengths):
+        same = next((j for j in per_sample if lengths[j] == n and torch.equal(context[j, :n], context[i, :n])), None)
+        per_sample[i] = per_sample[same] if same is not None else [a.kv(embed(context[i:i + 1, :max(n, 1)]))
+                                                                   for a in attns]
     groups = []
     for a in range(len(attns)):
         kv = [(torch.cat([per_sample[i][a][0] for i in r]), torch.cat([per_sample[i][a][1] for i in r]))
@@ -497,8 +501,7 @@ class SanaDiT(DiTInputs):
             tokens = block(tokens, kv[i], t6, bias, (h, w), pag_batch if i in pag else None)
             if i == 0 and controls:
                 from .controlnet import BaseState, control_residuals
-                base = BaseState(self, x, torch.as_tensor(timestep, device=x.device).reshape(-1).expand(B), tokens,
-                                 t6, bias, (h, w), context)
+                base = BaseState(self, x, timestep, tokens, t6, bias, (h, w), context)
                 residuals = control_residuals(controls, base)
             if i in residuals:
                 tokens = tokens + residuals.pop(i)
