@@ -215,6 +215,8 @@ def _as_tuple(value: Any) -> tuple:
 def check_controls(jobs: list[tuple[dict, list[dict]]], args: argparse.Namespace) -> None:
     """ControlNet flags that fit together, before any model is loaded."""
     n = len(args.controlnet)
+    if not n and (args.control_scale or (args.control_start, args.control_end) != (0.0, 1.0)):
+        raise ValueError("--control_scale / --control_start / --control_end act on a ControlNet: add --controlnet")
     if len(args.control_scale) not in (0, 1, n):
         raise ValueError(f"--control_scale: {len(args.control_scale)} values for {n} --controlnet")
     if not 0 <= args.control_start <= args.control_end <= 1:

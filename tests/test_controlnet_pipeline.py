@@ -169,6 +169,8 @@ def test_cli_controlnet_equals_pipe(folder, release, controlled, scribble, tmp_p
 
 @pytest.mark.parametrize("flags,match", [
     (["--control_image", "{hint}"], "0 --controlnet"),
+    (["--control_scale", "0.5"], "--control_scale / --control_start / --control_end act on a ControlNet"),
+    (["--control_end", "0.5"], "--control_scale / --control_start / --control_end act on a ControlNet"),
     (["--controlnet", "{release}"], "--control_image: 0 control images for 1 --controlnet"),
     (["--controlnet", "{release}", "--control_image", "{hint}", "--control_scale", "1", "--control_scale", "2"],
      "--control_scale: 2 values for 1 --controlnet"),
