@@ -112,6 +112,7 @@ def test_config_file_and_flags(tmp_path):
     (["--caption_dropout", "1.5"], "--caption_dropout"),
     (["--mode", "full", "--fsdp"], None),
     (["--mode", "lora", "--fsdp"], "--fsdp"),
+    (["--mode", "full", "--fsdp", "--validation_prompts", "a cat"], "--validation_prompts: validation sampling"),
     ([], "--data_dir"),
 ])
 def test_bad_flags_name_the_flag(tmp_path, capsys, flags, message):

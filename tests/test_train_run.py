@@ -186,3 +186,20 @@ def test_bf16_mixed_precision_runs_close_to_fp32(setup, tmp_path):
     np.testing.assert_allclose(got["losses"], fp32["losses"], rtol=2e-2)
     assert got["losses"] != fp32["losses"]  # bf16 autocast did act
     assert all(p.dtype == torch.float32 for p in mixed.accelerator.unwrap_model(mixed.model).parameters())
+
+
+def test_validation_grids_and_checkpoint_limit(setup, tmp_path):
+    """Validation grids every --validation_steps (2 prompts side by side at the training size, not blank) and only
+    the newest --checkpoints_total_limit checkpoints kept, `latest` pointing at the last."""
+    from PIL import Image
+
+    trainer = Trainer(config(setup, tmp_path, mode="lora", max_steps=2, validation_prompts=["a cat", "a tower"],
+                             validation_steps=1, validation_sampling_steps=2, checkpointing_steps=1,
+                             checkpoints_total_limit=1))
+    trainer.run()
+    grids = sorted((tmp_path / "validation").glob("step_*.png"))
+    assert [g.name for g in grids][-2:] == ["step_0000001.png", "step_0000002.png"]
+    grid = np.asarray(Image.open(grids[-1]))
+    assert grid.shape == (128, 256, 3) and grid.std() > 1
+    kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))
+    assert kept == ["step_0000002"] and (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_0000002"

@@ -111,6 +111,9 @@ class TrainConfig:
             raise ValueError(f"--ema_rate must be in (0, 1), got {self.ema_rate}")
         if self.fsdp and self.mode == "lora":
             raise ValueError("--fsdp shards full fine-tunes; LoRA trains with DDP (drop --fsdp)")
+        if self.fsdp and self.validation_prompts:
+            raise ValueError("--validation_prompts: validation sampling needs the whole DiT in one process, which "
+                             "--fsdp shards; drop one of them")
         for name in ("checkpointing_steps", "validation_steps", "warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")

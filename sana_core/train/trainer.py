@@ -416,7 +416,7 @@ class Trainer:
     def validate(self) -> Path | None:
         """Sample the validation prompts with the current weights (EMA off) and save a grid (main process)."""
         cfg = self.cfg
-        if not cfg.validation_prompts or cfg.fsdp:
+        if not cfg.validation_prompts:  # (never with --fsdp: the config refuses that pair)
             return None
         path = None
         if self.main:
