@@ -1,4 +1,4 @@
-"""Shared test helpers."""
+"""Shared test helpers, and the real ComfyUI of the host suite (`test_comfyui_*.py`, see comfy_server.py)."""
 from types import SimpleNamespace
 
 import pytest
@@ -21,3 +21,23 @@ def recording_ops():
             made.append(self)
 
     return SimpleNamespace(Linear=Linear, Conv2d=Conv2d), made
+
+
+def pytest_collection_modifyitems(config, items):
+    """The host suite runs last, so that a ComfyUI build from the snapshot (started here, in the background)
+    overlaps the unit tests."""
+    host = [item for item in items if item.path.name.startswith("test_comfyui")]
+    if host:
+        import comfy_server
+
+        items[:] = [item for item in items if item not in host] + host
+        if not config.option.collectonly:
+            comfy_server.start_setup()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """One real ComfyUI server for the whole run (`comfy_server.serve`)."""
+    import comfy_server
+
+    yield from comfy_server.serve(tmp_path_factory.mktemp("comfy"))

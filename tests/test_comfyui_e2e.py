@@ -1,197 +1,21 @@
 """End to end inside the real ComfyUI (CPU): every bundled workflow, engine equality, errors, cancel.
 
-Runs when COMFYUI_PATH points at a ComfyUI checkout (COMFYUI_PYTHON: the Python of its environment, default
-this one); skipped otherwise, as in CI. The server is started on a free port with tiny models in its model
-folders (extra_model_paths), this repo as a custom node, and a temporary output folder.
+The server (tests/comfy_server.py, the `server` fixture) is ComfyUI from COMFYUI_PATH or built from the snapshot in
+../shared/comfyui, with tiny models in its model folders, this repo as a custom node and temporary folders.
 """
 from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
-from comfy_client import Comfy, error_of, to_api
-
-ROOT = Path(__file__).resolve().parents[1]
-COMFY = os.environ.get("COMFYUI_PATH")
-pytestmark = pytest.mark.skipif(not COMFY, reason="set COMFYUI_PATH to a ComfyUI checkout to run these")
-SMALL = (192, 128)  # width, height of the test images
-MASKED = (64, 32, 128, 96)  # x0, y0, x1, y1 of the inpainted rectangle (on the 32 px latent grid)
-WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tiny_upscaler(path: Path) -> None:
-    """A random 2x RealESRGAN-Compact (the layout spandrel recognises): conv, PReLU, conv, PReLU, conv."""
-    from safetensors.torch import save_file
-
-    g = torch.Generator().manual_seed(0)
-    sd = {"body.0.weight": torch.randn(8, 3, 3, 3, generator=g) * 0.1, "body.0.bias": torch.zeros(8),
-          "body.1.weight": torch.full((8,), 0.2), "body.2.weight": torch.randn(8, 8, 3, 3, generator=g) * 0.1,
-          "body.2.bias": torch.zeros(8), "body.3.weight": torch.full((8,), 0.2),
-          "body.4.weight": torch.randn(12, 8, 3, 3, generator=g) * 0.1, "body.4.bias": torch.zeros(12)}
-    save_file(sd, str(path))
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    from PIL import Image
-    from safetensors.torch import save_file
-
-    from sana_core.checkpoints.dit import load_dit, save_dit
-    from sana_core.controlnet import SanaControlNet
-    from sana_core.train.lora import add_lora, save_lora
-    from sana_core.tiny import randomize_, write_tiny_controlnet, write_tiny_gemma, write_tiny_pipeline
-
-    root = tmp_path_factory.mktemp("comfy")
-    models = root / "models"
-    for sub in ("diffusion_models", "text_encoders", "vae", "upscale_models", "loras", "controlnet"):
-        (models / sub).mkdir(parents=True)
-    sana = write_tiny_pipeline(root / "sana_e2e_tiny", seed=21)
-    sprint = write_tiny_pipeline(root / "sana_e2e_sprint", seed=22, sprint=True)
-    for sub in ("diffusion_models", "text_encoders", "vae"):
-        (models / sub / "sana_e2e_tiny").symlink_to(sana)
-    (models / "diffusion_models" / "sana_e2e_sprint").symlink_to(sprint)
-    deep = write_tiny_pipeline(root / "sana_e2e_deep", seed=23, depth=8)  # room for a ControlNet's 7 blocks
-    for sub in ("diffusion_models", "text_encoders", "vae"):
-        (models / sub / "sana_e2e_deep").symlink_to(deep)
-    write_tiny_controlnet(models / "controlnet" / "sana_e2e_ControlNet_HED.pth", deep / "transformer", seed=24)
-    write_tiny_controlnet(models / "controlnet" / "sana_e2e_ControlNet_B.pth", deep / "transformer", seed=25)
-    save_file({"input_hint_block.0.weight": torch.zeros(16, 3, 3, 3), "zero_convs.0.0.weight": torch.zeros(4, 4)},
-              str(models / "controlnet" / "sana_e2e_sd15_controlnet.safetensors"))
-    wide = randomize_(SanaControlNet(replace(load_dit(deep).cfg, width=96, cross_heads=3)), 26)
-    save_file({k: v.contiguous() for k, v in wide.state_dict().items()},
-              str(models / "controlnet" / "sana_e2e_ControlNet_wide.safetensors"))
-    (models / "text_encoders" / "sana_e2e_sprint").symlink_to(sprint)
-    write_tiny_gemma(root / "gemma", seed=3, single_file=models / "diffusion_models" / "sana_e2e_gemma_in_dit_slot.safetensors")
-    save_file({"input_blocks.0.0.weight": torch.zeros(4, 4), "middle_block.0.in_layers.0.weight": torch.zeros(4)},
-              str(models / "diffusion_models" / "sana_e2e_sdxl_unet.safetensors"))
-    _tiny_upscaler(models / "upscale_models" / "sana_e2e_compact_x2.safetensors")
-    overflowing = load_dit(sana)
-    with torch.no_grad():
-        overflowing.final_layer.linear.weight.mul_(1e5)  # its output overflows float16 (65504)
-    save_dit(overflowing, models / "diffusion_models" / "sana_e2e_fp16_overflow.safetensors", layout="nvlabs",
-             dtype=torch.float16)
-    g = torch.Generator().manual_seed(1)  # a LoRA on the fused qkv of block 0, in ComfyUI's generic key layout
-    save_file({"diffusion_model.blocks.0.attn.qkv.lora_down.weight": torch.randn(4, 64, generator=g),
-               "diffusion_model.blocks.0.attn.qkv.lora_up.weight": torch.randn(192, 4, generator=g)},
-              str(models / "loras" / "sana_e2e_lora_comfy_keys.safetensors"))
-    save_file({"transformer.transformer_blocks.0.attn1.to_k.lora_A.weight": torch.randn(4, 64, generator=g),
-               "transformer.transformer_blocks.0.attn1.to_k.lora_B.weight": torch.randn(64, 4, generator=g),
-               "transformer.transformer_blocks.1.attn2.to_v.lora_A.weight": torch.randn(4, 64, generator=g),
-               "transformer.transformer_blocks.1.attn2.to_v.lora_B.weight": torch.randn(64, 4, generator=g)},
-              str(models / "loras" / "sana_e2e_lora_diffusers.safetensors"))
-    trained = load_dit(sana)  # a LoRA as our trainer writes it (diffusers names, fused q/k/v as 3 LoRAs)
-    with torch.no_grad():
-        for adapter in add_lora(trained, rank=4, seed=5):
-            for up in adapter.ups:
-                up.normal_(std=0.3, generator=g)
-    save_lora(trained, models / "loras" / "sana_e2e_trained_lora.safetensors")
-    (root / "input").mkdir()
-    (root / "user").mkdir()
-    gradient = np.linspace(0, 255, SMALL[0] * SMALL[1] * 3).reshape(SMALL[1], SMALL[0], 3).astype(np.uint8)
-    Image.fromarray(gradient).save(root / "input" / "example.png")
-    alpha = np.full(gradient.shape[:2], 255, np.uint8)
-    alpha[MASKED[1]:MASKED[3], MASKED[0]:MASKED[2]] = 0  # LoadImage's MASK is 1 where alpha is 0
-    Image.fromarray(np.dstack([gradient, alpha])).save(root / "input" / "sana_e2e_masked.png")
-    lines = np.zeros((SMALL[1], SMALL[0], 3), np.uint8)  # a scribble hint at the test size: white lines on black
-    lines[20:26, 10:180], lines[30:120, 90:96] = 255, 255
-    Image.fromarray(lines).save(root / "input" / "sana_e2e_scribble.png")
-    nodes = root / "custom_nodes"
-    nodes.mkdir()
-    installed = [p for p in (Path(COMFY) / "custom_nodes").iterdir() if p.resolve() == ROOT]
-    if not installed:
-        (nodes / "comfyui-sana").symlink_to(ROOT)
-    config = root / "extra_model_paths.yaml"
-    config.write_text(json.dumps({"sana_tests": {
-        "base_path": str(root), "diffusion_models": "models/diffusion_models", "text_encoders": "models/text_encoders",
-        "vae": "models/vae", "upscale_models": "models/upscale_models", "loras": "models/loras",
-        "controlnet": "models/controlnet",
-        "custom_nodes": "custom_nodes"}}))
-    port = _free_port()
-    log = open(root / "comfy.log", "w")
-    proc = subprocess.Popen(
-        [os.environ.get("COMFYUI_PYTHON", sys.executable), "main.py", "--cpu", "--listen", "127.0.0.1",
-         "--port", str(port), "--extra-model-paths-config", str(config), "--output-directory", str(root / "output"),
-         "--input-directory", str(root / "input"), "--user-directory", str(root / "user"),
-         "--preview-method", "auto"],
-        cwd=COMFY, stdout=log, stderr=subprocess.STDOUT)
-    client = Comfy(f"http://127.0.0.1:{port}")
-    for _ in range(240):
-        if proc.poll() is not None:
-            pytest.fail(f"ComfyUI exited: {(root / 'comfy.log').read_text()[-3000:]}")
-        try:
-            if client.request("GET", "/object_info/SanaSampler")[0] == 200:
-                break
-        except OSError:
-            pass
-        time.sleep(0.5)
-    client.root, client.sana, client.sprint, client.deep = root, sana, sprint, deep
-    client.info = client.request("GET", "/object_info")[1]
-    yield client
-    proc.terminate()
-    proc.wait(30)
-    log.close()
-
-
-def _images(server, entry: dict) -> dict[str, list[np.ndarray]]:
-    """Saved images per node id (SaveImage outputs), as uint8 arrays."""
-    from PIL import Image
-
-    out = {}
-    for node_id, output in entry["outputs"].items():
-        files = [server.root / "output" / im["subfolder"] / im["filename"] for im in output.get("images", [])
-                 if im["type"] == "output"]
-        if files:
-            out[node_id] = [np.asarray(Image.open(f)) for f in files]
-    return out
-
-
-def _prepare(server, workflow: Path, steps: int = 3) -> dict:
-    """A bundled workflow converted to API format, with tiny models, small images and few steps."""
-    prompt = to_api(json.loads(workflow.read_text()), server.info)
-    sprint, control = "sprint" in workflow.stem, "controlnet" in workflow.stem
-    tiny = "sana_e2e_deep/" if control else "sana_e2e_tiny/"
-    for node in prompt.values():
-        kind, inputs = node["class_type"], node["inputs"]
-        if kind == "SanaCheckpointLoader":
-            inputs["ckpt_name"] = ("sana_e2e_ControlNet_HED.pth" if control else
-                                   "sana_e2e_sprint/" if sprint else "sana_e2e_tiny/")
-        elif kind == "SanaControlNetLoader":
-            inputs["control_net_name"] = "sana_e2e_ControlNet_HED.pth"
-        elif kind in ("SanaGemmaLoader", "SanaDCAELoader"):
-            inputs["text_encoder" if kind == "SanaGemmaLoader" else "vae_name"] = tiny
-        elif kind == "SanaFolderLoader":
-            inputs["folder"] = "sana_e2e_tiny/"
-        elif kind == "LoadImage" and "inpaint" in workflow.stem:
-            inputs["image"] = "sana_e2e_masked.png"
-        elif kind in ("SanaEmptyLatentImage", "ImageScale"):
-            inputs["width"], inputs["height"] = SMALL
-        elif kind in ("SanaSampler", "KSampler", "SanaScheduler") and not sprint:
-            inputs["steps"] = steps
-            if kind == "SanaSampler":
-                inputs["pag_layers"] = "1"  # the tiny DiTs have 2 (8) blocks
-        elif kind == "UpscaleModelLoader":
-            inputs["model_name"] = "sana_e2e_compact_x2.safetensors"
-        elif kind == "SanaDCAEDecode":
-            inputs["tile_size"], inputs["overlap"] = 128, 64
-        elif kind == "SanaPAG":
-            inputs["layers"] = "1"  # the tiny DiT has 2 blocks
-    return prompt
+from comfy_client import error_of, to_api
+from comfy_server import MASKED, ROOT, SMALL, T2I, WORKFLOWS, add, node, prepare, run_images, save, saved_images
 
 
 def test_nodes_are_registered_with_descriptions(server):
@@ -216,9 +40,9 @@ def test_nodes_are_registered_with_descriptions(server):
 
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=[w.stem for w in WORKFLOWS])
 def test_bundled_workflow_runs(server, workflow):
-    entry = server.run(_prepare(server, workflow))
+    entry = server.run(prepare(server, workflow))
     assert entry["status"]["status_str"] == "success", (error_of(entry) or {}).get("exception_message")
-    images = [im for ims in _images(server, entry).values() for im in ims]
+    images = [im for ims in saved_images(server, entry).values() for im in ims]
     assert images
     for im in images:
         assert im.shape[-1] == 3 and im.std() > 1  # an image, not a blank
@@ -234,7 +58,7 @@ def test_sampling_sends_live_previews(server):
     websocket = pytest.importorskip("websocket")
     client_id = "sana-preview-test"
     ws = websocket.create_connection(f"ws://{server.url.split('//')[1]}/ws?clientId={client_id}", timeout=120)
-    prompt = _prepare(server, ROOT / "workflows" / "sana_text_to_image_1024.json", steps=5)
+    prompt = prepare(server, ROOT / "workflows" / "sana_text_to_image_1024.json", steps=5)
     sampler = next(k for k, n in prompt.items() if n["class_type"] == "SanaSampler")
     prompt[sampler]["inputs"]["seed"] = 12345  # not cached: the sampler runs
     code, answer = server.request("POST", "/prompt", {"prompt": prompt, "client_id": client_id})
@@ -260,10 +84,10 @@ def test_sana_sampler_equals_engine_and_custom_advanced(server):
     and SIGMAS = SanaSampler."""
     from sana_core.pipeline import SanaPipeline
 
-    prompt = _prepare(server, ROOT / "workflows" / "sana_text_to_image_1024.json", steps=4)
-    custom = _prepare(server, ROOT / "workflows" / "sana_sampler_custom_advanced.json", steps=4)
-    got = _images(server, server.run(prompt))
-    got_custom = _images(server, server.run(custom))
+    prompt = prepare(server, ROOT / "workflows" / "sana_text_to_image_1024.json", steps=4)
+    custom = prepare(server, ROOT / "workflows" / "sana_sampler_custom_advanced.json", steps=4)
+    got = saved_images(server, server.run(prompt))
+    got_custom = saved_images(server, server.run(custom))
     (engine_png,), (custom_png,) = got.values(), got_custom.values()
     pipe = SanaPipeline.from_pretrained(server.sana, dtype=torch.float32, device="cpu")
     texts = {n["inputs"]["role"]: n["inputs"]["text"] for n in prompt.values() if n["class_type"] == "SanaGemmaTextEncode"}
@@ -280,7 +104,7 @@ def test_sana_sampler_equals_engine_and_custom_advanced(server):
     ("sana_e2e_missing.safetensors", "'sana_e2e_missing.safetensors' is not in any of the model folders"),
 ])
 def test_wrong_model_files_are_node_errors(server, file, message):
-    prompt = _prepare(server, ROOT / "workflows" / "sana_text_to_image_1024.json")
+    prompt = prepare(server, ROOT / "workflows" / "sana_text_to_image_1024.json")
     loader = next(k for k, n in prompt.items() if n["class_type"] == "SanaCheckpointLoader")
     prompt[loader]["inputs"]["ckpt_name"] = file
     entry = server.run(prompt)
@@ -296,15 +120,15 @@ def test_lora_loaders_patch_our_model(server, node, lora, strength_input):
     """A LoRA loader on our MODEL: strength 0 gives the plain image, strength 1 another one."""
     images = []
     for strength in (0.0, 1.0):
-        prompt = _prepare(server, ROOT / "workflows" / "sana_text_to_image_1024.json")
+        prompt = prepare(server, ROOT / "workflows" / "sana_text_to_image_1024.json")
         sampler = next(k for k, n in prompt.items() if n["class_type"] == "SanaSampler")
         prompt["lora"] = {"class_type": node, "inputs": {
             "model": prompt[sampler]["inputs"]["model"], "lora_name": lora, strength_input: strength}}
         prompt[sampler]["inputs"]["model"] = ["lora", 0]
         entry = server.run(prompt)
         assert entry["status"]["status_str"] == "success", error_of(entry)
-        images.append(next(iter(_images(server, entry).values()))[0].astype(np.int16))
-    plain = next(iter(_images(server, server.run(_prepare(server, ROOT / "workflows" / "sana_text_to_image_1024.json"))).values()))[0]
+        images.append(next(iter(saved_images(server, entry).values()))[0].astype(np.int16))
+    plain = next(iter(saved_images(server, server.run(prepare(server, ROOT / "workflows" / "sana_text_to_image_1024.json"))).values()))[0]
     assert np.abs(images[0] - plain).max() <= 1
     assert np.abs(images[1] - plain).max() > 10
 
@@ -316,20 +140,20 @@ def test_fp16_overflow_is_recomputed_wider(server, workflow):
     bfloat16 run of the same weights."""
     images = []
     for dtype in ("fp16", "bf16"):
-        prompt = _prepare(server, ROOT / "workflows" / workflow)
-        loader = _node(prompt, "SanaCheckpointLoader")
+        prompt = prepare(server, ROOT / "workflows" / workflow)
+        loader = node(prompt, "SanaCheckpointLoader")
         prompt[loader]["inputs"].update(ckpt_name="sana_e2e_fp16_overflow.safetensors", weight_dtype="fp16")
-        for node in prompt.values():
-            if node["inputs"].get("model") == [loader, 0]:
-                node["inputs"]["model"] = ["compute", 0]
-        _add(prompt, "compute", "ModelComputeDtype", model=[loader, 0], dtype=dtype)
-        images.append(next(iter(_run_images(server, prompt).values())))
+        for n in prompt.values():
+            if n["inputs"].get("model") == [loader, 0]:
+                n["inputs"]["model"] = ["compute", 0]
+        add(prompt, "compute", "ModelComputeDtype", model=[loader, 0], dtype=dtype)
+        images.append(next(iter(run_images(server, prompt).values())))
     assert np.abs(images[0] - images[1]).max() <= 1
     assert "overflowed in float16 (inf/NaN); computing in torch.bfloat16" in (server.root / "comfy.log").read_text()
 
 
 def test_unchanged_prompt_reuses_loaded_models(server):
-    prompt = _prepare(server, ROOT / "workflows" / "sana_text_to_image_1024.json")
+    prompt = prepare(server, ROOT / "workflows" / "sana_text_to_image_1024.json")
     server.run(prompt)
     entry = server.run(prompt)
     cached = next(data["nodes"] for kind, data in entry["status"]["messages"] if kind == "execution_cached")
@@ -338,7 +162,7 @@ def test_unchanged_prompt_reuses_loaded_models(server):
 
 
 def test_size_not_multiple_of_32_is_refused(server):
-    prompt = _prepare(server, ROOT / "workflows" / "sana_text_to_image_1024.json")
+    prompt = prepare(server, ROOT / "workflows" / "sana_text_to_image_1024.json")
     latent = next(k for k, n in prompt.items() if n["class_type"] == "SanaEmptyLatentImage")
     prompt[latent]["inputs"]["width"] = 200
     code, answer = server.queue(prompt)
@@ -347,7 +171,7 @@ def test_size_not_multiple_of_32_is_refused(server):
 
 
 def test_cancel_then_next_prompt_runs(server):
-    slow = _prepare(server, ROOT / "workflows" / "sana_text_to_image_1024.json", steps=200)
+    slow = prepare(server, ROOT / "workflows" / "sana_text_to_image_1024.json", steps=200)
     latent = next(k for k, n in slow.items() if n["class_type"] == "SanaEmptyLatentImage")
     slow[latent]["inputs"]["width"] = slow[latent]["inputs"]["height"] = 4096  # 200 steps on 16k tokens: seconds
     code, answer = server.queue(slow)
@@ -362,7 +186,7 @@ def test_cancel_then_next_prompt_runs(server):
     entry = server.wait(answer["prompt_id"], timeout=120)
     kinds = [kind for kind, _ in entry["status"]["messages"]]
     assert "execution_interrupted" in kinds and entry["status"]["status_str"] == "error"
-    good = server.run(_prepare(server, ROOT / "workflows" / "sana_text_to_image_1024.json"))
+    good = server.run(prepare(server, ROOT / "workflows" / "sana_text_to_image_1024.json"))
     assert good["status"]["status_str"] == "success"
 
 
@@ -392,45 +216,31 @@ def test_frontend_loads_every_workflow_and_the_widgets_work(server):
     assert widget["snapped"] == 992
 
 
-T2I = ROOT / "workflows" / "sana_text_to_image_1024.json"
 
 
-def _node(prompt: dict, kind: str) -> str:
-    return next(k for k, n in prompt.items() if n["class_type"] == kind)
 
 
-def _add(prompt: dict, node_id: str, kind: str, **inputs) -> list:
-    prompt[node_id] = {"class_type": kind, "inputs": inputs}
-    return [node_id, 0]
 
 
-def _save(prompt: dict, name: str, image: list) -> None:
-    """A SaveImage node whose image `_run_images` returns under `name`."""
-    _add(prompt, f"save_{name}", "SaveImage", images=image, filename_prefix=name)
 
-
-def _run_images(server, prompt: dict) -> dict[str, np.ndarray]:
-    entry = server.run(prompt)
-    assert entry["status"]["status_str"] == "success", (error_of(entry) or {}).get("exception_message")
-    return {k.removeprefix("save_"): v[0].astype(np.int16) for k, v in _images(server, entry).items()}
 
 
 def test_core_vae_nodes_work_on_the_dcae(server):
     """The DC-AE loader's VAE in core VAEDecode (= SanaDCAEDecode), VAEDecodeTiled, VAEEncode (= SanaDCAEEncode)."""
-    p = _prepare(server, T2I)
-    sampler, vae, decode = (_node(p, k) for k in ("SanaSampler", "SanaDCAELoader", "SanaDCAEDecode"))
+    p = prepare(server, T2I)
+    sampler, vae, decode = (node(p, k) for k in ("SanaSampler", "SanaDCAELoader", "SanaDCAEDecode"))
     p[decode]["inputs"]["tiling"] = "off"
-    core = _add(p, "core_decode", "VAEDecode", samples=[sampler, 0], vae=[vae, 0])
-    tiled = _add(p, "core_tiled", "VAEDecodeTiled", samples=[sampler, 0], vae=[vae, 0], tile_size=128, overlap=32,
+    core = add(p, "core_decode", "VAEDecode", samples=[sampler, 0], vae=[vae, 0])
+    tiled = add(p, "core_tiled", "VAEDecodeTiled", samples=[sampler, 0], vae=[vae, 0], tile_size=128, overlap=32,
                  temporal_size=64, temporal_overlap=8)
-    enc_core = _add(p, "enc_core", "VAEEncode", pixels=[decode, 0], vae=[vae, 0])
-    enc_ours = _add(p, "enc_ours", "SanaDCAEEncode", pixels=[decode, 0], dcae=[vae, 0], tiling="off")
+    enc_core = add(p, "enc_core", "VAEEncode", pixels=[decode, 0], vae=[vae, 0])
+    enc_ours = add(p, "enc_ours", "SanaDCAEEncode", pixels=[decode, 0], dcae=[vae, 0], tiling="off")
     for name, src in (("a_core", core), ("a_tiled", tiled),
-                      ("b_core", _add(p, "dec_core", "VAEDecode", samples=enc_core, vae=[vae, 0])),
-                      ("b_ours", _add(p, "dec_ours", "SanaDCAEDecode", samples=enc_ours, dcae=[vae, 0], tiling="off",
+                      ("b_core", add(p, "dec_core", "VAEDecode", samples=enc_core, vae=[vae, 0])),
+                      ("b_ours", add(p, "dec_ours", "SanaDCAEDecode", samples=enc_ours, dcae=[vae, 0], tiling="off",
                                       tile_size=0, overlap=256))):
-        _save(p, name, src)
-    got = _run_images(server, p)
+        save(p, name, src)
+    got = run_images(server, p)
     ours = next(v for k, v in got.items() if k not in ("a_core", "a_tiled", "b_core", "b_ours"))
     assert np.abs(got["a_core"] - ours).max() <= 1
     assert np.abs(got["b_core"] - got["b_ours"]).max() <= 1
@@ -459,27 +269,27 @@ def test_inpainting_with_a_noise_mask(server):
     """SetLatentNoiseMask -> SanaSampler regenerates only the masked latent pixels: outside the mask the image is
     the DC-AE round trip of the input, inside it changes; SanaSampler equals SamplerCustomAdvanced with core
     euler on the same mask (flow_euler is Euler), and VAEEncodeForInpaint + KSampler keeps the outside too."""
-    p = _prepare(server, T2I, steps=4)
-    sampler, vae, decode = (_node(p, k) for k in ("SanaSampler", "SanaDCAELoader", "SanaDCAEDecode"))
-    image = _add(p, "load", "LoadImage", image="sana_e2e_masked.png")
-    latent = _add(p, "encode", "VAEEncode", pixels=image, vae=[vae, 0])
-    masked = _add(p, "mask", "SetLatentNoiseMask", samples=latent, mask=["load", 1])
+    p = prepare(server, T2I, steps=4)
+    sampler, vae, decode = (node(p, k) for k in ("SanaSampler", "SanaDCAELoader", "SanaDCAEDecode"))
+    image = add(p, "load", "LoadImage", image="sana_e2e_masked.png")
+    latent = add(p, "encode", "VAEEncode", pixels=image, vae=[vae, 0])
+    masked = add(p, "mask", "SetLatentNoiseMask", samples=latent, mask=["load", 1])
     p[sampler]["inputs"].update(latent_image=masked, sampler="flow_euler")
-    _save(p, "round_trip", _add(p, "rt", "VAEDecode", samples=latent, vae=[vae, 0]))
+    save(p, "round_trip", add(p, "rt", "VAEDecode", samples=latent, vae=[vae, 0]))
     pos, neg = p[sampler]["inputs"]["positive"], p[sampler]["inputs"]["negative"]
-    guider = _add(p, "guider", "CFGGuider", model=p[sampler]["inputs"]["model"], positive=pos, negative=neg, cfg=4.5)
-    custom = _add(p, "custom", "SamplerCustomAdvanced", noise=_add(p, "noise", "RandomNoise", noise_seed=42),
-                  guider=guider, sampler=_add(p, "euler", "KSamplerSelect", sampler_name="euler"),
-                  sigmas=_add(p, "sigmas", "SanaScheduler", sampler="flow_euler", steps=4, shift=0.0, denoise=1.0,
+    guider = add(p, "guider", "CFGGuider", model=p[sampler]["inputs"]["model"], positive=pos, negative=neg, cfg=4.5)
+    custom = add(p, "custom", "SamplerCustomAdvanced", noise=add(p, "noise", "RandomNoise", noise_seed=42),
+                  guider=guider, sampler=add(p, "euler", "KSamplerSelect", sampler_name="euler"),
+                  sigmas=add(p, "sigmas", "SanaScheduler", sampler="flow_euler", steps=4, shift=0.0, denoise=1.0,
                               model=p[sampler]["inputs"]["model"]), latent_image=masked)
-    _save(p, "custom", _add(p, "custom_decode", "VAEDecode", samples=custom, vae=[vae, 0]))
-    inpaint = _add(p, "for_inpaint", "VAEEncodeForInpaint", pixels=image, vae=[vae, 0], mask=["load", 1], grow_mask_by=0)
-    ks = _add(p, "ks", "KSampler", model=p[sampler]["inputs"]["model"], positive=pos, negative=neg,
+    save(p, "custom", add(p, "custom_decode", "VAEDecode", samples=custom, vae=[vae, 0]))
+    inpaint = add(p, "for_inpaint", "VAEEncodeForInpaint", pixels=image, vae=[vae, 0], mask=["load", 1], grow_mask_by=0)
+    ks = add(p, "ks", "KSampler", model=p[sampler]["inputs"]["model"], positive=pos, negative=neg,
               latent_image=inpaint, seed=1, steps=4, cfg=4.5, sampler_name="euler", scheduler="simple", denoise=1.0)
-    _save(p, "ksampler", _add(p, "ks_decode", "VAEDecode", samples=ks, vae=[vae, 0]))
+    save(p, "ksampler", add(p, "ks_decode", "VAEDecode", samples=ks, vae=[vae, 0]))
     for name, src in (("input", latent), ("sana", [sampler, 0]), ("kstart", inpaint), ("ks", ks)):
-        _add(p, f"latent_{name}", "SaveLatent", samples=src, filename_prefix=f"e2e_inpaint_{name}")
-    got = _run_images(server, p)
+        add(p, f"latent_{name}", "SaveLatent", samples=src, filename_prefix=f"e2e_inpaint_{name}")
+    got = run_images(server, p)
     ours = next(v for k, v in got.items() if k not in ("round_trip", "custom", "ksampler"))
     assert np.abs(ours - got["custom"]).max() <= 2
     x0, y0, x1, y1 = (v // 32 for v in MASKED)
@@ -496,7 +306,7 @@ def test_inpainting_with_a_noise_mask(server):
 
 
 def _with_shift_node(p: dict, sampler: str, node: str, shift: float) -> None:
-    _add(p, "shift_node", node, model=p[sampler]["inputs"]["model"], shift=shift)
+    add(p, "shift_node", node, model=p[sampler]["inputs"]["model"], shift=shift)
     p[sampler]["inputs"]["model"] = ["shift_node", 0]
 
 
@@ -506,21 +316,21 @@ def test_shift_nodes_give_the_same_images_as_the_shift(server, node):
     equals SanaSampler's own shift; KSampler with the node at the default shift equals KSampler without it."""
     images = []
     for with_node in (False, True):
-        p = _prepare(server, T2I)
-        sampler = _node(p, "SanaSampler")
+        p = prepare(server, T2I)
+        sampler = node(p, "SanaSampler")
         if with_node:
             _with_shift_node(p, sampler, node, 5.0)
         else:
             p[sampler]["inputs"]["shift"] = 5.0
-        images.append(next(iter(_run_images(server, p).values())))
+        images.append(next(iter(run_images(server, p).values())))
     assert np.abs(images[0] - images[1]).max() <= 1
     ks = []
     for with_node in (False, True):
-        p = _prepare(server, ROOT / "workflows" / "sana_ksampler.json")
-        sampler = _node(p, "KSampler")
+        p = prepare(server, ROOT / "workflows" / "sana_ksampler.json")
+        sampler = node(p, "KSampler")
         if with_node:
             _with_shift_node(p, sampler, node, 3.0)
-        ks.append(next(iter(_run_images(server, p).values())))
+        ks.append(next(iter(run_images(server, p).values())))
     assert np.abs(ks[0] - ks[1]).max() <= 1
 
 
@@ -529,30 +339,30 @@ def test_sprint_under_a_shift_node_keeps_its_timestep(server):
     gets Sprint's sigma timestep, not 1000 * sigma)."""
     images = []
     for with_node in (False, True):
-        p = _prepare(server, ROOT / "workflows" / "sana_sprint_2_steps.json")
-        sampler = _node(p, "SanaSampler")
+        p = prepare(server, ROOT / "workflows" / "sana_sprint_2_steps.json")
+        sampler = node(p, "SanaSampler")
         p[sampler]["inputs"]["sampler"] = "flow_euler"
         if with_node:
             _with_shift_node(p, sampler, "ModelSamplingSD3", 1.0)
-        images.append(next(iter(_run_images(server, p).values())))
+        images.append(next(iter(run_images(server, p).values())))
     assert np.abs(images[0] - images[1]).max() <= 1
 
 
 def test_inpaint_model_conditioning_with_both_samplers(server):
     """Core InpaintModelConditioning on our VAE: SanaSampler and KSampler keep the latent outside the mask (its
     concat image is not used by Sana, which says so in the console)."""
-    p = _prepare(server, T2I, steps=3)
-    sampler, vae = _node(p, "SanaSampler"), _node(p, "SanaDCAELoader")
+    p = prepare(server, T2I, steps=3)
+    sampler, vae = node(p, "SanaSampler"), node(p, "SanaDCAELoader")
     inputs = p[sampler]["inputs"]
-    image = _add(p, "load", "LoadImage", image="sana_e2e_masked.png")
-    _add(p, "imc", "InpaintModelConditioning", positive=inputs["positive"], negative=inputs["negative"],
+    image = add(p, "load", "LoadImage", image="sana_e2e_masked.png")
+    add(p, "imc", "InpaintModelConditioning", positive=inputs["positive"], negative=inputs["negative"],
          vae=[vae, 0], pixels=image, mask=["load", 1], noise_mask=True)
     inputs.update(positive=["imc", 0], negative=["imc", 1], latent_image=["imc", 2])
-    ks = _add(p, "ks", "KSampler", model=inputs["model"], positive=["imc", 0], negative=["imc", 1],
+    ks = add(p, "ks", "KSampler", model=inputs["model"], positive=["imc", 0], negative=["imc", 1],
               latent_image=["imc", 2], seed=1, steps=3, cfg=4.5, sampler_name="euler", scheduler="simple", denoise=1.0)
     for name, src in (("start", ["imc", 2]), ("sana", [sampler, 0]), ("ks", ks)):
-        _add(p, f"latent_{name}", "SaveLatent", samples=src, filename_prefix=f"e2e_imc_{name}")
-    _run_images(server, p)
+        add(p, f"latent_{name}", "SaveLatent", samples=src, filename_prefix=f"e2e_imc_{name}")
+    run_images(server, p)
     z = {name: _latest_latent(server, f"e2e_imc_{name}") for name in ("start", "sana", "ks")}
     x0, y0, x1, y1 = (v // 32 for v in MASKED)
     keep = torch.ones(z["start"].shape[-2:], dtype=torch.bool)
@@ -566,8 +376,8 @@ def test_inpaint_model_conditioning_with_both_samplers(server):
 
 def test_preview_map_is_fitted_once_per_file(server):
     """The latent-to-RGB preview map is fitted at the first DC-AE load and read from the cache afterwards."""
-    p = _prepare(server, T2I)
-    p[_node(p, "SanaDCAELoader")]["inputs"]["dtype"] = "fp32"  # a new load of the same file
+    p = prepare(server, T2I)
+    p[node(p, "SanaDCAELoader")]["inputs"]["dtype"] = "fp32"  # a new load of the same file
     assert server.run(p)["status"]["status_str"] == "success"
     import re
 
@@ -576,14 +386,14 @@ def test_preview_map_is_fitted_once_per_file(server):
 
 
 def test_shift_combinations_that_make_no_sense_are_errors(server):
-    p = _prepare(server, ROOT / "workflows" / "sana_sprint_2_steps.json")
-    sampler = _node(p, "SanaSampler")
+    p = prepare(server, ROOT / "workflows" / "sana_sprint_2_steps.json")
+    sampler = node(p, "SanaSampler")
     _with_shift_node(p, sampler, "ModelSamplingSD3", 3.0)
     error = error_of(server.run(p))
     assert error and "scm sampler (Sana-Sprint)" in error["exception_message"]
-    p = _prepare(server, T2I)
-    sampler = _node(p, "SanaSampler")
-    _add(p, "eps", "ModelSamplingDiscrete", model=p[sampler]["inputs"]["model"], sampling="eps", zsnr=False)
+    p = prepare(server, T2I)
+    sampler = node(p, "SanaSampler")
+    add(p, "eps", "ModelSamplingDiscrete", model=p[sampler]["inputs"]["model"], sampling="eps", zsnr=False)
     p[sampler]["inputs"]["model"] = ["eps", 0]
     error = error_of(server.run(p))
     assert error and "Sana is a flow-matching model" in error["exception_message"]
@@ -594,19 +404,19 @@ def test_pag_under_any_sampler_equals_the_engine(server):
     SamplerCustomAdvanced (what KSampler users wire) = SanaSampler's PAG; core's UNet PAG node is refused."""
     from sana_core.pipeline import SanaPipeline
 
-    p = _prepare(server, T2I, steps=3)
-    sampler = _node(p, "SanaSampler")
+    p = prepare(server, T2I, steps=3)
+    sampler = node(p, "SanaSampler")
     p[sampler]["inputs"].update(pag_scale=2.0, pag_layers="1")
     inputs = p[sampler]["inputs"]
-    pag_model = _add(p, "pag", "SanaPAG", model=inputs["model"], scale=2.0, layers="1")
-    guider = _add(p, "guider", "CFGGuider", model=pag_model, positive=inputs["positive"], negative=inputs["negative"],
+    pag_model = add(p, "pag", "SanaPAG", model=inputs["model"], scale=2.0, layers="1")
+    guider = add(p, "guider", "CFGGuider", model=pag_model, positive=inputs["positive"], negative=inputs["negative"],
                   cfg=4.5)
-    custom = _add(p, "custom", "SamplerCustomAdvanced", noise=_add(p, "noise", "RandomNoise", noise_seed=42),
-                  guider=guider, sampler=_add(p, "select", "SanaSamplerSelect", sampler="flow_dpmpp_2m"),
-                  sigmas=_add(p, "sigmas", "SanaScheduler", sampler="flow_dpmpp_2m", steps=3, shift=0.0,
+    custom = add(p, "custom", "SamplerCustomAdvanced", noise=add(p, "noise", "RandomNoise", noise_seed=42),
+                  guider=guider, sampler=add(p, "select", "SanaSamplerSelect", sampler="flow_dpmpp_2m"),
+                  sigmas=add(p, "sigmas", "SanaScheduler", sampler="flow_dpmpp_2m", steps=3, shift=0.0,
                               denoise=1.0, model=pag_model), latent_image=inputs["latent_image"])
-    _save(p, "custom", _add(p, "custom_decode", "VAEDecode", samples=custom, vae=[_node(p, "SanaDCAELoader"), 0]))
-    got = _run_images(server, p)
+    save(p, "custom", add(p, "custom_decode", "VAEDecode", samples=custom, vae=[node(p, "SanaDCAELoader"), 0]))
+    got = run_images(server, p)
     ours = next(v for k, v in got.items() if k != "custom")
     assert np.abs(ours - got["custom"]).max() <= 1
     pipe = SanaPipeline.from_pretrained(server.sana, dtype=torch.float32, device="cpu")
@@ -615,9 +425,9 @@ def test_pag_under_any_sampler_equals_the_engine(server):
                 height=SMALL[1], pag_guidance_scale=2.0, pag_layers=(1,), output_type="pt", progress=False)
     want = (want[0].permute(1, 2, 0).numpy() * 255).astype(np.int16)
     assert np.abs(ours - want).max() <= 1
-    p = _prepare(server, T2I)
-    sampler = _node(p, "SanaSampler")
-    _add(p, "core_pag", "PerturbedAttentionGuidance", model=p[sampler]["inputs"]["model"], scale=3.0)
+    p = prepare(server, T2I)
+    sampler = node(p, "SanaSampler")
+    add(p, "core_pag", "PerturbedAttentionGuidance", model=p[sampler]["inputs"]["model"], scale=3.0)
     p[sampler]["inputs"]["model"] = ["core_pag", 0]
     error = error_of(server.run(p))
     assert error and "cannot apply to Sana's blocks" in error["exception_message"]
@@ -626,18 +436,18 @@ def test_pag_under_any_sampler_equals_the_engine(server):
 def test_timestep_ranges_and_areas_are_honoured(server):
     """ConditioningSetTimestepRange and ConditioningSetArea change SanaSampler's image (they used to be dropped),
     and SanaSampler equals SamplerCustomAdvanced on the same combined conditioning."""
-    plain = next(iter(_run_images(server, _prepare(server, T2I)).values()))
+    plain = next(iter(run_images(server, prepare(server, T2I)).values()))
     for kind, extra in (("ConditioningSetTimestepRange", {"start": 0.0, "end": 0.5}),
                         ("ConditioningSetArea", {"width": 96, "height": 64, "x": 0, "y": 0, "strength": 1.0})):
-        p = _prepare(server, T2I)
-        sampler = _node(p, "SanaSampler")
+        p = prepare(server, T2I)
+        sampler = node(p, "SanaSampler")
         pos = p[sampler]["inputs"]["positive"]
-        other = _add(p, "other", "SanaGemmaTextEncode", gemma=[_node(p, "SanaGemmaLoader"), 0],
+        other = add(p, "other", "SanaGemmaTextEncode", gemma=[node(p, "SanaGemmaLoader"), 0],
                      text="a completely different prompt", role="positive", complex_human_instruction=True)
-        part = _add(p, "part", kind, conditioning=other, **extra)
-        p[sampler]["inputs"]["positive"] = _add(p, "combined", "ConditioningCombine", conditioning_1=pos,
+        part = add(p, "part", kind, conditioning=other, **extra)
+        p[sampler]["inputs"]["positive"] = add(p, "combined", "ConditioningCombine", conditioning_1=pos,
                                                 conditioning_2=part)
-        got = next(iter(_run_images(server, p).values()))
+        got = next(iter(run_images(server, p).values()))
         assert np.abs(got - plain).mean() > 1, kind
 
 
@@ -645,8 +455,8 @@ def test_timestep_ranges_and_areas_are_honoured(server):
                                               ("denoise", float("nan"), "SanaSampler"), ("width", 0, "SanaEmptyLatentImage"),
                                               ("batch_size", 0, "SanaEmptyLatentImage"), ("pag_scale", -1.0, "SanaSampler")])
 def test_bad_numbers_are_refused_naming_the_field(server, field, value, node):
-    p = _prepare(server, T2I)
-    target = _node(p, node)
+    p = prepare(server, T2I)
+    target = node(p, node)
     p[target]["inputs"][field] = value
     code, answer = server.queue(p)
     assert code == 400
@@ -655,7 +465,7 @@ def test_bad_numbers_are_refused_naming_the_field(server, field, value, node):
 
 
 def test_long_prompt_says_it_was_cut(server):
-    p = _prepare(server, T2I)
+    p = prepare(server, T2I)
     encoder = next(k for k, n in p.items() if n["class_type"] == "SanaGemmaTextEncode" and n["inputs"]["role"] == "positive")
     p[encoder]["inputs"]["text"] = " ".join(f"word{i}" for i in range(400))
     assert server.run(p)["status"]["status_str"] == "success"
@@ -665,9 +475,9 @@ def test_long_prompt_says_it_was_cut(server):
 def test_fp8_storage_runs_and_matches_fp32(server):
     images = []
     for dtype in ("fp8_e4m3fn", "fp32"):
-        p = _prepare(server, T2I)
-        p[_node(p, "SanaCheckpointLoader")]["inputs"]["weight_dtype"] = dtype
-        images.append(next(iter(_run_images(server, p).values())))
+        p = prepare(server, T2I)
+        p[node(p, "SanaCheckpointLoader")]["inputs"]["weight_dtype"] = dtype
+        images.append(next(iter(run_images(server, p).values())))
     assert images[0].std() > 1 and np.abs(images[0] - images[1]).mean() < 20
 
 
@@ -698,12 +508,12 @@ def test_cancel_during_a_tiled_decode(server):
 def test_sana_lora_loader_reads_comfyui_trainer_keys(server):
     images = []
     for strength in (0.0, 1.0):
-        p = _prepare(server, T2I)
-        sampler = _node(p, "SanaSampler")
-        _add(p, "lora", "SanaLoraLoader", model=p[sampler]["inputs"]["model"],
+        p = prepare(server, T2I)
+        sampler = node(p, "SanaSampler")
+        add(p, "lora", "SanaLoraLoader", model=p[sampler]["inputs"]["model"],
              lora_name="sana_e2e_lora_comfy_keys.safetensors", strength=strength)
         p[sampler]["inputs"]["model"] = ["lora", 0]
-        images.append(next(iter(_run_images(server, p).values())))
+        images.append(next(iter(run_images(server, p).values())))
     assert np.abs(images[0] - images[1]).max() > 10
 
 
@@ -712,13 +522,13 @@ CONTROL = ROOT / "workflows" / "sana_controlnet_scribble.json"
 
 def _control_prompt(server, steps: int = 3, strength: float = 0.8) -> dict:
     """The ControlNet workflow with the scribble at the test size as the hint (no Canny), PAG off."""
-    p = _prepare(server, CONTROL, steps=steps)
-    photo, apply_ = _node(p, "LoadImage"), _node(p, "ControlNetApplyAdvanced")
+    p = prepare(server, CONTROL, steps=steps)
+    photo, apply_ = node(p, "LoadImage"), node(p, "ControlNetApplyAdvanced")
     p[photo]["inputs"]["image"] = "sana_e2e_scribble.png"
     p[apply_]["inputs"].update(image=[photo, 0], strength=strength)
-    p[_node(p, "SanaSampler")]["inputs"].update(pag_scale=0.0, seed=7)
+    p[node(p, "SanaSampler")]["inputs"].update(pag_scale=0.0, seed=7)
     for kind in ("Canny", "ImageScale", "PreviewImage"):
-        del p[_node(p, kind)]
+        del p[node(p, kind)]
     return p
 
 
@@ -730,7 +540,7 @@ def test_apply_controlnet_under_sana_sampler_equals_the_engine(server):
     from sana_core.pipeline import SanaPipeline
 
     p = _control_prompt(server)
-    (got,) = _images(server, server.run(p)).values()
+    (got,) = saved_images(server, server.run(p)).values()
     release = server.root / "models" / "controlnet" / "sana_e2e_ControlNet_HED.pth"
     pipe = SanaPipeline.from_pretrained(server.deep, dit=release, controlnet=release, dtype=torch.float32,
                                         device="cpu")
@@ -750,49 +560,49 @@ def test_apply_controlnet_under_sana_sampler_equals_the_engine(server):
 def test_controlnet_ranges_chaining_and_core_samplers(server):
     """Start/end percent and chaining change the image as expected; KSampler and SamplerCustomAdvanced run it."""
     p = _control_prompt(server, steps=4)
-    apply_, sampler = _node(p, "ControlNetApplyAdvanced"), _node(p, "SanaSampler")
-    decode = _node(p, "VAEDecode")
+    apply_, sampler = node(p, "ControlNetApplyAdvanced"), node(p, "SanaSampler")
+    decode = node(p, "VAEDecode")
     cond = p[apply_]["inputs"]
     variants = {"full": {}, "none": {"strength": 0.0}, "late": {"start_percent": 0.5}, "early": {"end_percent": 0.4}}
     for name, change in variants.items():
-        nid = _add(p, f"apply_{name}", "ControlNetApplyAdvanced", **{**cond, **change})[0]
-        s = _add(p, f"sampler_{name}", "SanaSampler", **{**p[sampler]["inputs"], "positive": [nid, 0],
+        nid = add(p, f"apply_{name}", "ControlNetApplyAdvanced", **{**cond, **change})[0]
+        s = add(p, f"sampler_{name}", "SanaSampler", **{**p[sampler]["inputs"], "positive": [nid, 0],
                                                           "negative": [nid, 1]})
-        _save(p, name, _add(p, f"decode_{name}", "VAEDecode", samples=s, vae=p[decode]["inputs"]["vae"]))
+        save(p, name, add(p, f"decode_{name}", "VAEDecode", samples=s, vae=p[decode]["inputs"]["vae"]))
     # two ControlNets on one hint at half strength each = one at full strength (core's chaining)
-    half = _add(p, "half_1", "ControlNetApplyAdvanced", **{**cond, "strength": cond["strength"] / 2})
-    second = _add(p, "loader_2", "SanaControlNetLoader", control_net_name="sana_e2e_ControlNet_HED.pth",
+    half = add(p, "half_1", "ControlNetApplyAdvanced", **{**cond, "strength": cond["strength"] / 2})
+    second = add(p, "loader_2", "SanaControlNetLoader", control_net_name="sana_e2e_ControlNet_HED.pth",
                   weight_dtype="default")
-    chained = _add(p, "half_2", "ControlNetApplyAdvanced", **{**cond, "strength": cond["strength"] / 2,
+    chained = add(p, "half_2", "ControlNetApplyAdvanced", **{**cond, "strength": cond["strength"] / 2,
                                                                "positive": [half[0], 0], "negative": [half[0], 1],
                                                                "control_net": second})
-    s = _add(p, "sampler_chain", "SanaSampler", **{**p[sampler]["inputs"], "positive": [chained[0], 0],
+    s = add(p, "sampler_chain", "SanaSampler", **{**p[sampler]["inputs"], "positive": [chained[0], 0],
                                                   "negative": [chained[0], 1]})
-    _save(p, "chain", _add(p, "decode_chain", "VAEDecode", samples=s, vae=p[decode]["inputs"]["vae"]))
+    save(p, "chain", add(p, "decode_chain", "VAEDecode", samples=s, vae=p[decode]["inputs"]["vae"]))
     # another ControlNet file chained: acts differently
-    other = _add(p, "loader_b", "SanaControlNetLoader", control_net_name="sana_e2e_ControlNet_B.pth",
+    other = add(p, "loader_b", "SanaControlNetLoader", control_net_name="sana_e2e_ControlNet_B.pth",
                  weight_dtype="default")
-    both = _add(p, "both", "ControlNetApplyAdvanced", **{**cond, "positive": [apply_, 0], "negative": [apply_, 1],
+    both = add(p, "both", "ControlNetApplyAdvanced", **{**cond, "positive": [apply_, 0], "negative": [apply_, 1],
                                                          "control_net": other})
-    s = _add(p, "sampler_both", "SanaSampler", **{**p[sampler]["inputs"], "positive": [both[0], 0],
+    s = add(p, "sampler_both", "SanaSampler", **{**p[sampler]["inputs"], "positive": [both[0], 0],
                                                  "negative": [both[0], 1]})
-    _save(p, "both", _add(p, "decode_both", "VAEDecode", samples=s, vae=p[decode]["inputs"]["vae"]))
+    save(p, "both", add(p, "decode_both", "VAEDecode", samples=s, vae=p[decode]["inputs"]["vae"]))
     # core samplers on the controlled conditioning
-    ks = _add(p, "ks", "KSampler", model=p[sampler]["inputs"]["model"], positive=[apply_, 0], negative=[apply_, 1],
+    ks = add(p, "ks", "KSampler", model=p[sampler]["inputs"]["model"], positive=[apply_, 0], negative=[apply_, 1],
               latent_image=p[sampler]["inputs"]["latent_image"], seed=7, steps=4, cfg=4.5, sampler_name="euler",
               scheduler="simple", denoise=1.0)
-    _save(p, "ksampler", _add(p, "decode_ks", "VAEDecode", samples=ks, vae=p[decode]["inputs"]["vae"]))
-    ks_plain = _add(p, "ks_plain", "KSampler", **{**p["ks"]["inputs"], "positive": p[apply_]["inputs"]["positive"],
+    save(p, "ksampler", add(p, "decode_ks", "VAEDecode", samples=ks, vae=p[decode]["inputs"]["vae"]))
+    ks_plain = add(p, "ks_plain", "KSampler", **{**p["ks"]["inputs"], "positive": p[apply_]["inputs"]["positive"],
                                                   "negative": p[apply_]["inputs"]["negative"]})
-    _save(p, "ksampler_plain", _add(p, "decode_ksp", "VAEDecode", samples=ks_plain, vae=p[decode]["inputs"]["vae"]))
-    guider = _add(p, "guider", "CFGGuider", model=p[sampler]["inputs"]["model"], positive=[apply_, 0],
+    save(p, "ksampler_plain", add(p, "decode_ksp", "VAEDecode", samples=ks_plain, vae=p[decode]["inputs"]["vae"]))
+    guider = add(p, "guider", "CFGGuider", model=p[sampler]["inputs"]["model"], positive=[apply_, 0],
                   negative=[apply_, 1], cfg=4.5)
-    custom = _add(p, "custom", "SamplerCustomAdvanced", noise=_add(p, "noise", "RandomNoise", noise_seed=7),
-                  guider=guider, sampler=_add(p, "select", "SanaSamplerSelect", sampler="flow_dpmpp_2m"),
-                  sigmas=_add(p, "sigmas", "SanaScheduler", sampler="flow_dpmpp_2m", steps=4, shift=0.0, denoise=1.0,
+    custom = add(p, "custom", "SamplerCustomAdvanced", noise=add(p, "noise", "RandomNoise", noise_seed=7),
+                  guider=guider, sampler=add(p, "select", "SanaSamplerSelect", sampler="flow_dpmpp_2m"),
+                  sigmas=add(p, "sigmas", "SanaScheduler", sampler="flow_dpmpp_2m", steps=4, shift=0.0, denoise=1.0,
                               model=p[sampler]["inputs"]["model"]), latent_image=p[sampler]["inputs"]["latent_image"])
-    _save(p, "custom", _add(p, "decode_custom", "VAEDecode", samples=custom, vae=p[decode]["inputs"]["vae"]))
-    got = _run_images(server, p)
+    save(p, "custom", add(p, "decode_custom", "VAEDecode", samples=custom, vae=p[decode]["inputs"]["vae"]))
+    got = run_images(server, p)
     diff = lambda a, b: np.abs(got[a] - got[b]).mean()
     assert diff("full", "none") > 1
     for part in ("late", "early"):
@@ -813,8 +623,8 @@ def test_controlnet_ranges_chaining_and_core_samplers(server):
 def test_controlnet_errors_name_the_input(server, change, node, message):
     p = _control_prompt(server, steps=2)
     if change.pop("no_vae", False):
-        del p[_node(p, "ControlNetApplyAdvanced")]["inputs"]["vae"]
-    p[_node(p, "SanaControlNetLoader")]["inputs"].update(change)
+        del p[node(p, "ControlNetApplyAdvanced")]["inputs"]["vae"]
+    p[node(p, "SanaControlNetLoader")]["inputs"].update(change)
     error = error_of(server.run(p))
     assert error and error["node_type"] == node and message in error["exception_message"], error
 
@@ -822,12 +632,12 @@ def test_controlnet_errors_name_the_input(server, change, node, message):
 def test_old_apply_controlnet_uses_the_loaders_vae(server):
     """ControlNetApply (no vae input) works when SanaControlNetLoader was given the DC-AE."""
     p = _control_prompt(server, steps=2)
-    apply_, loader = _node(p, "ControlNetApplyAdvanced"), _node(p, "SanaControlNetLoader")
+    apply_, loader = node(p, "ControlNetApplyAdvanced"), node(p, "SanaControlNetLoader")
     p[loader]["inputs"]["vae"] = p[apply_]["inputs"].pop("vae")
     inputs = p[apply_]["inputs"]
-    pos = _add(p, "old_apply", "ControlNetApply", conditioning=inputs["positive"], control_net=inputs["control_net"],
+    pos = add(p, "old_apply", "ControlNetApply", conditioning=inputs["positive"], control_net=inputs["control_net"],
                image=inputs["image"], strength=inputs["strength"])
-    sampler = _node(p, "SanaSampler")
+    sampler = node(p, "SanaSampler")
     p[sampler]["inputs"].update(positive=pos, cfg=1.0)  # one branch: the old node controls the positive only
     assert server.run(p)["status"]["status_str"] == "success"
 
@@ -836,12 +646,12 @@ def test_trained_lora_in_the_node_equals_the_engine(server):
     """A LoRA file as `python -m sana_core.train` saves it: SanaLoraLoader = the engine's pipe.load_lora."""
     from sana_core.pipeline import SanaPipeline
 
-    p = _prepare(server, T2I, steps=3)
-    sampler = _node(p, "SanaSampler")
-    lora = _add(p, "lora", "SanaLoraLoader", model=p[sampler]["inputs"]["model"],
+    p = prepare(server, T2I, steps=3)
+    sampler = node(p, "SanaSampler")
+    lora = add(p, "lora", "SanaLoraLoader", model=p[sampler]["inputs"]["model"],
                 lora_name="sana_e2e_trained_lora.safetensors", strength=0.8)
     p[sampler]["inputs"]["model"] = lora
-    (got,) = _images(server, server.run(p)).values()
+    (got,) = saved_images(server, server.run(p)).values()
     pipe = SanaPipeline.from_pretrained(server.sana, dtype=torch.float32, device="cpu")
     pipe.load_lora(server.root / "models" / "loras" / "sana_e2e_trained_lora.safetensors", 0.8)
     texts = {n["inputs"]["role"]: n["inputs"]["text"] for n in p.values() if n["class_type"] == "SanaGemmaTextEncode"}
