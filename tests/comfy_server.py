@@ -60,17 +60,21 @@ def start_setup() -> None:
     _setup = (proc, log)
 
 
+def unavailable(reason: str) -> None:
+    """Skip a host test for something missing on this machine; under CI (CI=true) that is a failure."""
+    if os.environ.get("CI"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
 def comfyui() -> tuple[Path, str]:
     """(ComfyUI folder, its Python): from COMFYUI_PATH, or the snapshot's build (waited for); skips without either."""
     if os.environ.get("COMFYUI_PATH"):
         return Path(os.environ["COMFYUI_PATH"]), os.environ.get("COMFYUI_PYTHON", sys.executable)
     start_setup()
     if _setup is None:
-        reason = ("no ComfyUI for the end-to-end tests: set COMFYUI_PATH to a ComfyUI checkout, or put the snapshot "
-                  "(setup.sh) in ../shared/comfyui or SANA_COMFYUI_SNAPSHOT")
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+        unavailable("no ComfyUI for the end-to-end tests: set COMFYUI_PATH to a ComfyUI checkout, or put the "
+                    "snapshot (setup.sh) in ../shared/comfyui or SANA_COMFYUI_SNAPSHOT")
     proc, log = _setup
     if proc.wait() != 0:
         pytest.fail(f"building ComfyUI from the snapshot failed:\n{log.read_text()[-3000:]}")

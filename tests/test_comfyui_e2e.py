@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from comfy_client import error_of, to_api
-from comfy_server import MASKED, ROOT, SMALL, T2I, WORKFLOWS, add, node, prepare, run_images, save, saved_images
+from comfy_server import MASKED, ROOT, SMALL, T2I, WORKFLOWS, add, node, prepare, run_images, save, saved_images, unavailable
 
 
 def test_nodes_are_registered_with_descriptions(server):
@@ -55,7 +55,7 @@ def test_bundled_workflow_runs(server, workflow):
 def test_sampling_sends_live_previews(server):
     """With --preview-method auto, SanaSampler's steps send preview images (Latent2RGB with the map the
     DC-AE loader fitted) over the websocket."""
-    websocket = pytest.importorskip("websocket")
+    import websocket
     client_id = "sana-preview-test"
     ws = websocket.create_connection(f"ws://{server.url.split('//')[1]}/ws?clientId={client_id}", timeout=120)
     prompt = prepare(server, ROOT / "workflows" / "sana_text_to_image_1024.json", steps=5)
@@ -198,11 +198,11 @@ def test_frontend_loads_every_workflow_and_the_widgets_work(server):
 
     chromium = os.environ.get("CHROMIUM", "/usr/bin/chromium")
     if not shutil.which("node") or not os.path.exists(chromium):
-        pytest.skip("node and Chromium are needed for the frontend check")
+        unavailable("node and Chromium are needed for the frontend check")
     out = subprocess.run(["node", str(ROOT / "tests" / "frontend_check.cjs"), server.url, *map(str, WORKFLOWS)],
                          capture_output=True, text=True, timeout=300)
     if "Cannot find module" in out.stderr:
-        pytest.skip("playwright-core is not installed (set PLAYWRIGHT_CORE)")
+        unavailable("playwright-core is not installed (set PLAYWRIGHT_CORE)")
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert not report["errors"], report["errors"]
