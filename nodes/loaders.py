@@ -9,6 +9,7 @@ import time
 from comfy_api.latest import io
 
 from .common import CATEGORY, DTYPES, GEMMA, choices, full_path, patcher, pick_dtype
+from .gguf import gguf_choices
 
 log = logging.getLogger(__name__)
 DIT_FOLDERS = ("diffusion_models", "checkpoints")
@@ -106,12 +107,15 @@ class SanaCheckpointLoader(io.ComfyNode):
         return io.Schema(
             node_id="SanaCheckpointLoader", display_name="Load Sana Model", category=CATEGORY,
             description="Loads a Sana DiT (NVlabs .pth, safetensors of either layout, or a diffusers folder) from "
-                        "models/diffusion_models or models/checkpoints. The variant (0.6B, 1.6B, 2K/4K, Sana 1.5, "
+                        "models/diffusion_models or models/checkpoints; a .gguf from models/diffusion_models or "
+                        "models/unet stays quantized and is dequantized layer by layer. The variant (0.6B, 1.6B, "
+                        "2K/4K, Sana 1.5, "
                         "Sprint) is detected from the weights. Outputs a native MODEL for SanaSampler, KSampler, "
                         "SamplerCustomAdvanced, shift nodes and LoRA loaders. NVlabs' ControlNet releases "
                         "(Sana_*_ControlNet_HED.pth, in models/controlnet) hold the base DiT too: pick the file here "
                         "and in SanaControlNetLoader (its branch is read there, the base here).",
-            inputs=[io.Combo.Input("ckpt_name", options=choices(*CKPT_FOLDERS, component="transformer"),
+            inputs=[io.Combo.Input("ckpt_name", options=choices(*CKPT_FOLDERS, component="transformer") +
+                                   gguf_choices(*DIT_FOLDERS),
                                    tooltip="DiT file or folder (a Sana diffusers folder or its transformer/)"),
                     io.Combo.Input("weight_dtype", options=_weight_dtypes(), default="default",
                                    tooltip=WEIGHT_DTYPE_TIP),
@@ -158,9 +162,11 @@ class SanaGemmaLoader(io.ComfyNode):
             node_id="SanaGemmaLoader", display_name="Load Gemma-2 (Sana)", category=CATEGORY,
             description="Loads Sana's text encoder, Gemma-2-2B-IT, from models/text_encoders: an HF folder, a Sana "
                         "diffusers folder (text_encoder/ + tokenizer/) or ComfyUI's single-file gemma_2_2b with "
-                        "its embedded tokenizer. Runs on ComfyUI's text-encoder device, in bf16 or fp32 (fp16 "
+                        "its embedded tokenizer, or a llama.cpp Gemma-2 .gguf (in models/text_encoders or "
+                        "models/clip). Runs on ComfyUI's text-encoder device, in bf16 or fp32 (fp16 "
                         "overflows in Gemma), and is offloaded while other models run.",
-            inputs=[io.Combo.Input("text_encoder", options=choices("text_encoders", component="text_encoder"),
+            inputs=[io.Combo.Input("text_encoder", options=choices("text_encoders", component="text_encoder") +
+                                   gguf_choices("text_encoders"),
                                    tooltip="Gemma-2-2B-IT folder, Sana diffusers folder or single file"),
                     io.Combo.Input("dtype", options=["default", "bf16", "fp32"], default="default",
                                    tooltip="default: bf16 where the text-encoder device supports it, else fp32")],

@@ -257,9 +257,15 @@ def load_sana_model(path: str | Path, weight_dtype: str = "default",
                     use_pe: bool | None = None) -> comfy.model_patcher.ModelPatcher:
     """A Sana DiT file or folder -> MODEL. `weight_dtype` (a `WEIGHT_DTYPES` name) is the storage dtype; the
     compute dtype is ComfyUI's choice for it on this device (fp8 computes in bf16/fp16). use_pe: force the 2K/4K
-    positional embedding on/off (None: from the config or the file name)."""
+    positional embedding on/off (None: from the config or the file name). A `.gguf` keeps its quantized matrices
+    quantized (`nodes.gguf`); its other tensors are stored in that compute dtype."""
     load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
     dtype, compute, ops = weight_ops(weight_dtype, load_device)
+    patcher_class = comfy.model_patcher.ModelPatcher
+    if str(path).lower().endswith(".gguf"):  # quantized matrices stay quantized; the rest is stored as computed
+        from .gguf import GGUFComfyOps, GGUFModelPatcher
+
+        dtype, compute, ops, patcher_class = compute or dtype, None, GGUFComfyOps, GGUFModelPatcher
     dit = load_dit(path, dtype=dtype, ops=ops, model_class=ComfySanaDiT, use_pe=use_pe)
     config = SanaModelConfig({"disable_unet_model_creation": True})  # the DiT is built and loaded above
     config.manual_cast_dtype = compute
@@ -269,7 +275,7 @@ def load_sana_model(path: str | Path, weight_dtype: str = "default",
         config.sampling_settings = {"shift": 6.0, "multiplier": 1000}
     model = SanaModel(dit, config, device=offload_device)
     model.sana_variant = dit.variant
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+    patcher = patcher_class(model, load_device=load_device, offload_device=offload_device)
     patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "sana", sana_outer_sample)
     return patcher
 

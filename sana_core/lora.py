@@ -14,6 +14,7 @@ import torch
 from .checkpoints.dit import lora_key_map
 from .checkpoints.files import CheckpointError, read_state_dict
 from .dit import SanaDiT
+from .quantized import LoraPatch, QuantizedTensor, add_lora_patch
 
 SUFFIXES = {"lora_A.weight": "down", "lora_B.weight": "up", "lora_down.weight": "down", "lora_up.weight": "up",
             "alpha": "alpha"}
@@ -37,6 +38,7 @@ def lora_modules(sd: dict[str, torch.Tensor], source: str) -> dict[str, dict[str
 @torch.no_grad()
 def merge_lora(dit: SanaDiT, path: str | Path, scale: float = 1.0) -> int:
     """Add a LoRA file's changes, times `scale`, into the DiT's weights in place; returns the modules patched.
+    A quantized weight (GGUF) keeps the LoRA as a patch added at each dequantization (the same float32 sum).
 
     CheckpointError when a module has no counterpart in this DiT or the shapes do not fit (a LoRA for another
     model), before anything is changed."""
@@ -52,17 +54,20 @@ def merge_lora(dit: SanaDiT, path: str | Path, scale: float = 1.0) -> int:
     planned = []
     for name, parts in modules.items():
         target = targets[name]
-        key, (dim, start, rows) = target if isinstance(target, tuple) else (target, (0, 0, None))
+        key, (_, start, rows) = target if isinstance(target, tuple) else (target, (0, 0, None))  # rows of dim 0
         weight = params[key]
-        part = weight if rows is None else weight.narrow(dim, start, rows)
+        shape = torch.Size((weight.shape[0] if rows is None else rows, *weight.shape[1:]))
         up, down = parts["up"].float().flatten(1), parts["down"].float().flatten(1)
         rank = down.shape[0]
         alpha = float(parts["alpha"]) / rank if "alpha" in parts else 1.0
-        if up.shape[1] != rank or up.shape[0] * down.shape[1] != part.numel():
+        if up.shape[1] != rank or up.shape[0] * down.shape[1] != shape.numel():
             raise CheckpointError(f"{source}: LoRA module {name} ({tuple(parts['up'].shape)} x "
-                                  f"{tuple(parts['down'].shape)}) does not fit {key} {tuple(part.shape)}: a LoRA "
+                                  f"{tuple(parts['down'].shape)}) does not fit {key} {tuple(shape)}: a LoRA "
                                   "for another model?")
-        planned.append((part, (up @ down).mul_(scale * alpha).reshape(part.shape)))
-    for part, delta in planned:
-        part.add_(delta.to(part.dtype))
+        planned.append((weight, LoraPatch(up, down, scale * alpha, start, rows)))
+    for weight, patch in planned:
+        if isinstance(weight, QuantizedTensor):
+            add_lora_patch(weight, patch)
+        else:
+            patch(weight)
     return len(planned)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..dit import VARIANTS, DiTConfig, SanaDiT
+from ..quantized import GGUFOps, cat_rows, is_quantized
 from .files import CheckpointError, PathLike, describe_keys, load_strict, locate, read_state_dict, strip_prefixes
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ def diffusers_to_nvlabs(sd: dict[str, torch.Tensor], final: bool = True) -> dict
         if missing:
             raise CheckpointError(f"diffusers Sana transformer is missing {missing[0]!r}: truncated or not a Sana DiT?")
         parts = [sd.pop(k) for k in theirs]
-        out[ours] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        out[ours] = parts[0] if len(parts) == 1 else cat_rows(parts)
     if sd:
         raise CheckpointError(f"unexpected keys in a diffusers Sana transformer: {sorted(sd)[:4]}")
     return out
@@ -189,9 +190,17 @@ def load_dit(path: PathLike, dtype: torch.dtype | None = None, device: torch.dev
     embedding decision; model_class: a SanaDiT subclass to build (a host's adapter). The variant found is in
     `model.variant`. Raises CheckpointError on anything that is
     not a complete Sana DiT, before any model exists.
+
+    A `.gguf` (either layout's names; our quantize command also stores the diffusers config) keeps its quantized
+    matrices quantized: the model is built with `quantized.GGUFOps` (ops=None) or the host's quantization-aware
+    `ops` (`ops.quantized` true), and `dtype` is then the dtype of the unquantized tensors and of the compute.
     """
     path = Path(path)
     file, config = locate(path, "transformer", variant)
+    if config is None and file.suffix.lower() == ".gguf":
+        from .gguf_files import sana_config
+
+        config = sana_config(file)
     sd = to_nvlabs(read_state_dict(file, dtype, keep=lambda k: not CONTROL_BRANCH.match(k)), file)
     name = "/".join(path.resolve().parts[-3:])
     try:
@@ -199,6 +208,11 @@ def load_dit(path: PathLike, dtype: torch.dtype | None = None, device: torch.dev
     except KeyError as e:
         raise CheckpointError(f"{file}: incomplete Sana DiT checkpoint, key {e} is missing") from e
     dtype = sd[NVLABS_ANCHOR].dtype
+    if any(is_quantized(t) for t in sd.values()):
+        if ops is None:
+            ops = GGUFOps
+        elif not getattr(ops, "quantized", False):
+            raise CheckpointError(f"{file}: holds quantized tensors, which the layers given ({ops}) cannot run")
     with torch.device("meta"):
         model = model_class(cfg, ops=ops, dtype=dtype)
     load_strict(model, sd, file)

@@ -135,7 +135,8 @@ def locate(path: Path, component: str, variant: str | None = None) -> tuple[Path
 
 
 def read_state_dict(path: PathLike, dtype: torch.dtype | None = None, keep: Keep = None) -> dict[str, torch.Tensor]:
-    """Read the tensors of a weight file (``.safetensors``, ``*.index.json``, ``.pth``/``.pt``/``.ckpt``/``.bin``):
+    """Read the tensors of a weight file (``.safetensors``, ``*.index.json``, ``.pth``/``.pt``/``.ckpt``/``.bin``,
+    ``.gguf``, whose quantized tensors stay quantized):
     all, or those whose raw key ``keep(key)`` accepts (the others are never read into memory).
 
     Floating-point tensors are cast to ``dtype`` as they are read (None keeps the file's; fp8 becomes bf16),
@@ -153,7 +154,12 @@ def read_state_dict(path: PathLike, dtype: torch.dtype | None = None, keep: Keep
         return _load_safetensors(path, dtype, keep)
     if name.endswith((".pth", ".pt", ".ckpt", ".bin")):
         return _load_pickle(path, dtype, keep)
-    raise CheckpointError(f"{path}: unknown weight file type; expected .safetensors, .pth, .pt, .ckpt, .bin or a shard .index.json")
+    if name.endswith(".gguf"):  # quantized tensors stay quantized (sana_core.quantized)
+        from .gguf_files import read_gguf
+
+        return read_gguf(path, dtype, keep)
+    raise CheckpointError(f"{path}: unknown weight file type; expected .safetensors, .pth, .pt, .ckpt, .bin, .gguf "
+                          "or a shard .index.json")
 
 
 def read_keys(path: PathLike) -> list[str]:
@@ -169,6 +175,10 @@ def read_keys(path: PathLike) -> list[str]:
                 return list(f.keys())
         except (SafetensorError, OSError, RuntimeError, ValueError) as e:
             raise CheckpointError(f"{path}: cannot read this .safetensors file ({e})") from e
+    if path.name.lower().endswith(".gguf"):
+        from .gguf_files import tensor_names
+
+        return tensor_names(path)
     return list(read_state_dict(path))
 
 

@@ -1,0 +1,182 @@
+"""GGUF weights: torch dequantization against the gguf package's numpy, our quantize command, a GGUF DiT in the
+engine (images against the bf16 file), LoRAs on quantized weights."""
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from sana_core.checkpoints.dit import load_dit, save_dit
+from sana_core.checkpoints.files import CheckpointError, read_state_dict
+from sana_core.dit import DiTConfig, SanaDiT
+from sana_core.quantize import quantize_array
+from sana_core.quantize import main as quantize
+from sana_core.quantized import QUANTIZED, GGUFOps, QuantizedTensor, T, dequantize, dequantize_raw
+from sana_core.tiny import randomize_, write_tiny_pipeline
+
+#: byte ranges of each type's float16 factors (random bytes there could be NaN/inf, which numpy and torch agree on
+#: anyway, but finite factors make the comparison meaningful)
+HALVES = {T.Q8_0: (0,), T.Q4_0: (0,), T.Q5_0: (0,), T.Q4_1: (0, 2), T.Q5_1: (0, 2), T.Q4_K: (0, 2),
+          T.Q5_K: (0, 2), T.Q6_K: (208,)}
+
+
+def _random_blocks(qtype: T, rows: int, blocks_per_row: int, seed: int = 0) -> np.ndarray:
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, (rows, blocks_per_row * size), dtype=np.uint8)
+    flat = raw.reshape(-1, size)
+    for at in HALVES[qtype]:
+        flat[:, at:at + 2] = rng.standard_normal((len(flat), 1)).astype(np.float16).view(np.uint8)
+    return raw
+
+
+@pytest.mark.parametrize("qtype", QUANTIZED, ids=lambda t: t.name)
+def test_dequantization_equals_gguf_numpy_bit_for_bit(qtype):
+    raw = _random_blocks(qtype, 16, 3)
+    want = gguf.quants.dequantize(raw, qtype)
+    got = dequantize_raw(torch.from_numpy(raw), qtype, want.shape)
+    assert got.dtype == torch.float32 and np.array_equal(got.numpy().view(np.uint32), want.view(np.uint32))
+
+
+def _write(path, tensors: dict, arch: str = "test") -> None:
+    """A GGUF with raw tensors: name -> (numpy array, GGML type or None for numpy's own)."""
+    writer = gguf.GGUFWriter(str(path), arch)
+    for name, (data, qtype) in tensors.items():
+        writer.add_tensor(name, data, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_reading_float_and_quantized_tensors(tmp_path):
+    """F32/F16/BF16 become ordinary tensors equal to gguf's reading, quantized ones stay quantized with their
+    logical shape; every type dequantizes to what gguf's numpy gives for the same file."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((8, 64)).astype(np.float32)
+    bf16 = torch.from_numpy(x).to(torch.bfloat16).view(torch.uint8).numpy()
+    tensors = {"f32": (x, None), "f16": (x.astype(np.float16), None), "bf16": (bf16, T.BF16),
+               **{t.name: (_random_blocks(t, 4, 1), t) for t in (T.Q8_0, T.Q4_K)}}
+    _write(tmp_path / "a.gguf", tensors)
+    sd = read_state_dict(tmp_path / "a.gguf")
+    assert [sd[k].dtype for k in ("f32", "f16", "bf16")] == [torch.float32, torch.float16, torch.bfloat16]
+    assert isinstance(sd["Q4_K"], QuantizedTensor) and tuple(sd["Q4_K"].shape) == (4, 256)
+    for t in gguf.GGUFReader(str(tmp_path / "a.gguf")).tensors:
+        want = gguf.quants.dequantize(np.array(t.data), t.tensor_type)
+        assert np.array_equal(dequantize(sd[t.name], torch.float32).numpy().reshape(want.shape), want), t.name
+
+
+def test_unsupported_type_is_an_error_naming_the_tensor(tmp_path):
+    _write(tmp_path / "q2.gguf", {"blocks.0.attn.qkv.weight": (np.zeros((2, 84), np.uint8), T.Q2_K)})
+    with pytest.raises(CheckpointError, match=r"blocks\.0\.attn\.qkv\.weight.*Q2_K"):
+        read_state_dict(tmp_path / "q2.gguf")
+
+
+@pytest.mark.parametrize("qtype,rms", [(T.Q8_0, 0.01), (T.Q6_K, 0.03), (T.Q5_K, 0.05), (T.Q4_K, 0.1)],
+                         ids=lambda v: getattr(v, "name", str(v)))
+def test_quantizers_round_trip(qtype, rms):
+    """Our K-quant writers (and gguf's Q8_0) give bytes that gguf's numpy reads back close to the input."""
+    x = np.random.default_rng(2).standard_normal((4, 512)).astype(np.float32)
+    back = gguf.quants.dequantize(quantize_array(x, qtype), qtype)
+    err = float(np.sqrt(((back - x) ** 2).mean()))
+    assert 0 < err < rms
+
+
+def test_quantized_tensor_moves_and_keeps_its_shape():
+    raw = torch.from_numpy(_random_blocks(T.Q8_0, 6, 2))
+    q = QuantizedTensor(raw, T.Q8_0, (6, 64))
+    p = torch.nn.Parameter(q, requires_grad=False)
+    moved = p.to("cpu").detach()
+    assert isinstance(moved, QuantizedTensor) and moved.shape == (6, 64) and moved.qtype == T.Q8_0
+    assert p.numel() * p.element_size() == raw.numel()  # memory accounting counts the bytes held
+    assert not isinstance(q.as_subclass(torch.Tensor) + 1, QuantizedTensor)
+
+
+CFG = DiTConfig(depth=2, width=256, cross_heads=2, caption_channels=64)  # rows of 256: K-quants apply
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny Sana folder whose DiT (width 256, bf16) is also written as GGUF Q8_0 / Q4_K / BF16 by our command,
+    and in the diffusers layout as Q8_0."""
+    root = tmp_path_factory.mktemp("gguf")
+    folder = write_tiny_pipeline(root / "sana", seed=31)
+    dit = randomize_(SanaDiT(CFG), 32).to(torch.bfloat16)
+    save_dit(dit, folder / "transformer")
+    out = {"folder": folder}
+    for t in ("Q8_0", "Q4_K", "BF16"):
+        out[t] = root / f"dit_{t}.gguf"
+        assert quantize([str(folder / "transformer"), str(out[t]), "--type", t]) == 0
+    return out
+
+
+def test_gguf_dit_loads_quantized_with_its_config(files):
+    ref = load_dit(files["folder"])
+    q8 = load_dit(files["Q8_0"], dtype=torch.float32)
+    assert q8.cfg == ref.cfg
+    qkv = q8.blocks[0].attn.qkv
+    assert isinstance(qkv, GGUFOps.Linear) and isinstance(qkv.weight, QuantizedTensor) and qkv.weight.qtype == T.Q8_0
+    assert q8.blocks[0].scale_shift_table.dtype == torch.float32 and not isinstance(q8.t_block[1].weight,
+                                                                                      QuantizedTensor)
+    q4 = load_dit(files["Q4_K"], dtype=torch.float32)
+    assert q4.blocks[1].mlp.inverted_conv.conv.weight.qtype == T.Q4_K
+    assert q4.blocks[1].mlp.point_conv.conv.weight.qtype == T.Q5_0  # rows of 640: llama.cpp's fallback for Q4_K
+    bf16 = load_dit(files["BF16"])
+    assert all(torch.equal(a, b) for a, b in zip(bf16.state_dict().values(), ref.state_dict().values()))
+
+
+def test_diffusers_names_inside_a_gguf(files, tmp_path):
+    """A GGUF holding diffusers' key names (split q/k/v, quantized) loads: the fused weights are whole blocks."""
+    ref = load_dit(files["folder"], dtype=torch.float32)
+    theirs = {}
+    for name, (t, qtype) in {"patch_embed.proj.weight": (ref.x_embedder.proj.weight, None)}.items():
+        theirs[name] = (t.numpy(), qtype)
+    from sana_core.checkpoints.dit import nvlabs_to_diffusers, pointwise_kernels
+    sd = nvlabs_to_diffusers(pointwise_kernels(dict(ref.state_dict()), 4))
+    for name, t in sd.items():
+        quantizable = t.ndim == 2 and ".attn" in name and t.shape[-1] % 32 == 0
+        theirs[name] = ((quantize_array(t.numpy(), T.Q8_0), T.Q8_0) if quantizable else (t.numpy(), None))
+    _write(tmp_path / "diffusers_names.gguf", theirs)
+    got = load_dit(tmp_path / "diffusers_names.gguf", dtype=torch.float32)
+    assert got.blocks[0].attn.qkv.weight.qtype == T.Q8_0
+    want = dequantize(load_dit(files["Q8_0"], dtype=torch.float32).blocks[0].attn.qkv.weight)
+    assert torch.equal(dequantize(got.blocks[0].attn.qkv.weight), want)
+
+
+def test_q8_image_is_within_2_of_255_of_the_bf16_image(files):
+    """The same generation (fp32 compute) with the bf16 DiT and with its Q8_0 / Q4_K GGUFs: mean distance of the
+    images in 1/255 units (printed; measured 0.54 for Q8_0 and 6.4 for Q4_K)."""
+    from sana_core.pipeline import SanaPipeline
+
+    pipe = SanaPipeline.from_pretrained(files["folder"], dtype=torch.float32, device="cpu")
+    images = {}
+    for t in ("BF16", "Q8_0", "Q4_K"):
+        pipe.dit = load_dit(files[t], dtype=torch.float32)
+        images[t] = pipe("a red fox in the snow", height=96, width=96, num_inference_steps=3, seed=3,
+                         output_type="pt", progress=False)
+    distances = {t: float((images[t] - images["BF16"]).abs().mean() * 255) for t in ("Q8_0", "Q4_K")}
+    print(f"\nmean |image - bf16 image| (1/255 units): {distances}")
+    assert 0 < distances["Q8_0"] < 2 and distances["Q8_0"] < distances["Q4_K"]
+
+
+def test_lora_on_a_gguf_model_equals_lora_on_the_dequantized_model(files, tmp_path):
+    from safetensors.torch import save_file
+
+    from sana_core.lora import merge_lora
+
+    g = torch.Generator().manual_seed(4)
+    save_file({"transformer.transformer_blocks.0.attn1.to_k.lora_A.weight": torch.randn(4, 256, generator=g),
+               "transformer.transformer_blocks.0.attn1.to_k.lora_B.weight": torch.randn(256, 4, generator=g),
+               "blocks.1.mlp.point_conv.conv.lora_down.weight": torch.randn(2, 640, generator=g),
+               "blocks.1.mlp.point_conv.conv.lora_up.weight": torch.randn(256, 2, generator=g)},
+              str(tmp_path / "lora.safetensors"))
+    quantized = load_dit(files["Q4_K"], dtype=torch.float32)
+    plain = load_dit(files["Q4_K"], dtype=torch.float32)
+    for name, p in list(plain.named_parameters()):  # the dequantized model: ordinary float32 weights
+        module, _, attr = name.rpartition(".")
+        setattr(plain.get_submodule(module), attr, torch.nn.Parameter(dequantize(p), requires_grad=False))
+    assert merge_lora(quantized, tmp_path / "lora.safetensors", 0.7) == merge_lora(plain, tmp_path / "lora.safetensors", 0.7) == 2
+    assert isinstance(quantized.blocks[0].attn.qkv.weight, QuantizedTensor)
+    for name in ("blocks.0.attn.qkv.weight", "blocks.1.mlp.point_conv.conv.weight", "blocks.0.attn.proj.weight"):
+        assert torch.equal(dequantize(quantized.get_parameter(name)), plain.get_parameter(name)), name
+    x, t, ctx = torch.randn(1, 32, 4, 4), torch.tensor([400.0]), torch.randn(1, 6, 64)
+    torch.testing.assert_close(quantized(x, t, ctx), plain(x, t, ctx), rtol=1e-5, atol=1e-5)
