@@ -258,8 +258,11 @@ class GGUFOps:
             return self._conv_forward(x, *_weights(self, x))
 
     class Embedding(QuantizedLoad, nn.Embedding):
-        """Rows are dequantized only for the ids looked up (GGML blocks run along a row); output in float32
-        for quantized tables, else in the table's dtype (a caller casts as with `nn.Embedding`)."""
+        """Only the rows looked up are dequantized (GGML blocks run along a row), output in `out_dtype` (the
+        model's compute dtype; None: float32), times `embed_scale` when the replaced layer had one
+        (transformers' Gemma2TextScaledWordEmbedding)."""
+
+        out_dtype: torch.dtype | None = None
 
         def forward(self, ids: torch.Tensor) -> torch.Tensor:
             w = self.weight
@@ -268,18 +271,24 @@ class GGUFOps:
             if w.patches:
                 raise ValueError("a LoRA on a quantized embedding table is not supported")
             rows = w.as_subclass(torch.Tensor)[ids.flatten()]
-            return dequantize_raw(rows, w.qtype, (ids.numel(), w.logical_shape[-1])).reshape(*ids.shape, -1)
+            out = dequantize_raw(rows, w.qtype, (ids.numel(), w.logical_shape[-1])).reshape(*ids.shape, -1)
+            out = out if self.out_dtype is None else out.to(self.out_dtype)
+            scale = getattr(self, "embed_scale", None)
+            return out if scale is None else out * scale.to(out.dtype)
 
 
-def swap_layers(model: nn.Module, quantized: Callable[[str], bool]) -> int:
-    """Make the `nn.Linear` / `nn.Embedding` modules of a model (e.g. transformers' Gemma2Model) whose weight
-    `quantized(name)` says is quantized into `GGUFOps` layers, in place; returns how many."""
+def swap_layers(model: nn.Module, quantized: Callable[[str], bool], dtype: torch.dtype) -> int:
+    """Make the `nn.Linear` / `nn.Embedding` / `nn.Conv2d` modules of a model built elsewhere (e.g. transformers'
+    Gemma2Model) whose weight `quantized(name)` says is quantized into `GGUFOps` layers, in place (embeddings
+    then return `dtype`, the model's compute dtype; a subclass's own forward is replaced, so it must be one whose
+    extra is an `embed_scale`, as transformers' scaled word embeddings); returns how many."""
     kinds = ((nn.Linear, GGUFOps.Linear), (nn.Embedding, GGUFOps.Embedding), (nn.Conv2d, GGUFOps.Conv2d))
     n = 0
     for name, module in model.named_modules():
         for base, ours in kinds:
-            if type(module) is base and quantized(f"{name}.weight"):
+            if isinstance(module, base) and quantized(f"{name}.weight"):
                 module.__class__ = ours
+                module.out_dtype = dtype
                 n += 1
     return n
 

@@ -180,3 +180,102 @@ def test_lora_on_a_gguf_model_equals_lora_on_the_dequantized_model(files, tmp_pa
         assert torch.equal(dequantize(quantized.get_parameter(name)), plain.get_parameter(name)), name
     x, t, ctx = torch.randn(1, 32, 4, 4), torch.tensor([400.0]), torch.randn(1, 6, 64)
     torch.testing.assert_close(quantized(x, t, ctx), plain(x, t, ctx), rtol=1e-5, atol=1e-5)
+
+
+def _llama_cpp_gemma(folder, path, qtype=T.Q8_0) -> None:
+    """A Gemma-2 GGUF as llama.cpp's convert_hf_to_gguf.py writes one (names, norms as 1 + w, hyper-parameters,
+    sentencepiece pieces/scores/types), made here with the gguf writer from the HF folder; matrices in `qtype`."""
+    import json
+
+    import sentencepiece
+    from safetensors.torch import load_file
+
+    config = json.loads((folder / "config.json").read_text())
+    spm = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+             "post_feedforward_layernorm": "post_ffw_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down"}
+    writer = gguf.GGUFWriter(str(path), "gemma2")
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_key_length(config["head_dim"])
+    writer.add_value_length(config["head_dim"])
+    writer.add_attn_logit_softcapping(config["attn_logit_softcapping"])
+    writer.add_final_logit_softcapping(config["final_logit_softcapping"])
+    writer.add_sliding_window(config["sliding_window"])
+    writer.add_tokenizer_model("llama")
+    n = spm.get_piece_size()
+    writer.add_token_list([spm.id_to_piece(i) for i in range(n)])
+    writer.add_token_scores([spm.get_score(i) for i in range(n)])
+    writer.add_token_types([2 if spm.is_unknown(i) else 3 if spm.is_control(i) else 6 if spm.is_byte(i)
+                            else 4 if spm.id_to_piece(i) == "<mask>" else 1 for i in range(n)])
+    writer.add_bos_token_id(2)
+    writer.add_eos_token_id(1)
+    writer.add_pad_token_id(0)
+    writer.add_add_space_prefix(False)
+    for name, t in load_file(folder / "model.safetensors").items():
+        name = name.removeprefix("model.")
+        if name.endswith("norm.weight"):
+            writer.add_tensor(("output_norm" if name == "norm.weight" else
+                               "blk.{}.{}".format(*name.split(".")[1:2], names[name.split(".", 2)[2][:-7]]))
+                              + ".weight", (t.float() + 1).numpy())
+            continue
+        stem = "token_embd" if name == "embed_tokens.weight" else \
+            f"blk.{name.split('.')[1]}.{names[name.split('.', 2)[2][:-7]]}"
+        writer.add_tensor(stem + ".weight", quantize_array(t.float().numpy(), qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.fixture(scope="module")
+def gemma(files):
+    path = files["folder"].parent / "gemma-2-tiny-Q8_0.gguf"
+    hf = files["folder"].parent / "gemma_hf"
+    from sana_core.tiny import write_tiny_gemma
+
+    write_tiny_gemma(hf, seed=0)
+    _llama_cpp_gemma(hf, path)
+    return hf, path
+
+
+def test_llama_cpp_gemma_gguf_gives_the_embeddings_of_the_original(gemma, tmp_path):
+    """In F32 the llama.cpp file gives the original's embeddings exactly (names, norms, config, tokenizer); in
+    Q8_0 (matrices and embedding table quantized) within 10% relative on this tiny random Gemma (measured 4%)."""
+    from sana_core.checkpoints.gemma import load_text_encoder
+
+    hf, path = gemma
+    prompts = ["a red fox", "an old man"]
+    want, want_mask = load_text_encoder(hf, dtype=torch.float32).encode(prompts)
+    _llama_cpp_gemma(hf, tmp_path / "f32.gguf", T.F32)
+    got, mask = load_text_encoder(tmp_path / "f32.gguf", dtype=torch.float32).encode(prompts)
+    assert torch.equal(mask, want_mask)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    te = load_text_encoder(path, dtype=torch.float32)
+    assert isinstance(te.model.layers[0].self_attn.q_proj.weight, QuantizedTensor)
+    assert isinstance(te.model.embed_tokens.weight, QuantizedTensor)
+    got, mask = te.encode(prompts)
+    assert torch.equal(mask, want_mask)
+    rel = float((got - want).norm() / want.norm())
+    assert 0 < rel < 0.1, rel
+
+
+def test_quantize_command_writes_gemma_that_reads_back(gemma, tmp_path):
+    """Our command on the HF folder: a llama.cpp-layout file whose tensors and tokenizer equal the other's."""
+    from sana_core.checkpoints.gemma import load_text_encoder
+
+    hf, path = gemma
+    assert quantize([str(hf), str(tmp_path / "ours.gguf"), "--type", "Q8_0"]) == 0
+    assert gguf.GGUFReader(str(tmp_path / "ours.gguf")).fields["general.architecture"].contents() == "gemma2"
+    ours, theirs = load_text_encoder(tmp_path / "ours.gguf"), load_text_encoder(path)
+    assert ours.tokenizer("a red fox, 35mm").input_ids == theirs.tokenizer("a red fox, 35mm").input_ids
+    for (name, a), b in zip(ours.model.state_dict().items(), theirs.model.state_dict().values()):
+        assert torch.equal(dequantize(a), dequantize(b)), name

@@ -8,12 +8,15 @@ Layouts (docs: checkpoints.md, "Gemma-2-2B-IT"):
 - Sana diffusers root: ``text_encoder/`` (Gemma2Model, bare ``layers.N...`` keys) + ``tokenizer/``.
 - ComfyUI single file (``gemma_2_2b_fp16.safetensors``): ``model.layers.N...`` keys, no config, and the
   sentencepiece model stored as a uint8 tensor ``spiece_model``.
+- llama.cpp GGUF (``gemma-2-2b-it-Q8_0.gguf``): ``blk.N.attn_q.weight``... names, norm weights stored as
+  1 + w, the config and the tokenizer's pieces in the metadata; quantized matrices stay quantized.
 
 A sentencepiece model (``tokenizer.model`` or ``spiece_model``) is read with a small protobuf reader and turned
 into a ``tokenizers`` BPE the way transformers converts Gemma's, so neither sentencepiece nor protobuf is needed.
 """
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -23,6 +26,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pro
 from transformers import AutoTokenizer, Gemma2Config, Gemma2Model, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from ..text_encoder import SanaTextEncoder, resolve_dtype
+from ..quantized import is_quantized, swap_layers
 from .files import (CheckpointError, PathLike, cast_state_dict, describe_keys, find_weights_file, load_strict,
                     read_json, read_state_dict, strip_prefixes)
 
@@ -55,6 +59,8 @@ def load_text_encoder(path: PathLike, dtype: torch.dtype | None = None, device: 
     """
     path = Path(path)
     dtype = resolve_dtype(dtype, device)
+    if path.suffix.lower() == ".gguf":
+        return load_llama_cpp_gemma(path, dtype, device, tokenizer_path)
     if path.is_dir():
         model_dir = path / "text_encoder" if (path / "text_encoder").is_dir() else path
         config = _read_config(model_dir / "config.json")
@@ -87,6 +93,7 @@ def build_gemma2(config: Gemma2Config, sd: dict[str, torch.Tensor], source: Path
     config._attn_implementation = "eager"
     with _parameters_on_meta():
         model = Gemma2Model(config)
+    swap_layers(model, lambda key: is_quantized(sd.get(key)), dtype)  # GGUF: quantized layers dequantize per call
     weights = cast_state_dict(sd, dtype)
     load_strict(model, weights, source)
     del weights
@@ -136,6 +143,12 @@ def tokenizer_from_spm(data: bytes, source: PathLike | str) -> PreTrainedTokeniz
         raise CheckpointError(f"{source}: not a sentencepiece model ({type(e).__name__}: {e})") from e
     if spec != _GEMMA_SPM:
         raise CheckpointError(f"{source}: not a Gemma sentencepiece model: found {spec}, expected {_GEMMA_SPM}")
+    return tokenizer_from_pieces(pieces)
+
+
+def tokenizer_from_pieces(pieces: list[tuple[str, int]]) -> PreTrainedTokenizerFast:
+    """The fast tokenizer of Gemma's sentencepiece pieces (piece, sentencepiece type) in id order (see
+    `tokenizer_from_spm`; llama.cpp's GGUF keeps the same pieces and types)."""
     vocab = {piece: i for i, (piece, _) in enumerate(pieces)}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=_bpe_merges(vocab), unk_token="<unk>", fuse_unk=True,
                                    byte_fallback=True))
@@ -159,6 +172,130 @@ def check_tokenizer(tokenizer: PreTrainedTokenizerBase, vocab_size: int, source:
             f"{source}: tokenizer does not fit this Gemma-2 model: found pad/eos/bos ids {found[:3]}, first token "
             f"{first}, {len(tokenizer)} tokens; expected a Gemma tokenizer with pad 0, eos 1, bos 2 (added first) "
             f"and at most {vocab_size} tokens")
+
+
+#: llama.cpp's names of a Gemma-2 block's tensors -> Gemma2Model's (convert_hf_to_gguf.py, Gemma2Model).
+LLAMA_CPP_BLOCK = {
+    "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm", "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+LLAMA_CPP_TOP = {"token_embd": "embed_tokens", "output_norm": "norm"}
+#: sentencepiece / GGUF token types (the same numbers): normal, unknown, control, user-defined, byte.
+_NORMAL, _UNKNOWN, _BYTE = 1, 2, 6
+
+
+def _rename(name: str, top: dict[str, str], block: dict[str, str], block_prefix: tuple[str, str]) -> str | None:
+    stem, _, suffix = name.rpartition(".")
+    if stem in top:
+        return f"{top[stem]}.{suffix}"
+    m = re.fullmatch(re.escape(block_prefix[0]) + r"(\d+)\.(.+)", stem)
+    if m and m.group(2) in block:
+        return f"{block_prefix[1]}{m.group(1)}.{block[m.group(2)]}.{suffix}"
+    return None
+
+
+def llama_cpp_to_gemma(sd: dict[str, torch.Tensor], source: PathLike | str) -> dict[str, torch.Tensor]:
+    """llama.cpp Gemma-2 tensors -> bare Gemma2Model keys; norm weights back from 1 + w to w (float32)."""
+    out = {}
+    for name in list(sd):
+        ours = _rename(name, LLAMA_CPP_TOP, LLAMA_CPP_BLOCK, ("blk.", "layers."))
+        if ours is None:
+            if name != "output.weight":  # an untied output head: Sana reads the hidden states only
+                raise CheckpointError(f"{source}: unexpected tensor {name!r} in a llama.cpp Gemma-2 GGUF")
+            sd.pop(name)
+            continue
+        t = sd.pop(name)
+        out[ours] = t.float() - 1 if ours.endswith("norm.weight") else t
+    return out
+
+
+def gemma_to_llama_cpp(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Bare Gemma2Model keys -> llama.cpp's names, norm weights as 1 + w (float32), as its converter writes."""
+    top = {v: k for k, v in LLAMA_CPP_TOP.items()}
+    block = {v: k for k, v in LLAMA_CPP_BLOCK.items()}
+    out = {}
+    for name, t in sd.items():
+        theirs = _rename(name, top, block, ("layers.", "blk."))
+        if theirs is None:
+            raise CheckpointError(f"Gemma-2 key {name!r} has no llama.cpp name")
+        out[theirs] = t.float() + 1 if name.endswith("norm.weight") else t
+    return out
+
+
+def load_llama_cpp_gemma(path: Path, dtype: torch.dtype, device: torch.device | str,
+                         tokenizer_path: PathLike | None = None) -> SanaTextEncoder:
+    """Gemma-2 from a llama.cpp GGUF: config and tokenizer from its metadata (``tokenizer_path`` overrides the
+    tokenizer), quantized matrices kept quantized (dequantized per call), the rest cast to ``dtype`` (resolved)."""
+    from .gguf_files import read_gguf, read_metadata
+
+    meta = read_metadata(path)
+    arch = meta.get("general.architecture")
+    if arch != "gemma2":
+        raise CheckpointError(f"{path}: a GGUF of architecture {arch!r}; expected a llama.cpp Gemma-2 file "
+                              "('gemma2', e.g. gemma-2-2b-it-Q8_0.gguf)")
+    sd = llama_cpp_to_gemma(read_gguf(path), path)
+    missing = [k for k in _REQUIRED if k not in sd]
+    if missing:
+        raise CheckpointError(f"{path}: incomplete Gemma-2 GGUF, missing {[k for k in missing][:3]}")
+
+    def get(key: str, default: object) -> object:
+        return meta.get(f"gemma2.{key}", default)
+
+    head_dim = int(get("attention.key_length", GEMMA2_2B["head_dim"]))
+    config = Gemma2Config(**{
+        **GEMMA2_2B, "vocab_size": sd["embed_tokens.weight"].shape[0], "hidden_size": int(get("embedding_length", 0)),
+        "num_hidden_layers": int(get("block_count", 0)), "intermediate_size": int(get("feed_forward_length", 0)),
+        "num_attention_heads": int(get("attention.head_count", 0)),
+        "num_key_value_heads": int(get("attention.head_count_kv", 0)), "head_dim": head_dim,
+        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", GEMMA2_2B["rms_norm_eps"])),
+        "attn_logit_softcapping": float(get("attn_logit_softcapping", GEMMA2_2B["attn_logit_softcapping"])),
+        "final_logit_softcapping": float(get("final_logit_softcapping", GEMMA2_2B["final_logit_softcapping"])),
+        "sliding_window": int(get("attention.sliding_window", GEMMA2_2B["sliding_window"])),
+        "max_position_embeddings": int(get("context_length", GEMMA2_2B["max_position_embeddings"]))})
+    if tokenizer_path is not None:
+        tokenizer, source = load_tokenizer(tokenizer_path), tokenizer_path
+    else:
+        tokens, types = meta.get("tokenizer.ggml.tokens"), meta.get("tokenizer.ggml.token_type")
+        if meta.get("tokenizer.ggml.model") != "llama" or not tokens or len(tokens) != len(types or ()):
+            raise CheckpointError(f"{path}: no sentencepiece tokenizer in the metadata (tokenizer.ggml.model "
+                                  f"{meta.get('tokenizer.ggml.model')!r}); pass tokenizer_path=")
+        tokenizer, source = tokenizer_from_pieces(list(zip(tokens, map(int, types)))), f"{path} [tokenizer.ggml]"
+    check_tokenizer(tokenizer, config.vocab_size, source)
+    return SanaTextEncoder(build_gemma2(config, sd, path, dtype, device), tokenizer)
+
+
+def write_llama_cpp_metadata(writer, config: Gemma2Config, tokenizer: PreTrainedTokenizerBase) -> None:
+    """The metadata llama.cpp's converter writes for Gemma-2 (hyper-parameters, sentencepiece tokenizer) on a
+    `gguf.GGUFWriter`. Token types: <unk> unknown, other special tokens control, added ones user-defined,
+    <0xNN> bytes, the rest normal; scores are minus the id (the merges follow the id order)."""
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+    writer.add_final_logit_softcapping(config.final_logit_softcapping)
+    writer.add_sliding_window(config.sliding_window)
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    special = set(tokenizer.all_special_tokens) | {t.content for t in tokenizer.added_tokens_decoder.values()
+                                                   if t.special}
+    added = {t.content for t in tokenizer.added_tokens_decoder.values()}
+    types = [_UNKNOWN if p == tokenizer.unk_token else _CONTROL if p in special else _USER_DEFINED if p in added
+             else _BYTE if re.fullmatch(r"<0x[0-9A-F]{2}>", p) else _NORMAL for p in pieces]
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(pieces)
+    writer.add_token_scores([-float(i) for i in range(len(pieces))])
+    writer.add_token_types(types)
+    writer.add_bos_token_id(tokenizer.bos_token_id)
+    writer.add_eos_token_id(tokenizer.eos_token_id)
+    writer.add_pad_token_id(tokenizer.pad_token_id)
+    writer.add_unk_token_id(tokenizer.unk_token_id)
+    writer.add_add_space_prefix(False)
 
 
 def _read_config(path: Path) -> Gemma2Config:
