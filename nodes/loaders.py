@@ -1,10 +1,8 @@
 """Loader nodes: the Sana DiT as a MODEL, Gemma-2, the DC-AE as a core VAE, a whole diffusers folder, LoRAs."""
 from __future__ import annotations
 
-import json
 import logging
 import os
-import time
 
 from comfy_api.latest import io
 
@@ -52,7 +50,7 @@ def load_gemma(path: str, dtype: str):
 
 
 def load_vae(path: str, dtype: str):
-    """The DC-AE as a core VAE on ComfyUI's VAE device (`--cpu-vae`), with the preview map set."""
+    """The DC-AE as a core VAE on ComfyUI's VAE device (`--cpu-vae`)."""
     import comfy.model_management as mm
 
     from sana_core.checkpoints.dcae import load_dcae
@@ -62,43 +60,7 @@ def load_vae(path: str, dtype: str):
     device = mm.vae_device()
     chosen = DTYPES[dtype] or mm.vae_dtype(device, SanaVAE.working_dtypes)
     vae = SanaVAE(load_dcae(path, dtype=chosen, device=mm.vae_offload_device()), device=device)
-    set_preview_map(vae)
     return vae
-
-
-def set_preview_map(vae) -> None:
-    """Live previews: the latent -> RGB map of this DC-AE (shared by every Sana model), fitted once per weight
-    file and kept in ComfyUI's user folder; nothing is done while previews are off."""
-    import comfy.model_management as mm
-    import folder_paths
-    from comfy.cli_args import LatentPreviewMethod, args
-
-    from sana_core.previews import fit_latent_rgb
-
-    from .model import SanaLatentFormat
-
-    dcae = vae.first_stage_model
-    if args.preview_method == LatentPreviewMethod.NoPreviews or dcae.encoder is None:
-        return
-    stat = os.stat(dcae.source)
-    key = f"{os.path.realpath(dcae.source)}|{stat.st_size}|{stat.st_mtime_ns}"
-    cache = os.path.join(folder_paths.get_user_directory(), "sana", "preview_maps.json")
-    try:
-        with open(cache) as f:
-            known = json.load(f)
-    except (OSError, ValueError):
-        known = {}
-    if key not in known:
-        mm.load_models_gpu([vae.patcher], force_full_load=True)
-        started = time.perf_counter()
-        known[key] = fit_latent_rgb(lambda x: dcae.scale(dcae.encode(x, tiled=False)), device=vae.device,
-                                    dtype=vae.vae_dtype)
-        log.info("Sana: fitted the live-preview map of %s in %.1f s (kept in %s)", dcae.source,
-                 time.perf_counter() - started, cache)
-        os.makedirs(os.path.dirname(cache), exist_ok=True)
-        with open(cache, "w") as f:
-            json.dump(known, f)
-    SanaLatentFormat.latent_rgb_factors, SanaLatentFormat.latent_rgb_factors_bias = known[key]
 
 
 class SanaCheckpointLoader(io.ComfyNode):
@@ -185,8 +147,7 @@ class SanaDCAELoader(io.ComfyNode):
             description="Loads Sana's 32x autoencoder (DC-AE f32c32 1.0 / 1.1 / lite) from models/vae: mit-han-lab "
                         "efficientvit files, diffusers AutoencoderDC folders or a Sana folder's vae/. The output is a "
                         "core VAE: VAEDecode, VAEDecodeTiled, VAEEncode, VAEEncodeForInpaint, "
-                        "InpaintModelConditioning and other nodes taking a VAE use it. Also sets the latent-to-RGB "
-                        "map for live sampling previews (fitted once per file when previews are on).",
+                        "InpaintModelConditioning and other nodes taking a VAE use it.",
             inputs=[io.Combo.Input("vae_name", options=choices("vae", component="vae"),
                                    tooltip="DC-AE file or folder"),
                     io.Combo.Input("dtype", options=list(DTYPES), default="default",

@@ -27,6 +27,7 @@ from sana_core import precision
 from sana_core.checkpoints.dit import load_dit
 from sana_core.denoiser import trim_padding
 from sana_core.dit import SanaDiT, activation_bytes
+from sana_core.previews import LATENT_RGB_BIAS, LATENT_RGB_FACTORS
 
 log = logging.getLogger(__name__)
 PAG_LAYERS = "sana_pag_layers"  # transformer_options key: blocks whose self-attention PAG makes the identity
@@ -34,11 +35,15 @@ TEXT_KV = "sana_text_kv"        # transformer_options key: the text keys/values 
 
 
 class SanaLatentFormat(comfy.latent_formats.LatentFormat):
-    """DC-AE f32c32: 32 channels at 1/32 of the image; the DiT sees raw latents * 0.41407."""
+    """DC-AE f32c32: 32 channels at 1/32 of the image; the DiT sees raw latents * 0.41407. Live previews: the
+    constant latent-to-RGB map of `sana_core.previews`, or TAESANA (nodes/previews.py; no taesd decoder is named
+    here, as core's TAESD cannot load TAESANA)."""
 
     latent_channels = 32
     spacial_downscale_ratio = 32
     scale_factor = 0.41407
+    latent_rgb_factors = LATENT_RGB_FACTORS
+    latent_rgb_factors_bias = LATENT_RGB_BIAS
 
 
 class SanaControls(list):

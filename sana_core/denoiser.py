@@ -154,7 +154,7 @@ class SanaDenoiser:
             pag_batch = torch.arange(n * B, device=x.device) >= (n - 1) * B
         guidance = None
         if self.sprint:
-            guidance = torch.full((n * B,), self.guidance_scale * self.dit.cfg.guidance_embeds_scale, device=x.device)
+            guidance = self.dit.guidance(self.guidance_scale, n * B, x.device)
         if self.cudagraph_steps:
             torch.compiler.cudagraph_mark_step_begin()
         self.calls += 1

@@ -453,7 +453,13 @@ class SanaDiT(DiTInputs):
         do (`truncate=False`: diffusers' FlowMatchEuler), times `timestep_scale`."""
         if self.cfg.guidance_embed:
             return sigma
-        return sigma_to_timestep(sigma, truncate) * self.cfg.timestep_scale
+        return sigma_to_timestep(sigma, truncate=truncate) * self.cfg.timestep_scale
+
+    def guidance(self, scale: float, batch: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Sprint's guidance embedder input for the guidance scale `scale` (the one place of this rule): (batch,)
+        float32 `scale * guidance_embeds_scale` (NVlabs `cfg_embed_scale`), multiplied in float32 as diffusers'
+        SanaSprintPipeline does."""
+        return torch.full((batch,), float(scale), dtype=torch.float32, device=device) * self.cfg.guidance_embeds_scale
 
     def text_kv(self, context: torch.Tensor, mask: torch.Tensor | None = None) -> list:
         """Every block's cross-attention keys and values for context (B, T, 2304) (`caption_kv`: with the

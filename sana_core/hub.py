@@ -2,7 +2,7 @@
 
 A Sana diffusers repo holds every precision of every part (full-precision and fp16 files, sometimes bf16):
 about 3x what a bf16 run reads. `resolve` fetches the parts asked for (transformer, vae, text_encoder with
-its tokenizer) in one precision (`variant`, chosen from the dtype by default), falling back to the full-precision
+its tokenizer, the scheduler's config) in one precision (`variant`, chosen from the dtype by default), falling back to the full-precision
 files of a part that has no such variant. huggingface_hub shows its own progress bars and, offline
 (`HF_HUB_OFFLINE=1`), answers from the cache.
 """
@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 VARIANTS = ("fp16", "bf16")
 SMALL_FILES = ("*.json", "*.txt", "*.model")  # configs, shard indexes, tokenizer files
+CONFIG_ONLY = ("tokenizer", "scheduler")  # parts without weights
 #: NVlabs repos released as one `.pth` (the ControlNets hold the base DiT and the branch): the file to fetch.
 SINGLE_FILE_REPOS = {
     "Efficient-Large-Model/Sana_600M_1024px_ControlNet_HED": "checkpoints/Sana_600M_1024px_ControlNet_HED.pth",
@@ -75,7 +76,7 @@ def fetch(repo: str, folders: Sequence[str], variant: str | None) -> Path:
     log.info("fetching %s from Hugging Face: %s (%s weights)", repo, ", ".join(f or "/" for f in folders),
              variant or "full-precision")
     root = Path(snapshot_download(repo, allow_patterns=allow, ignore_patterns=ignore or None))
-    weightless = [f for f in folders if f != "tokenizer" and not any((root / f).glob("*.safetensors"))]
+    weightless = [f for f in folders if f not in CONFIG_ONLY and not any((root / f).glob("*.safetensors"))]
     if variant and weightless:
         log.info("%s has no %s files in %s: fetching the full-precision ones", repo, variant, ", ".join(weightless))
         allow, ignore = patterns(weightless, None)

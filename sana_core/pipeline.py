@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
-from . import hub
+from . import hub, precision
 from .checkpoints.controlnet import load_controlnet
 from .checkpoints.dcae import load_dcae
 from .checkpoints.dit import load_dit
@@ -26,7 +26,8 @@ from .dcae import DCAE, run_finite
 from .denoiser import SanaDenoiser, TextCondition, latent_mask, sample
 from .dit import SanaDiT
 from .resolutions import bin_size, resize_and_crop
-from .samplers import SAMPLERS, SCM_INTERMEDIATE_TIMESTEPS, SCM_MAX_TIMESTEPS, default_shift, randn
+from .samplers import SAMPLERS, randn
+from .spec import ModelSpec, model_spec
 from .text_encoder import SanaTextEncoder
 
 if TYPE_CHECKING:
@@ -42,31 +43,32 @@ DEFAULT_TEXT_ENCODER = "Efficient-Large-Model/gemma-2-2b-it"
 
 @dataclass
 class GenerationSettings:
-    """Everything that decides an image besides the weights (stored in the PNG metadata)."""
+    """Everything that decides an image besides the weights (stored in the PNG metadata). None: the model's
+    default (`spec.ModelSpec`), not known before it is loaded."""
 
     prompt: str
-    negative_prompt: str = ""
-    height: int = 1024
-    width: int = 1024
-    num_inference_steps: int = 20
-    guidance_scale: float = 4.5
-    pag_guidance_scale: float = 0.0
-    pag_layers: tuple[int, ...] = (8,)
-    seed: int | None = None
-    sampler: str = "flow_dpmpp_2m"
-    shift: float | None = None
-    use_chi: bool = True
+    negative_prompt: str
+    height: int | None
+    width: int | None
+    num_inference_steps: int | None
+    guidance_scale: float | None
+    pag_guidance_scale: float
+    pag_layers: tuple[int, ...] | None
+    seed: int | None
+    sampler: str | None
+    shift: float | None
+    use_chi: bool
 
     def validate(self) -> None:
         for name in ("height", "width"):
             v = getattr(self, name)
-            if v <= 0 or v % 32:
+            if v is not None and (v <= 0 or v % 32):
                 lo, hi = max(32, v // 32 * 32), (v // 32 + 1) * 32
                 raise ValueError(f"{name}={v} must be a positive multiple of 32 (the DC-AE compresses 32x); "
                                  f"use {lo} or {hi}")
-        if self.num_inference_steps < 1:
+        if self.num_inference_steps is not None and self.num_inference_steps < 1:
             raise ValueError(f"num_inference_steps={self.num_inference_steps} must be at least 1")
-        if self.sampler not in SAMPLERS:
+        if self.sampler is not None and self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; valid: {', '.join(SAMPLERS)}")
 
 
@@ -86,10 +88,12 @@ class SanaPipeline:
 
     def __init__(self, dit: SanaDiT, vae: DCAE, text_encoder: SanaTextEncoder,
                  device: torch.device | str | None = None, offload: bool = False, compile: bool | str = False,
-                 controlnets: Sequence[SanaControlNet] = ()):
+                 controlnets: Sequence[SanaControlNet] = (), spec: ModelSpec | None = None):
         self.dit, self.vae, self.text_encoder = dit, vae, text_encoder
         self.controlnets = list(controlnets)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        #: the model's defaults (steps, sampler, shift, CFG, PAG, Sprint times, default size)
+        self.spec = spec or model_spec(dit.cfg, latent_scale=vae.cfg.scaling_factor)
+        self.device = precision.default_device(device)
         self.offload = offload
         mode = "default" if compile is True else compile or None
         if mode is not None and mode not in COMPILE_MODES:
@@ -119,6 +123,7 @@ class SanaPipeline:
         variant = hub.default_variant(dtype) if variant is None else hub.check_variant(variant)
         need = [part for part, given in (("transformer", dit), ("vae", vae), ("text_encoder", text_encoder))
                 if not given]
+        need += ["scheduler"] if need else []  # its flow_shift: the model's default shift
         root = hub.resolve(model, need, variant) if model is not None and need else None
         if root is not None and root.is_file():  # a single DiT file given as the model
             root, dit = None, dit or root
@@ -127,12 +132,14 @@ class SanaPipeline:
         dit_path = hub.resolve(dit, variant=variant) if dit else root
         vae_path = hub.resolve(vae or (root if root is not None else DEFAULT_VAE), variant=variant)
         te_path = hub.resolve(text_encoder or (root if root is not None else DEFAULT_TEXT_ENCODER), variant=variant)
-        te_dtype = torch.bfloat16 if dtype == torch.float16 else dtype  # Gemma overflows in fp16
+        te_dtype = precision.text_encoder_dtype(dtype, precision.default_device(device))
         base = load_dit(dit_path, dtype=dtype, variant=_present(dit_path, variant), use_pe=use_pe)
         refs = [] if controlnet is None else [controlnet] if isinstance(controlnet, (str, Path)) else list(controlnet)
         nets = [load_controlnet(hub.resolve(ref, variant=variant), base=base.cfg, dtype=dtype) for ref in refs]
-        return cls(base, load_dcae(vae_path, dtype=vae_dtype or dtype), load_text_encoder(te_path, dtype=te_dtype),
-                   device=device, offload=offload, compile=compile, controlnets=nets)
+        dcae = load_dcae(vae_path, dtype=vae_dtype or dtype)
+        spec = model_spec(base.cfg, root if root is not None else dit_path, dcae.cfg.scaling_factor)
+        return cls(base, dcae, load_text_encoder(te_path, dtype=te_dtype), device=device, offload=offload,
+                   compile=compile, controlnets=nets, spec=spec)
 
     def load_lora(self, path: str | Path, scale: float = 1.0) -> None:
         """Merge a Sana LoRA (diffusers/PEFT, kohya, NVlabs or ComfyUI names; a path, repo file or hf:// URL) into
@@ -212,12 +219,12 @@ class SanaPipeline:
         self,
         prompt: str | Sequence[str] | None = None,
         negative_prompt: str | Sequence[str] = "",
-        height: int = 1024,
-        width: int = 1024,
-        num_inference_steps: int = 20,
-        guidance_scale: float = 4.5,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         pag_guidance_scale: float = 0.0,
-        pag_layers: Sequence[int] = (8,),
+        pag_layers: Sequence[int] | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         seed: int | Sequence[int] | None = None,
         sampler: str | None = None,
@@ -231,7 +238,7 @@ class SanaPipeline:
         output_type: str = "pil",
         progress: bool = True,
         tiled_decode: bool | None = None,
-        truncate_timesteps: bool = True,
+        truncate_timesteps: bool | None = None,
         callback: Callable[[dict[str, Any]], None] | None = None,
         prompt_embeds: torch.Tensor | None = None,
         prompt_attention_mask: torch.Tensor | None = None,
@@ -239,8 +246,8 @@ class SanaPipeline:
         negative_prompt_attention_mask: torch.Tensor | None = None,
         complex_human_instruction: str | Sequence[str] | None = None,
         max_sequence_length: int = 300,
-        max_timesteps: float = SCM_MAX_TIMESTEPS,
-        intermediate_timesteps: float | None = SCM_INTERMEDIATE_TIMESTEPS,
+        max_timesteps: float | None = None,
+        intermediate_timesteps: float | None = None,
         return_seeds: bool = False,
         use_resolution_binning: bool = False,
         control_image: Any = None,
@@ -252,7 +259,10 @@ class SanaPipeline:
 
         prompt: one or several; negative_prompt: one for all or one per prompt (encoded without CHI).
         height/width: pixels, multiples of 32. sampler: "flow_dpmpp_2m" (default), "flow_euler", or "scm"
-        (the default for Sprint models, 1-4 steps). shift: timestep shift (3.0, or 6.0 from 4K upwards).
+        (the default for Sprint models, 1-4 steps). Unset (None) settings are the model's (`self.spec`, filled
+        from its folder: `spec.ModelSpec`): height/width its size, num_inference_steps 20 (Sprint 2), sampler,
+        guidance_scale 4.5, pag_layers (8,), shift its scheduler's flow_shift (3.0; 6.0 for the 4K model, for
+        every image size), truncate_timesteps, max_timesteps / intermediate_timesteps.
         generator or seed: the noise is drawn on the CPU, so a seed gives the same image on any device; one
         generator (or seed) draws the whole batch, as diffusers' `generator=`; a list of them (one per image)
         draws each image from its own, so it does not depend on its batch. Neither: a fresh random seed, without
@@ -292,8 +302,20 @@ class SanaPipeline:
         negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
         if len(negatives) != len(prompts):
             raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-        sprint = self.dit.cfg.guidance_embed
-        sampler = sampler or ("scm" if sprint else "flow_dpmpp_2m")
+        sprint, spec = self.dit.cfg.guidance_embed, self.spec
+        _warn_unused(sampler or spec.sampler, spec.steps if num_inference_steps is None else num_inference_steps,
+                     max_timesteps, intermediate_timesteps, complex_human_instruction is not None and not use_chi)
+        height = spec.size if height is None else height
+        width = spec.size if width is None else width
+        num_inference_steps = spec.steps if num_inference_steps is None else num_inference_steps
+        sampler = sampler or spec.sampler
+        guidance_scale = spec.guidance_scale if guidance_scale is None else guidance_scale
+        pag_layers = spec.pag_layers if pag_layers is None else pag_layers
+        shift = spec.shift if shift is None else shift
+        truncate_timesteps = spec.truncate_timesteps if truncate_timesteps is None else truncate_timesteps
+        max_timesteps = spec.max_timesteps if max_timesteps is None else max_timesteps
+        if intermediate_timesteps is None:
+            intermediate_timesteps = spec.intermediate_timesteps
         asked = (height, width)
         if use_resolution_binning:
             if height <= 0 or width <= 0:
@@ -305,8 +327,6 @@ class SanaPipeline:
         settings = GenerationSettings(prompts[0], negatives[0], height, width, num_inference_steps, guidance_scale,
                                       pag_guidance_scale, tuple(pag_layers), seed, sampler, shift, use_chi)
         settings.validate()
-        _warn_unused(sampler, num_inference_steps, max_timesteps, intermediate_timesteps,
-                     complex_human_instruction is not None and not use_chi)
 
         chi = complex_human_instruction
         chi = "\n".join(chi) if chi is not None and not isinstance(chi, str) else chi
@@ -346,8 +366,7 @@ class SanaPipeline:
                                 pag_guidance_scale, tuple(pag_layers), truncate_timesteps=truncate_timesteps,
                                 cudagraph_steps=self._cudagraphs, controls=controls)
         started, new_shape = time.perf_counter(), self.compiled is not None and shape not in self._compiled_shapes
-        x0 = sample(denoiser, latents.to(self.device), sampler, num_inference_steps,
-                    shift if shift is not None else default_shift(height, width),
+        x0 = sample(denoiser, latents.to(self.device), sampler, num_inference_steps, shift,
                     denoise=strength if image is not None else 1.0, init=init, generator=generator,
                     callback=callback, progress=progress, mask=mask, max_timesteps=max_timesteps,
                     intermediate_timesteps=intermediate_timesteps)
@@ -393,12 +412,12 @@ def _present(path: Path, variant: str | None) -> str | None:
     return variant if variant and path.is_dir() and any(folder.glob(f"*.{variant}*.safetensors*")) else None
 
 
-def _warn_unused(sampler: str, steps: int, max_timesteps: float, intermediate: float | None,
+def _warn_unused(sampler: str, steps: int, max_timesteps: float | None, intermediate: float | None,
                  chi_off: bool) -> None:
-    """Say so when a setting given cannot act (nothing passes silently)."""
-    if sampler != "scm" and (max_timesteps != SCM_MAX_TIMESTEPS or intermediate != SCM_INTERMEDIATE_TIMESTEPS):
+    """Say so when a setting given (not None) cannot act (nothing passes silently)."""
+    if sampler != "scm" and (max_timesteps is not None or intermediate is not None):
         log.warning("max_timesteps / intermediate_timesteps only act on the scm sampler (Sana-Sprint), not %s", sampler)
-    elif sampler == "scm" and steps != 2 and intermediate != SCM_INTERMEDIATE_TIMESTEPS:
+    elif sampler == "scm" and steps != 2 and intermediate is not None:
         log.warning("intermediate_timesteps only acts on 2-step Sprint runs (this one has %d steps)", steps)
     if chi_off:
         log.warning("complex_human_instruction is not used: use_chi is off")

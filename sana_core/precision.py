@@ -10,10 +10,41 @@ import torch
 log = logging.getLogger(__name__)
 
 
+#: The dtype names of the CLI, the trainer, the benchmarks and the nodes' dtype options.
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def default_device(device: torch.device | str | None = None) -> torch.device:
+    """`device`, or by default the CUDA GPU when there is one, else the CPU."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype to compute in when none is asked for: bfloat16 on a CUDA GPU that has it, float32 elsewhere
+    (CPUs compute bfloat16 slowly)."""
+    device = torch.device(device)
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+
+
 def fp16_fallback_dtype(device: torch.device | str) -> torch.dtype:
     """bfloat16 (the size of float16 with float32's range), or float32 on a CUDA GPU without bfloat16."""
     device = torch.device(device)
     return torch.bfloat16 if device.type != "cuda" or torch.cuda.is_bf16_supported() else torch.float32
+
+
+def text_encoder_dtype(dtype: torch.dtype | None, device: torch.device | str) -> torch.dtype:
+    """The dtype Gemma-2 runs in on `device` for the dtype asked (None: `default_dtype`): bfloat16 or float32.
+
+    float16 overflows in Gemma-2, so it is replaced (with a warning) by `fp16_fallback_dtype`."""
+    if dtype is None:
+        return default_dtype(device)
+    if dtype == torch.float16:
+        wider = fp16_fallback_dtype(device)
+        log.warning("Gemma-2 overflows in float16; running the text encoder in %s instead", wider)
+        return wider
+    if dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"text encoder dtype {dtype} is not supported; use torch.bfloat16 or torch.float32")
+    return dtype
 
 
 class Widenable(Protocol):

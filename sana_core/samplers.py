@@ -25,13 +25,13 @@ import numpy as np
 import torch
 from tqdm.auto import trange
 
+from .spec import SCM_INTERMEDIATE_TIMESTEPS, SCM_MAX_TIMESTEPS
+
 Model = Callable[..., torch.Tensor]  # model(x (B, C, H, W), sigma (B,), **extra_args) -> x0 (B, C, H, W)
 Callback = Callable[[dict], None]
 NoiseSampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (sigma, sigma_next) -> noise like x
 
 NUM_TRAIN_TIMESTEPS = 1000
-SCM_MAX_TIMESTEPS = 1.57080       # Sana-Sprint's first TrigFlow time (diffusers' SCMScheduler default)
-SCM_INTERMEDIATE_TIMESTEPS = 1.3  # its middle time in a 2-step run
 
 
 def _check_steps(steps: int) -> None:
@@ -45,14 +45,6 @@ def _check_steps(steps: int) -> None:
 def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
     """Timestep shift ``s' = shift * s / (1 + (shift - 1) * s)`` (same shape and dtype); keeps 0 and 1 fixed."""
     return shift * sigmas / (1 + (shift - 1) * sigmas)
-
-
-def default_shift(height: int, width: int) -> float:
-    """Flow shift for an image of ``height`` x ``width`` pixels: 6.0 for 4K, 3.0 otherwise (NVlabs configs).
-
-    The 4K aspect-ratio bins all hold about 16M pixels and the 2K bins about 4M, so the cut is at 3072^2 pixels.
-    """
-    return 6.0 if height * width >= 3072 * 3072 else 3.0
 
 
 def flow_sigmas(steps: int, shift: float = 3.0) -> torch.Tensor:
@@ -83,7 +75,7 @@ def flow_euler_sigmas(steps: int, shift: float = 3.0) -> torch.Tensor:
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
-def sigma_to_timestep(sigma: torch.Tensor, truncate: bool = False) -> torch.Tensor:
+def sigma_to_timestep(sigma: torch.Tensor, *, truncate: bool) -> torch.Tensor:
     """The timestep the (non-Sprint) Sana DiT is given for flow sigma ``s``: ``1000 * s``, same shape and dtype.
 
     ``truncate=True`` reproduces the int64 truncation of diffusers' ``DPMSolverMultistepScheduler``, the default
@@ -145,32 +137,18 @@ def scm_sigmas(steps: int, max_timesteps: float = SCM_MAX_TIMESTEPS,
 def flow_denoised(x: torch.Tensor, sigma: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``x0 = x - s * v`` for ``x``, ``v`` (B, C, H, W) and ``sigma`` (B,) or scalar.
 
-    Turns a Sana DiT output (flow velocity) into the denoised latent the samplers expect; Sana-Sprint's output
-    maps the same way (see :func:`sprint_dit_inputs`).
+    Turns a Sana DiT output (flow velocity) into the denoised latent the samplers expect. Sana-Sprint's output
+    maps the same way, its DiT fed ``x`` itself, the sigma as its timestep (``SanaDiT.timestep``) and its
+    guidance embedding (``SanaDiT.guidance``), with no CFG batch. Why this is all: ``SanaSprintPipeline`` feeds
+    ``latents / sigma_data * sqrt(s^2 + (1 - s)^2)`` with ``s = sin t / (sin t + cos t)``; its latents are
+    ``sigma_data * (cos t + sin t) * x`` and ``sqrt(s^2 + (1 - s)^2) = 1 / (cos t + sin t)``, so the input is
+    exactly ``x``. Its output transform ``F -> sigma_data * ((1 - 2s) x_in + (1 - 2s + 2s^2) F) /
+    sqrt(s^2 + (1 - s)^2)`` followed by the TrigFlow ``x0 = cos t * latents - sin t * that`` (divided by
+    ``sigma_data`` at the end) simplifies to ``x0 = x - s F``. ``sigma_data`` cancels everywhere, so it does not
+    appear in flow space. (diffusers ignores ``timestep_scale`` for Sprint; NVlabs multiplies the time by 1000
+    and its model divides by ``timestep_norm_scale_factor`` = 1000.)
     """
     return x - sigma.reshape(-1, *([1] * (x.ndim - 1))) * v
-
-
-def sprint_dit_inputs(
-    x: torch.Tensor, sigma: torch.Tensor, guidance_scale: float = 4.5, guidance_embeds_scale: float = 0.1
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The Sana-Sprint DiT inputs for flow state ``x`` (B, C, H, W) at flow sigma ``sigma`` (B,).
-
-    Returns ``(hidden_states, timestep, guidance)``: ``x`` itself, ``sigma`` (B,) (NOT ``1000 * sigma``: the
-    diffusers Sprint pipeline ignores ``timestep_scale``; NVlabs multiplies by 1000 and its model divides by
-    ``timestep_norm_scale_factor`` = 1000) and the guidance embedder input ``guidance_scale * 0.1`` (B,) float32
-    (NVlabs ``cfg_embed_scale``, diffusers ``guidance_embeds_scale``; diffusers casts ``guidance_scale`` to the text
-    embedding dtype before the multiplication). No CFG batch: guidance is distilled into this embedding.
-
-    Why this is all: ``SanaSprintPipeline`` feeds ``latents / sigma_data * sqrt(s^2 + (1 - s)^2)`` with
-    ``s = sin t / (sin t + cos t)``; its latents are ``sigma_data * (cos t + sin t) * x`` and
-    ``sqrt(s^2 + (1 - s)^2) = 1 / (cos t + sin t)``, so the input is exactly ``x``. Its output transform
-    ``F -> sigma_data * ((1 - 2s) x_in + (1 - 2s + 2s^2) F) / sqrt(s^2 + (1 - s)^2)`` followed by the TrigFlow
-    ``x0 = cos t * latents - sin t * that`` (divided by ``sigma_data`` at the end) simplifies to ``x0 = x - s F``,
-    i.e. :func:`flow_denoised`. ``sigma_data`` cancels everywhere, so it does not appear in flow space.
-    """
-    guidance = torch.full((x.shape[0],), guidance_scale, dtype=torch.float32, device=x.device) * guidance_embeds_scale
-    return x, sigma.expand(x.shape[0]), guidance
 
 
 def cfg(v_uncond: torch.Tensor, v_cond: torch.Tensor, scale: float) -> torch.Tensor:

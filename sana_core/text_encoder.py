@@ -21,8 +21,6 @@ from collections import OrderedDict
 import torch
 from transformers import Gemma2Model, PreTrainedTokenizerBase
 
-from .precision import fp16_fallback_dtype
-
 log = logging.getLogger(__name__)
 
 # diffusers SanaPipeline.__call__'s default `complex_human_instruction` (joined with "\n", prompt appended).
@@ -36,24 +34,6 @@ COMPLEX_HUMAN_INSTRUCTION: tuple[str, ...] = (
     "Please generate only the enhanced description for the prompt below and avoid including any additional commentary or evaluations:",  # noqa: E501
     "User Prompt: ",
 )
-
-
-def resolve_dtype(dtype: torch.dtype | None, device: torch.device | str) -> torch.dtype:
-    """The dtype to run Gemma-2 in: bfloat16 or float32. None = bfloat16 on CUDA, float32 elsewhere.
-
-    float16 overflows in Gemma-2, so it is replaced (with a warning) by bfloat16, or float32 on a CUDA GPU
-    without bfloat16.
-    """
-    device = torch.device(device)
-    if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    if dtype == torch.float16:
-        upcast = fp16_fallback_dtype(device)
-        log.warning("Gemma-2 overflows in float16; running the text encoder in %s instead", upcast)
-        return upcast
-    if dtype not in (torch.bfloat16, torch.float32):
-        raise ValueError(f"text encoder dtype {dtype} is not supported; use torch.bfloat16 or torch.float32")
-    return dtype
 
 
 class SanaTextEncoder(torch.nn.Module):

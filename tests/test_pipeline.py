@@ -233,12 +233,14 @@ def test_hub_references_and_defaults(monkeypatch, tmp_path):
     import sana_core.pipeline as P
 
     for name in ("load_dit", "load_dcae", "load_text_encoder"):
-        monkeypatch.setattr(P, name, lambda *a, **k: None)
+        monkeypatch.setattr(P, name, lambda *a, **k: type("Loaded", (), {"cfg": type("Cfg", (), {"scaling_factor": 1.0})})())
+    monkeypatch.setattr(P, "model_spec", lambda *a, **k: None)
     calls.clear()
     SanaPipeline.from_pretrained(dit=str(tmp_path), model="Efficient-Large-Model/Sana_600M_1024px_diffusers",
                                  dtype=torch.float16)
     repo, allow = calls[0]  # (a second call falls back to full precision: the mock holds no fp16 files)
     assert not any(p.startswith("transformer/") for p in allow) and "vae/*.fp16.safetensors" in allow
+    assert "scheduler/*.json" in allow  # the scheduler's flow_shift: the model's default shift
     assert hub.default_variant(torch.bfloat16) == "bf16" and hub.default_variant(torch.float32) is None
 
 

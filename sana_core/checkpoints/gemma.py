@@ -25,7 +25,8 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
 from transformers import AutoTokenizer, Gemma2Config, Gemma2Model, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from ..text_encoder import SanaTextEncoder, resolve_dtype
+from ..precision import text_encoder_dtype
+from ..text_encoder import SanaTextEncoder
 from ..quantized import is_quantized, swap_layers
 from .files import (CheckpointError, PathLike, cast_state_dict, describe_keys, find_weights_file, load_strict,
                     read_json, read_state_dict, strip_prefixes)
@@ -52,13 +53,13 @@ def load_text_encoder(path: PathLike, dtype: torch.dtype | None = None, device: 
                       tokenizer_path: PathLike | None = None) -> SanaTextEncoder:
     """Load Gemma-2 + tokenizer from an HF folder, a Sana diffusers root, or a ComfyUI single file.
 
-    ``dtype``: bfloat16 or float32 (float16 is upcast, see :func:`~sana_core.text_encoder.resolve_dtype`);
+    ``dtype``: bfloat16 or float32 (float16 is upcast, see :func:`~sana_core.precision.text_encoder_dtype`);
     None = bfloat16 on CUDA, float32 elsewhere. ``tokenizer_path`` (folder, ``tokenizer.json`` or
     ``tokenizer.model``) overrides the tokenizer found next to the weights or inside the single file.
     The model is built on ``meta`` and the weights are cast tensor by tensor, so only one copy is alive.
     """
     path = Path(path)
-    dtype = resolve_dtype(dtype, device)
+    dtype = text_encoder_dtype(dtype, device)
     if path.suffix.lower() == ".gguf":
         return load_llama_cpp_gemma(path, dtype, device, tokenizer_path)
     if path.is_dir():

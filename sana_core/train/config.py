@@ -9,6 +9,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..spec import SANA
 from .lora import DEFAULT_TARGETS
 from .recipe import DENSITIES, WEIGHTINGS
 
@@ -69,7 +70,7 @@ class TrainConfig:
     mode_scale: float = _opt(1.29, "mode density: scale")
     loss_weighting: str = _choice("none", WEIGHTINGS, "per-sigma loss weight (NVlabs: none; diffusers' sigma_sqrt, "
                                   "cosmap)")
-    flow_shift: float = _opt(None, "timestep shift (default 3.0, 6.0 from 4K)")
+    flow_shift: float = _opt(None, "timestep shift (default: the model's, its scheduler's flow_shift)")
     caption_dropout: float = _opt(0.1, "probability of training a sample on the null caption (NVlabs: 0.1)")
     max_sequence_length: int = _opt(300, "caption tokens")
     # checkpoints, validation, logging
@@ -78,8 +79,8 @@ class TrainConfig:
     resume: str = _opt(None, "'latest' or a checkpoint folder to resume from")
     validation_prompts: list = _opt([], "prompts sampled every --validation_steps, saved as a grid")
     validation_steps: int = _opt(500, "steps between validation grids")
-    validation_sampling_steps: int = _opt(20, "Flow-DPM-Solver steps of the validation images")
-    validation_guidance_scale: float = _opt(4.5, "CFG scale of the validation images")
+    validation_sampling_steps: int = _opt(SANA.steps, "Flow-DPM-Solver steps of the validation images")
+    validation_guidance_scale: float = _opt(SANA.guidance_scale, "CFG scale of the validation images")
     save_dtype: str = _choice("fp32", ("fp32", "bf16", "fp16"), "dtype of the saved full fine-tune")
     encode_batch_size: int = _opt(4, "images / captions encoded at once when filling the cache")
     progress: bool = _opt(True, "progress bar (loss, lr, speed)")

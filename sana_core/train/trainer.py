@@ -31,7 +31,7 @@ from ..checkpoints.dit import load_dit
 from ..checkpoints.files import read_state_dict
 from ..checkpoints.gemma import load_text_encoder
 from ..dit import SanaBlock, SanaDiT
-from ..samplers import default_shift
+from ..spec import SANA, model_spec
 from . import data
 from .config import TrainConfig, dump
 from .export import save_full
@@ -62,8 +62,8 @@ def model_parts(cfg: TrainConfig) -> tuple[Path, Path, Path]:
     DC-AE and Gemma-2 of `pipeline` (as `SanaPipeline.from_pretrained`). Hub ids are fetched in full precision."""
     from ..pipeline import DEFAULT_TEXT_ENCODER, DEFAULT_VAE
 
-    need = ["transformer"] + [part for part, given in (("vae", cfg.vae), ("text_encoder", cfg.text_encoder))
-                              if not given]
+    need = ["transformer", "scheduler"] + [part for part, given in (("vae", cfg.vae),
+                                                                   ("text_encoder", cfg.text_encoder)) if not given]
     root = hub.resolve(cfg.model, need, None)
     single = root.is_file()
     vae = hub.resolve(cfg.vae or (DEFAULT_VAE if single else root))
@@ -199,8 +199,9 @@ def image_grid(images: torch.Tensor, columns: int = 4):
 
 @torch.no_grad()
 def sample_latents(dit: SanaDiT, embeds: torch.Tensor, mask: torch.Tensor, neg_embeds: torch.Tensor,
-                   neg_mask: torch.Tensor, height: int, width: int, steps: int = 20, guidance_scale: float = 4.5,
-                   shift: float = 3.0, seed: int = 0) -> torch.Tensor:
+                   neg_mask: torch.Tensor, height: int, width: int, steps: int = SANA.steps,
+                   guidance_scale: float = SANA.guidance_scale, shift: float = SANA.shift,
+                   seed: int = 0) -> torch.Tensor:
     """Latents (B, 32, height/32, width/32) sampled by Flow-DPM-Solver with CFG for caption embeddings
     (B, T, D) / masks (B, T) and one negative (T, D) / (T,), image i from seed + i (as the CLI)."""
     from ..denoiser import SanaDenoiser, TextCondition, sample
@@ -248,7 +249,7 @@ class Trainer:
             Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sana_core" / "train_features"
         self.world = self.accelerator.num_processes
         self.global_batch = cfg.batch_size * cfg.gradient_accumulation_steps * self.world
-        self.shift = cfg.flow_shift if cfg.flow_shift is not None else default_shift(cfg.resolution, cfg.resolution)
+        self.shift = cfg.flow_shift  # None: the model's (`spec.model_spec`), known once it is loaded
         self.progress = Progress(global_batch=self.global_batch, mode=cfg.mode)
         self._vae: torch.nn.Module | None = None
 
@@ -308,6 +309,8 @@ class Trainer:
         if dit.cfg.guidance_embed:
             raise ValueError(f"--model {cfg.model}: a Sana-Sprint model (distilled with sCM, not a flow model); this "
                              "trainer fine-tunes Sana / Sana 1.5 flow models")
+        if self.shift is None:
+            self.shift = model_spec(dit.cfg, self.dit_path).shift
         embeds, mask = data.read_text(self.null_path)
         if embeds.shape[-1] != dit.cfg.caption_channels:
             raise ValueError(f"--text_encoder gives {embeds.shape[-1]}-wide caption states but the DiT reads "
