@@ -31,15 +31,16 @@ class SanaEmptyLatentImage(io.ComfyNode):
         return io.Schema(
             node_id="SanaEmptyLatentImage", display_name="Empty Sana Latent Image", category=CATEGORY,
             description="An empty 32-channel latent at 1/32 of the image size. Width and height are multiples of 32; "
-                        "a preset (Sana's aspect ratios at 512/1024/2048/4096) overrides them.",
+                        "a preset (aspect ratios at about 512^2/1024^2/2048^2/4096^2 pixels, multiples of 32; not "
+                        "NVlabs' training buckets) overrides them.",
             inputs=[io.Int.Input("width", default=1024, min=32, max=8192, step=32,
                                  tooltip="pixels, a multiple of 32 (the latent is 1/32 of it)"),
                     io.Int.Input("height", default=1024, min=32, max=8192, step=32,
                                  tooltip="pixels, a multiple of 32 (the latent is 1/32 of it)"),
                     io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="images generated together"),
                     io.Combo.Input("preset", options=list(PRESETS), default="custom", optional=True,
-                                   tooltip="Sana's aspect-ratio bins at 512/1024/2048/4096; custom uses width and "
-                                           "height")],
+                                   tooltip="aspect-ratio presets of about 512^2 to 4096^2 pixels (not NVlabs' "
+                                           "training buckets); custom uses width and height")],
             outputs=[io.Latent.Output()])
 
     @classmethod

@@ -27,6 +27,7 @@ from sana_core import precision
 from sana_core.checkpoints.dit import load_dit
 from sana_core.denoiser import trim_padding
 from sana_core.dit import SanaDiT, activation_bytes
+from sana_core.spec import LATENT_SCALE, SPRINT, model_spec
 from sana_core.previews import LATENT_RGB_BIAS, LATENT_RGB_FACTORS
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ class SanaLatentFormat(comfy.latent_formats.LatentFormat):
 
     latent_channels = 32
     spacial_downscale_ratio = 32
-    scale_factor = 0.41407
+    scale_factor = LATENT_SCALE  # the loader sets a DC-AE config's own on the model's instance
     latent_rgb_factors = LATENT_RGB_FACTORS
     latent_rgb_factors_bias = LATENT_RGB_BIAS
 
@@ -151,7 +152,7 @@ class SanaKSampler(comfy.samplers.KSAMPLER):
 
 class SanaModelConfig(comfy.supported_models_base.BASE):
     unet_extra_config = {}
-    sampling_settings = {"shift": 3.0, "multiplier": 1000}
+    sampling_settings = {}  # set per model by `load_sana_model` from `sana_core.spec.model_spec`
     latent_format = SanaLatentFormat
     supported_inference_dtypes = [torch.bfloat16, torch.float16, torch.float32]
 
@@ -207,9 +208,9 @@ class SanaModel(comfy.model_base.BaseModel):
             log.warning("Sana: the conditioning carries an inpainting image (InpaintModelConditioning); Sana has no "
                         "inpainting model, so only the latent's noise mask is used")
         cfg = self.diffusion_model.cfg
-        if cfg.guidance_embed:  # Sprint: the scale of a FluxGuidance node or SanaSampler, else Sprint's default 4.5
-            scale = kwargs.get("guidance", 4.5)
-            out["guidance"] = comfy.conds.CONDRegular(torch.FloatTensor([scale * cfg.guidance_embeds_scale]))
+        if cfg.guidance_embed:  # Sprint: the scale of a FluxGuidance node or SanaSampler, else Sprint's default
+            scale = kwargs.get("guidance", SPRINT.guidance_scale)
+            out["guidance"] = comfy.conds.CONDRegular(self.diffusion_model.guidance(scale, 1))
         return out
 
 
@@ -274,11 +275,11 @@ def load_sana_model(path: str | Path, weight_dtype: str = "default",
     dit = load_dit(path, dtype=dtype, ops=ops, model_class=ComfySanaDiT, use_pe=use_pe)
     config = SanaModelConfig({"disable_unet_model_creation": True})  # the DiT is built and loaded above
     config.manual_cast_dtype = compute
-    if dit.cfg.guidance_embed:
-        config.sampling_settings = {"shift": 1.0, "multiplier": 1}
-    elif dit.cfg.use_pe and dit.cfg.base_size >= 128:
-        config.sampling_settings = {"shift": 6.0, "multiplier": 1000}
+    spec = model_spec(dit.cfg, path)  # the engine's defaults: the same shift for every image size
+    multiplier = float(dit.timestep(torch.ones(1), truncate=False))  # the DiT's timestep per unit sigma
+    config.sampling_settings = {"shift": spec.shift, "multiplier": multiplier}
     model = SanaModel(dit, config, device=offload_device)
+    model.latent_format.scale_factor = spec.latent_scale  # the folder's DC-AE scaling_factor when it says one
     model.sana_variant = dit.variant
     patcher = patcher_class(model, load_device=load_device, offload_device=offload_device)
     patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "sana", sana_outer_sample)

@@ -11,13 +11,16 @@ import math
 from comfy_api.latest import io
 
 from sana_core.samplers import SAMPLERS
+from sana_core.spec import SANA, SPRINT
 
 from .common import CATEGORY, check_widgets
 
 log = logging.getLogger(__name__)
 SAMPLER_NAMES = list(SAMPLERS)
-SHIFT_TIP = ("timestep shift of the schedule; 0: the model's (3.0, 6.0 for 4K, or what a ModelSamplingSD3/"
-             "AuraFlow node set). The scm sampler (Sprint) has no shift")
+PAG_LAYERS = ", ".join(map(str, SANA.pag_layers))  # widget text of the default PAG blocks
+STEPS_TIP = f"{SANA.steps} for Sana, 1-4 for Sprint ({SPRINT.steps} by default)"
+SHIFT_TIP = ("timestep shift of the schedule; 0: the model's (its scheduler's flow_shift: 3.0, 6.0 for 4K, for "
+             "every size; or what a ModelSamplingSD3/AuraFlow node set). The scm sampler (Sprint) has no shift")
 SAMPLER_TIP = "flow_dpmpp_2m: Flow-DPM-Solver (Sana's default); flow_euler; scm: Sana-Sprint (1-4 steps)"
 DENOISE_TIP = "1: from noise; < 1: the last steps of a longer schedule, starting from the input latent"
 
@@ -104,13 +107,14 @@ class SanaSampler(io.ComfyNode):
                                                             "mask for inpainting)"),
                     io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                                  tooltip="the noise (and Sprint's re-noising) come from this seed"),
-                    io.Int.Input("steps", default=20, min=1, max=200, tooltip="20 for Sana, 1-4 for Sprint"),
-                    io.Float.Input("cfg", default=4.5, min=0.0, max=30.0, step=0.1, round=0.01,
+                    io.Int.Input("steps", default=SANA.steps, min=1, max=200, tooltip=STEPS_TIP),
+                    io.Float.Input("cfg", default=SANA.guidance_scale, min=0.0, max=30.0, step=0.1, round=0.01,
                                    tooltip="guidance scale; <= 1 runs no negative branch (as diffusers); Sprint: fed "
                                            "to its guidance embedder"),
                     io.Float.Input("pag_scale", default=0.0, min=0.0, max=20.0, step=0.1, round=0.01,
                                    tooltip="perturbed-attention guidance; 0 turns it off"),
-                    io.String.Input("pag_layers", default="8", tooltip="blocks whose self-attention PAG perturbs"),
+                    io.String.Input("pag_layers", default=PAG_LAYERS,
+                                    tooltip="blocks whose self-attention PAG perturbs"),
                     io.Float.Input("shift", default=0.0, min=0.0, max=20.0, step=0.1, tooltip=SHIFT_TIP),
                     io.Combo.Input("sampler", options=SAMPLER_NAMES, default="flow_dpmpp_2m", tooltip=SAMPLER_TIP),
                     io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01, tooltip=DENOISE_TIP)],
@@ -167,9 +171,9 @@ class SanaPAG(io.ComfyNode):
                         "chosen blocks replaced by the identity, and the result pushed away from it, as diffusers' "
                         "SanaPAGPipeline and SanaSampler's pag_scale do.",
             inputs=[io.Model.Input("model", tooltip="a Sana MODEL"),
-                    io.Float.Input("scale", default=3.0, min=0.0, max=20.0, step=0.1, round=0.01,
+                    io.Float.Input("scale", default=SANA.pag_scale, min=0.0, max=20.0, step=0.1, round=0.01,
                                    tooltip="PAG scale; 0 turns it off"),
-                    io.String.Input("layers", default="8", tooltip="blocks whose self-attention PAG perturbs")],
+                    io.String.Input("layers", default=PAG_LAYERS, tooltip="blocks whose self-attention PAG perturbs")],
             outputs=[io.Model.Output()])
 
     @classmethod
@@ -214,9 +218,9 @@ class SanaScheduler(io.ComfyNode):
                         "timestep shift, or Sprint's SCM times. denoise < 1 keeps the last steps of a longer "
                         "schedule, as KSampler does. With a model connected, shift 0 takes the model's shift.",
             inputs=[io.Combo.Input("sampler", options=SAMPLER_NAMES, default="flow_dpmpp_2m", tooltip=SAMPLER_TIP),
-                    io.Int.Input("steps", default=20, min=1, max=200, tooltip="20 for Sana, 1-4 for Sprint"),
+                    io.Int.Input("steps", default=SANA.steps, min=1, max=200, tooltip=STEPS_TIP),
                     io.Float.Input("shift", default=0.0, min=0.0, max=20.0, step=0.1,
-                                   tooltip=SHIFT_TIP + "; without a model, 0 means 3.0"),
+                                   tooltip=SHIFT_TIP + f"; without a model, 0 means {SANA.shift}"),
                     io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01, tooltip=DENOISE_TIP),
                     io.Model.Input("model", optional=True, tooltip="the Sana MODEL, for its shift")],
             outputs=[io.Sigmas.Output()])
@@ -233,4 +237,4 @@ class SanaScheduler(io.ComfyNode):
             shift = resolve_shift(model, shift, sampler)
         elif sampler == "scm" and shift > 0:
             raise ValueError("shift: the scm sampler (Sana-Sprint) has no shift; set it to 0")
-        return io.NodeOutput(denoise_sigmas(sampler, steps, shift or 3.0, denoise))
+        return io.NodeOutput(denoise_sigmas(sampler, steps, shift or SANA.shift, denoise))

@@ -140,6 +140,7 @@ def write_tiny_pipeline(folder: str | Path, seed: int = 0, sprint: bool = False,
 
     from .checkpoints.dit import save_dit
     from .dit import SanaDiT
+    from .spec import SANA, SPRINT
 
     root = Path(folder)
     root.mkdir(parents=True, exist_ok=True)
@@ -159,9 +160,10 @@ def write_tiny_pipeline(folder: str | Path, seed: int = 0, sprint: bool = False,
     write_tiny_dcae(root / "vae", seed + 2)
     if sprint:
         scheduler = {"_class_name": "SCMScheduler", "num_train_timesteps": 1000, "prediction_type": "trigflow",
-                     "max_timesteps": 1.5708, "intermediate_timesteps": 1.3, "sigma_data": 0.5}
+                     "max_timesteps": SPRINT.max_timesteps, "intermediate_timesteps": SPRINT.intermediate_timesteps,
+                     "sigma_data": 0.5}
     else:
-        scheduler = {"_class_name": "DPMSolverMultistepScheduler", "flow_shift": 3.0, "use_flow_sigmas": True,
+        scheduler = {"_class_name": "DPMSolverMultistepScheduler", "flow_shift": SANA.shift, "use_flow_sigmas": True,
                      "prediction_type": "flow_prediction", "solver_order": 2, "final_sigmas_type": "zero"}
     (root / "scheduler").mkdir(exist_ok=True)
     (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
