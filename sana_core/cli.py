@@ -1,182 +1,461 @@
-"""`python -m sana_core.cli`: text-to-image from the command line (the job of NVlabs' `scripts/inference.py`).
+"""`sana-generate` / `python -m sana_core.cli`: text-to-image from the command line (the job of NVlabs'
+`scripts/inference.py`).
 
-    python -m sana_core.cli --prompt "a cyberpunk cat" --output_dir output
-    python -m sana_core.cli --txt_file prompts.txt --model ./Sana_600M_1024px_diffusers
-    python -m sana_core.cli --json_file prompts.json --dit Sana_1600M_1024px.pth --vae dc-ae --text_encoder gemma
-    python -m sana_core.cli --prompt "a red fox" --image photo.png --mask mask.png   # inpainting (white = repaint)
-    python -m sana_core.cli --prompt "a castle" --controlnet Efficient-Large-Model/Sana_600M_1024px_ControlNet_HED \
+    sana-generate --prompt "a cyberpunk cat" --output_dir output
+    sana-generate --txt_file prompts.txt --model ./Sana_600M_1024px_diffusers --name_by prompt
+    sana-generate --json_file prompts.json --dit Sana_1600M_1024px.pth --vae dc-ae --text_encoder gemma
+    sana-generate --prompt "a red fox" --image photo.png --mask mask.png   # inpainting (white = repaint)
+    sana-generate --prompt "a castle" --controlnet Efficient-Large-Model/Sana_600M_1024px_ControlNet_HED \\
         --dit Efficient-Large-Model/Sana_600M_1024px_ControlNet_HED --control_image scribble.png
 
 A txt file holds one prompt a line (blank lines and lines starting with # are skipped). A json file holds a
 list of prompts or records, or an object mapping names to prompts or records; a record has "prompt" and may
-override "negative_prompt", "seed", "height", "width", "steps", "guidance_scale", "pag_guidance_scale", and
-"image", "mask", "control_image" (a path, or a list with one per ControlNet; relative paths are looked up next to
-the json file when they are not found from the working folder).
-Every PNG carries its prompt and settings in its metadata.
+set the options marked [record] below (relative paths are looked up next to the json file when they are not
+found from the working folder); other fields are ignored with one warning. Every PNG carries its prompt and
+settings in its metadata ("sana": a json record of this CLI's option names).
+
+NVlabs' flags and sampler names work too (--cfg_scale, --pag_scale, --bs, --step, --model_path, --work_dir,
+--sampling_algo flow_dpm-solver | flow_euler | scm), as do diffusers' argument names (--num_inference_steps,
+--pag_applied_layers). Defaults marked "model's" come from the loaded model (`sana_core.spec`).
 """
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
+import math
 import os
+import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-RECORD_FIELDS = {"prompt", "name", "negative_prompt", "seed", "height", "width", "steps", "guidance_scale",
-                 "pag_guidance_scale", "image", "mask", "control_image"}
+from .precision import DTYPES
+
+log = logging.getLogger("sana_core.cli")
+
+DEFAULT_PROMPT = 'a cyberpunk cat with a neon sign that says "Sana"'
+#: NVlabs' `--sampling_algo` names -> ours; their non-flow samplers cannot sample Sana's flow models
+NVLABS_SAMPLERS = {"flow_dpm-solver": "flow_dpmpp_2m", "flow_euler": "flow_euler", "scm": "scm"}
+NON_FLOW_SAMPLERS = ("dpm-solver", "sa-solver")
+
+
+# ------------------------------------------------------------------------------ value types (flags and records)
+
+
+def positive_int(value: Any) -> int:
+    """An integer >= 1 (a json float must be whole)."""
+    v = whole(value)
+    if v < 1:
+        raise ValueError(f"must be at least 1, got {v}")
+    return v
+
+
+def whole(value: Any) -> int:
+    """An integer from a flag string or a json number (2.0 is 2; 2.5 is an error, never truncated)."""
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(f"expected an integer, got {value!r}")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected an integer, got {value!r}") from None
+
+
+def finite(value: Any) -> float:
+    """A finite float (nan and inf cannot be honoured: they would silently turn guidance off)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected a number, got {value!r}") from None
+    if not math.isfinite(v):
+        raise ValueError(f"expected a finite number, got {value!r}")
+    return v
+
+
+def non_negative(value: Any) -> float:
+    v = finite(value)
+    if v < 0:
+        raise ValueError(f"must be >= 0, got {v:g}")
+    return v
+
+
+def fraction(value: Any) -> float:
+    v = finite(value)
+    if not 0 <= v <= 1:
+        raise ValueError(f"must be in [0, 1], got {v:g}")
+    return v
+
+
+def strength(value: Any) -> float:
+    v = finite(value)
+    if not 0 < v <= 1:
+        raise ValueError(f"must be in (0, 1], got {v:g}")
+    return v
+
+
+def block_index(value: Any) -> int:
+    v = whole(value)
+    if v < 0:
+        raise ValueError(f"block indices start at 0, got {v}")
+    return v
+
+
+def sampler_name(value: Any) -> str:
+    """Our sampler names, or NVlabs' (`flow_dpm-solver` = `flow_dpmpp_2m`)."""
+    from .samplers import SAMPLERS
+
+    name = NVLABS_SAMPLERS.get(str(value), str(value))
+    if name in SAMPLERS:
+        return name
+    if name in NON_FLOW_SAMPLERS:
+        raise ValueError(f"{name!r} is NVlabs' sampler for diffusion (non-flow) models; Sana samples with "
+                         "flow_dpm-solver (= flow_dpmpp_2m), flow_euler or scm (Sprint)")
+    raise ValueError(f"unknown sampler {name!r}; valid: {', '.join(SAMPLERS)} (NVlabs: {', '.join(NVLABS_SAMPLERS)})")
+
+
+def text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {value!r}")
+    return value
+
+
+# ------------------------------------------------------------------------------ the options table
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option: its flag (`--name`), json record key and PNG metadata key are all `name`."""
+
+    name: str
+    help: str
+    type: Callable[[Any], Any] | None = text  # None: a switch, --name / --no_name
+    default: Any = None                      # None with "model's" in the help: from the model's spec
+    record: bool = False                     # a json record may set it for its prompt
+    setting: str | None = None               # the `SanaPipeline.__call__` argument it feeds, if any
+    aliases: tuple[str, ...] = ()            # NVlabs' / diffusers' names, same meaning (listed in --help)
+    deprecated: tuple[str, ...] = ()         # our old spellings: still work, with a warning
+    choices: tuple[str, ...] | None = None
+    nargs: str | None = None
+    append: bool = False                     # repeatable flag; a record gives a list
+    metavar: str | None = None
+    group: str = "generation"
+
+    @property
+    def flags(self) -> list[str]:
+        if self.type is None:
+            return [f"--{self.name}", f"--no_{self.name}"]
+        return [f"--{n}" for n in (self.name, *self.aliases)]
+
+    def parse(self, value: Any, where: str) -> Any:
+        """A record's value for this option, checked as the flag's (ValueError naming `where` and the field)."""
+        try:
+            if self.type is None:
+                if not isinstance(value, bool):
+                    raise ValueError(f"expected true or false, got {value!r}")
+                return value
+            if self.append or self.nargs:
+                values = value if isinstance(value, list) else [value]
+                return tuple(self.type(v) for v in values)
+            out = self.type(value)
+        except ValueError as e:
+            raise ValueError(f"{where}: \"{self.name}\" {e}") from None
+        if self.choices and out not in self.choices:
+            raise ValueError(f"{where}: \"{self.name}\" {out!r}: valid are {', '.join(self.choices)}")
+        return out
+
+
+def _compile_modes() -> tuple[str, ...]:
+    from .pipeline import COMPILE_MODES
+
+    return COMPILE_MODES
+
+
+def _default_model() -> str:
+    from .pipeline import DEFAULT_MODEL
+
+    return DEFAULT_MODEL
+
+
+OPTIONS: tuple[Option, ...] = (
+    # what to make
+    Option("prompt", f"one prompt (default: {DEFAULT_PROMPT!r})", group="prompts"),
+    Option("txt_file", "one prompt a line", group="prompts"),
+    Option("json_file", "prompt records (see above)", group="prompts"),
+    Option("name_by", "file names: 'index' (00000.png, 00001.png, ...; json objects: their keys) or 'prompt' "
+           "(NVlabs: the prompt's first 100 characters, made file-safe; repeats get _1, _2)", default="index",
+           choices=("index", "prompt"), group="prompts"),
+    Option("negative_prompt", "negative prompt (CFG; Sana-Sprint has none: a warning, not used)", default="",
+           record=True, setting="negative_prompt"),
+    Option("seed", "seed of the first image; image j of the file gets seed + j (a record's seed: its own)",
+           type=whole, default=0, record=True),
+    Option("height", "pixels, a multiple of 32 (default: the model's size)", type=whole, record=True,
+           setting="height"),
+    Option("width", "pixels, a multiple of 32 (default: the model's size)", type=whole, record=True,
+           setting="width"),
+    Option("steps", "sampling steps (default: the model's, 20; Sprint 2)", type=positive_int, record=True,
+           setting="num_inference_steps", aliases=("num_inference_steps", "step")),
+    Option("guidance_scale", "CFG scale (Sprint: embedded guidance) (default: the model's, 4.5)", type=finite,
+           record=True, setting="guidance_scale", aliases=("cfg_scale",)),
+    Option("pag_scale", "perturbed-attention guidance scale; 0 (default) turns PAG off", type=non_negative,
+           default=0.0, record=True, setting="pag_guidance_scale", deprecated=("pag_guidance_scale",)),
+    Option("pag_layers", "blocks whose self-attention PAG perturbs (default: the model's, 8)", type=block_index,
+           nargs="+", record=True, setting="pag_layers", aliases=("pag_applied_layers",)),
+    Option("sampler", "flow_dpmpp_2m, flow_euler or scm (NVlabs: flow_dpm-solver = flow_dpmpp_2m) (default: the "
+           "model's; scm for Sprint)", type=sampler_name, record=True, setting="sampler", aliases=("sampling_algo",)),
+    Option("flow_shift", "timestep shift (default: the model's, its scheduler's flow_shift)", type=finite,
+           record=True, setting="shift", deprecated=("shift",)),
+    Option("chi", "put Sana's complex human instruction before each prompt (--no_chi: the bare prompt)",
+           type=None, default=True, setting="use_chi"),
+    Option("complex_human_instruction", "replace Sana's complex human instruction with this text",
+           setting="complex_human_instruction"),
+    Option("max_sequence_length", "caption tokens", type=positive_int, default=300, setting="max_sequence_length"),
+    Option("truncate_timesteps", "feed the DiT int(1000 sigma) as NVlabs and diffusers' DPM-Solver do; "
+           "--no_truncate_timesteps with --sampler flow_euler matches diffusers' FlowMatchEulerDiscreteScheduler "
+           "(default: the model's, on)", type=None, setting="truncate_timesteps", deprecated=("no-truncate_timesteps",)),
+    Option("max_timesteps", "Sana-Sprint: the first SCM time (default: the model's)", type=finite,
+           setting="max_timesteps"),
+    Option("intermediate_timesteps", "Sana-Sprint: the middle SCM time of a 2-step run (default: the model's)",
+           type=finite, setting="intermediate_timesteps"),
+    Option("resolution_binning", "any --height/--width: generate at the model's nearest training bucket and "
+           "resize + crop to the size asked (diffusers' use_resolution_binning)", type=None, default=False,
+           setting="use_resolution_binning"),
+    Option("tiled_decode", "force (or forbid) tiled DC-AE decoding; default decides from free memory", type=None,
+           setting="tiled_decode", deprecated=("no-tiled_decode",)),
+    # image-to-image, inpainting, ControlNet
+    Option("image", "image-to-image / inpainting: the picture to start from (resized and centre-cropped to the "
+           "size)", record=True, group="image inputs"),
+    Option("mask", "inpainting: white (or transparent) = repaint, black = keep; needs --image", record=True,
+           group="image inputs"),
+    Option("strength", "how much of the schedule runs on --image (0-1; default 0.6 for image-to-image, 1.0 when "
+           "inpainting): as ComfyUI's denoise, the last steps of a steps/strength schedule, so --steps steps "
+           "always run. diffusers' SanaSprintImg2ImgPipeline(num_inference_steps=N, strength=s) instead runs "
+           "the last k = N - int(N - N s) of N steps: the same image as --steps k --strength k/N",
+           type=strength, record=True, group="image inputs"),
+    Option("controlnet", "a Sana ControlNet (NVlabs .pth or repo id, which may also be --dit; diffusers folder); "
+           "repeat for several", append=True, metavar="PATH", group="image inputs"),
+    Option("control_image", "the control image of each --controlnet, in order (HED: white scribbles on black; any "
+           "size, resized and centre-cropped)", append=True, record=True, metavar="PATH", group="image inputs"),
+    Option("control_scale", "ControlNet strength: one for all or one per --controlnet (default 1)", type=finite,
+           append=True, metavar="SCALE", group="image inputs"),
+    Option("control_start", "fraction of the steps before the ControlNets act", type=fraction, default=0.0,
+           group="image inputs"),
+    Option("control_end", "fraction of the steps after which they stop", type=fraction, default=1.0,
+           group="image inputs"),
+    # the model
+    Option("model", "diffusers Sana folder, Hugging Face repo id or hf:// URL (default: %(default)s)",
+           default=None, group="model"),
+    Option("dit", "DiT checkpoint instead of the model's (NVlabs .pth, safetensors, folder, hf://)",
+           aliases=("model_path",), group="model"),
+    Option("vae", "DC-AE file or folder instead of the model's", group="model"),
+    Option("text_encoder", "Gemma-2 folder or single file instead of the model's", group="model"),
+    Option("lora", "merge a Sana LoRA into the DiT (repeat for several; scale default 1)", append=True,
+           metavar="PATH[:SCALE]", group="model"),
+    Option("variant", "weight files to download from a hub repo: fp16, bf16, or 'none' for the full precision "
+           "files (default: from --dtype)", group="model"),
+    Option("dtype", "weights' dtype (compute precision)", default="bf16", choices=tuple(DTYPES), group="model"),
+    Option("device", "cuda, cuda:1, cpu, mps (default: cuda if available; under torchrun its LOCAL_RANK's GPU)",
+           group="model"),
+    Option("use_pe", "force the 2K/4K sin-cos positional embedding on/off (default: detected)", type=None,
+           deprecated=("no-use_pe",), group="model"),
+    Option("offload", "keep idle models on the CPU (small GPUs)", type=None, default=False, group="model"),
+    Option("compile", "torch.compile the DiT, optionally naming the mode (reduce-overhead: CUDA graphs); pays off "
+           "over many images: the first one includes compiling", nargs="?", group="model"),
+    # the run
+    Option("output_dir", "where the PNGs go", default="output", aliases=("work_dir",), group="run"),
+    Option("batch_size", "prompts generated together (images do not depend on it)", type=positive_int, default=1,
+           aliases=("bs",), group="run"),
+    Option("num_images_per_prompt", "images of each prompt (seeds count up)", type=positive_int, default=1,
+           group="run"),
+    Option("start_index", "first prompt of the file to make (0-based)", type=whole, group="run"),
+    Option("end_index", "stop before this prompt", type=whole, group="run"),
+    Option("skip_existing", "leave out images whose PNG is already in --output_dir (resume an interrupted run)",
+           type=None, default=False, group="run"),
+    Option("progress", "progress bars (--no_progress: none)", type=None, default=True, group="run"),
+)
+BY_NAME = {o.name: o for o in OPTIONS}
+#: every key a json record may hold -> its option (aliases and old names included)
+RECORD_KEYS = {key: o for o in OPTIONS if o.record for key in (o.name, *o.aliases, *o.deprecated)}
 PATH_FIELDS = ("image", "mask", "control_image")  # record fields naming files
-#: plan_jobs' settings that GenerationSettings checks before any model is loaded
-GENERATION_FIELDS = {"negative_prompt", "height", "width", "num_inference_steps", "guidance_scale",
-                     "pag_guidance_scale", "pag_layers", "sampler", "shift", "use_chi"}
+
+
+class _Action(argparse.Action):
+    """Stores an option's value; a switch stores True / False (--no_NAME); an old spelling warns once."""
+
+    def __init__(self, option_strings: list[str], dest: str, kind: str = "store", use: str | None = None,
+                 **kwargs: Any):
+        self.kind, self.use = kind, use
+        if kind == "switch":
+            kwargs["nargs"] = 0
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        if self.use:
+            log.warning("%s is deprecated: use %s", option_string, self.use)
+        if self.kind == "switch":
+            values = not re.match(r"--no[_-]", option_string or "")
+        elif self.kind == "append":
+            values = [*(getattr(namespace, self.dest) or []), values]
+        setattr(namespace, self.dest, values)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose mistakes are one line (not the whole usage), with the nearest flag for a misspelt one."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        hint = ""
+        unknown = re.match(r"unrecognized arguments: (\S+)", message)
+        if unknown:
+            flags = [s for a in self._actions for s in a.option_strings]
+            close = difflib.get_close_matches(unknown.group(1).split("=")[0], flags, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+        self.exit(2, f"{self.prog}: error: {message}{hint}; --help lists every flag\n")
+
+
+def _argparse_type(option: Option) -> Callable[[str], Any]:
+    """The option's type for argparse: a ValueError becomes argparse's message naming the flag."""
+    def convert(value: str) -> Any:
+        try:
+            return option.type(value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    convert.__name__ = option.type.__name__
+    return convert
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of `OPTIONS` (old spellings hidden from --help but accepted with a deprecation warning)."""
+    p = OneLineParser(prog="sana-generate", description=__doc__, allow_abbrev=False,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for o in OPTIONS:
+        group = groups.setdefault(o.group, p.add_argument_group(o.group))
+        default = _default_model() if o.name == "model" else o.default
+        kw: dict[str, Any] = {"dest": o.name, "default": default, "action": _Action,
+                              "help": o.help + (" [record]" if o.record else "")}
+        if o.type is None:
+            kw["kind"] = "switch"
+        else:
+            kw.update(type=_argparse_type(o), kind="append" if o.append else "store")
+            kw.update({k: v for k, v in (("nargs", o.nargs), ("choices", o.choices), ("metavar", o.metavar)) if v})
+            if o.name == "compile":
+                kw.update(const="default", choices=_compile_modes())
+        group.add_argument(*o.flags, **kw)
+        for old in o.deprecated:
+            new = f"--no_{o.name}" if old.startswith("no-") else f"--{o.name}"
+            group.add_argument(f"--{old}", **{**kw, "help": argparse.SUPPRESS, "use": new})
+    return p
+
+
+# ------------------------------------------------------------------------------ prompts and the plan
+
+
+def _read_text(path: Path, flag: str) -> str:
+    if not path.is_file():
+        raise FileNotFoundError(f"{flag} {path}: no such file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{flag} {path}: not UTF-8 text ({e})") from None
 
 
 def read_prompts(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The prompt records the arguments ask for, each at least {"prompt": ...}."""
+    """The prompt records the arguments ask for, each at least {"prompt": ...}, record fields checked (by the
+    options' own types) and named by their option; unknown fields are dropped with one warning."""
     if args.txt_file:
         path = Path(args.txt_file)
-        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
+        lines = [ln.strip() for ln in _read_text(path, "--txt_file").splitlines()]
         records = [{"prompt": ln} for ln in lines if ln and not ln.startswith("#")]
     elif args.json_file:
         path = Path(args.json_file)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(_read_text(path, "--json_file"))
         except ValueError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from e
+        if not isinstance(data, (list, dict)):
+            raise ValueError(f"{path}: expected a list of prompts/records or an object of them")
         items = list(data.items()) if isinstance(data, dict) else list(enumerate(data))
-        records = []
+        records, unknown = [], {}
         for key, item in items:
-            rec = {"prompt": item} if isinstance(item, str) else item
-            if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+            raw = {"prompt": item} if isinstance(item, str) else item
+            if not isinstance(raw, dict) or not isinstance(raw.get("prompt"), str):
                 raise ValueError(f"{path}: entry {key!r} must be a prompt string or an object with a \"prompt\" string")
-            unknown = set(rec) - RECORD_FIELDS
-            if unknown:
-                raise ValueError(f"{path}: entry {key!r} has unknown fields {sorted(unknown)}; valid: {sorted(RECORD_FIELDS)}")
+            rec: dict[str, Any] = {"prompt": raw["prompt"]}
             if isinstance(data, dict):
-                rec = {"name": str(key), **rec}
+                rec["name"] = str(key)
+            for field, value in raw.items():
+                option = RECORD_KEYS.get(field)
+                if field in ("prompt", "name"):
+                    rec[field] = str(value)
+                elif option is None:
+                    unknown.setdefault(field, []).append(key)
+                elif value is not None:
+                    if field in option.deprecated:
+                        log.warning("%s: the record field %r is deprecated: use %r", path, field, option.name)
+                    rec[option.name] = option.parse(value, f"{path}: entry {key!r}")
             for field in PATH_FIELDS:
                 if field in rec:
                     rec[field] = _record_paths(rec[field], path, key, field)
             records.append(rec)
+        if unknown:
+            log.warning("%s: ignoring fields no option reads: %s; a record may set %s", path,
+                        ", ".join(f"{f!r} ({len(k)} entries)" for f, k in unknown.items()),
+                        ", ".join(["prompt", "name", *sorted({o.name for o in RECORD_KEYS.values()})]))
     else:
-        return [{"prompt": args.prompt}]
+        return [{"prompt": args.prompt if args.prompt is not None else DEFAULT_PROMPT}]
     if not records:
         raise ValueError(f"{path}: holds no prompts")
     return records
 
 
-def _record_paths(value: Any, json_path: Path, key: Any, field: str) -> str | tuple[str, ...]:
+def _record_paths(value: str | tuple[str, ...], json_path: Path, key: Any, field: str) -> str | tuple[str, ...]:
     """A record's file path(s), each existing as given or next to the json file."""
-    values = value if isinstance(value, list) else [value]
+    values = value if isinstance(value, tuple) else (value,)
     out = []
     for v in values:
-        if not isinstance(v, str):
-            raise ValueError(f"{json_path}: entry {key!r}: \"{field}\" must be a file path (or a list of them)")
         found = Path(v) if Path(v).exists() else json_path.parent / v
         if not found.exists():
             raise FileNotFoundError(f"{json_path}: entry {key!r}: {field} {v!r} not found (nor next to the json file)")
         out.append(str(found))
-    return tuple(out) if isinstance(value, list) else out[0]
+    return tuple(out) if isinstance(value, tuple) else out[0]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .pipeline import COMPILE_MODES, DEFAULT_MODEL
-    from .samplers import SAMPLERS, SCM_INTERMEDIATE_TIMESTEPS, SCM_MAX_TIMESTEPS
-
-    p = argparse.ArgumentParser(prog="python -m sana_core.cli", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--prompt", default='a cyberpunk cat with a neon sign that says "Sana"')
-    src.add_argument("--txt_file", help="one prompt a line")
-    src.add_argument("--json_file", help="prompt records (see above)")
-    p.add_argument("--negative_prompt", default="")
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="diffusers Sana folder, Hugging Face repo id or hf:// URL (default: %(default)s)")
-    p.add_argument("--dit", help="DiT checkpoint instead of the model's (NVlabs .pth, safetensors, folder, hf://)")
-    p.add_argument("--vae", help="DC-AE file or folder instead of the model's")
-    p.add_argument("--text_encoder", help="Gemma-2 folder or single file instead of the model's")
-    p.add_argument("--output_dir", default="output")
-    p.add_argument("--height", type=int, default=1024, help="pixels, a multiple of 32")
-    p.add_argument("--width", type=int, default=1024, help="pixels, a multiple of 32")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 20; 2 for Sprint)")
-    p.add_argument("--guidance_scale", type=float, default=4.5, help="CFG scale (Sprint: embedded guidance)")
-    p.add_argument("--pag_guidance_scale", type=float, default=0.0, help="PAG scale; 0 turns PAG off")
-    p.add_argument("--pag_layers", type=int, nargs="+", default=[8], help="blocks whose self-attention PAG perturbs")
-    p.add_argument("--seed", type=int, default=0, help="seed of the first image; the next ones count up")
-    p.add_argument("--sampler", choices=list(SAMPLERS), help="default: flow_dpmpp_2m, or scm for Sprint models")
-    p.add_argument("--shift", type=float, help="timestep shift (default 3.0; 6.0 from 4K up)")
-    p.add_argument("--batch_size", type=int, default=1, help="prompts generated together")
-    p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
-    p.add_argument("--device", help="cuda, cuda:1, cpu, mps (default: cuda if available)")
-    p.add_argument("--offload", action="store_true", help="keep idle models on the CPU (small GPUs)")
-    p.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, default=None,
-                   help="torch.compile the DiT, optionally naming the mode (reduce-overhead: CUDA graphs); pays "
-                        "off over many images: the first one includes compiling")
-    p.add_argument("--tiled_decode", action=argparse.BooleanOptionalAction, default=None,
-                   help="force (or forbid) tiled DC-AE decoding; default decides from free memory")
-    p.add_argument("--no_chi", action="store_true", help="encode prompts without the complex human instruction")
-    p.add_argument("--use_pe", action=argparse.BooleanOptionalAction, default=None,
-                   help="force the 2K/4K sin-cos positional embedding on/off (default: detected)")
-    p.add_argument("--image", help="image-to-image / inpainting: the picture to start from (resized and centre-"
-                                   "cropped to --width x --height)")
-    p.add_argument("--mask", help="inpainting: white (or transparent) = repaint, black = keep; needs --image")
-    p.add_argument("--strength", type=float, default=None,
-                   help="how much of the schedule runs on --image (0-1; default 0.6 for image-to-image, 1.0 when "
-                        "inpainting)")
-    p.add_argument("--num_images_per_prompt", type=int, default=1, help="images of each prompt (seeds count up)")
-    p.add_argument("--controlnet", action="append", default=[], metavar="PATH",
-                   help="a Sana ControlNet (NVlabs .pth or repo id, which may also be --dit; diffusers folder); repeat "
-                        "for several")
-    p.add_argument("--control_image", action="append", default=[], metavar="PATH",
-                   help="the control image of each --controlnet, in order (HED: white scribbles on black; any size, "
-                        "resized and centre-cropped)")
-    p.add_argument("--control_scale", type=float, action="append", default=[], metavar="SCALE",
-                   help="ControlNet strength: one for all or one per --controlnet (default 1)")
-    p.add_argument("--control_start", type=float, default=0.0, help="fraction of the steps before the ControlNets act")
-    p.add_argument("--control_end", type=float, default=1.0, help="fraction of the steps after which they stop")
-    p.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
-                   help="merge a Sana LoRA into the DiT (repeat for several; scale default 1)")
-    p.add_argument("--variant", help="weight files to download from a hub repo: fp16, bf16, or 'none' for the full "
-                                     "precision files (default: from --dtype)")
-    p.add_argument("--truncate_timesteps", action=argparse.BooleanOptionalAction, default=True,
-                   help="feed the DiT int(1000 sigma) as NVlabs and diffusers' DPM-Solver do; --no-truncate_timesteps "
-                        "with --sampler flow_euler matches diffusers' FlowMatchEulerDiscreteScheduler")
-    p.add_argument("--max_timesteps", type=float, default=SCM_MAX_TIMESTEPS, help="Sana-Sprint: the first SCM time")
-    p.add_argument("--intermediate_timesteps", type=float, default=SCM_INTERMEDIATE_TIMESTEPS,
-                   help="Sana-Sprint: the middle SCM time of a 2-step run")
-    p.add_argument("--max_sequence_length", type=int, default=300, help="caption tokens")
-    p.add_argument("--complex_human_instruction", help="replace Sana's complex human instruction with this text")
-    p.add_argument("--resolution_binning", action="store_true",
-                   help="any --height/--width: generate at the model's nearest training bucket and resize + crop "
-                        "to the size asked (diffusers' use_resolution_binning)")
-    p.add_argument("--start_index", type=int, default=None, help="first prompt of the file to make (0-based)")
-    p.add_argument("--end_index", type=int, default=None, help="stop before this prompt")
-    p.add_argument("--skip_existing", action="store_true",
-                   help="leave out images whose PNG is already in --output_dir (resume an interrupted run)")
-    p.add_argument("--no_progress", action="store_true", help="no progress bars")
-    return p
+def safe_name(prompt: str) -> str:
+    """NVlabs' prompt-based file name: the first 100 characters, with path separators and characters that
+    file systems refuse replaced by '_'."""
+    name = re.sub(r'[\\/:*?"<>|\x00-\x1f]', "_", prompt[:100]).strip().rstrip(".")
+    return name or "_"
 
 
 def plan_images(records: list[dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
     """One entry per image this process makes, each with its name and seed.
 
     `--start_index`/`--end_index` slice the prompts (NVlabs' flags); each prompt makes `--num_images_per_prompt`
-    images; image j of the whole file is named after its prompt (`NNNNN` or the record's name, `_k` for copies)
-    and seeded `--seed + j` unless its record sets a seed (then seed + k). Under torchrun / accelerate
-    (`RANK`, `WORLD_SIZE`) each process takes every WORLD_SIZE-th image; with `--skip_existing` images already
-    in the output folder are left out. So an image never depends on its batch, its process or the slice.
+    images; image j of the whole file is named after its prompt's index (`NNNNN`), its record's name or with
+    `--name_by prompt` its text (`safe_name`; a repeated name gets `_1`, `_2`, ...), plus `_k` for copies, and
+    seeded `--seed + j` unless its record sets a seed (then seed + k). Under torchrun / accelerate (`RANK`,
+    `WORLD_SIZE`) each process takes every WORLD_SIZE-th image; with `--skip_existing` images already in the
+    output folder are left out. So an image never depends on its batch, its process or the slice.
     """
     n = args.num_images_per_prompt
+    names, used = [], set()
+    for i, rec in enumerate(records):
+        base = rec.get("name") or (safe_name(rec["prompt"]) if args.name_by == "prompt" else f"{i:05d}")
+        base = safe_name(base) if "name" in rec else base
+        name, k = base, 1
+        while name in used:
+            name, k = f"{base}_{k}", k + 1
+        used.add(name)
+        names.append(name)
     images = []
     for i, rec in list(enumerate(records))[args.start_index:args.end_index]:
         for k in range(n):
-            name = rec.get("name", f"{i:05d}")
             seed = rec["seed"] + k if "seed" in rec else args.seed + i * n + k
-            images.append({**rec, "name": name if n == 1 else f"{name}_{k}", "seed": seed})
+            images.append({**rec, "name": names[i] if n == 1 else f"{names[i]}_{k}", "seed": seed})
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     images = images[rank::world]
     if args.skip_existing:
@@ -184,23 +463,17 @@ def plan_images(records: list[dict[str, Any]], args: argparse.Namespace) -> list
     return images
 
 
-def plan_jobs(images: list[dict[str, Any]], args: argparse.Namespace, sprint: bool) -> list[tuple[dict, list[dict]]]:
-    """Group images into batches of up to `--batch_size` that share every setting but the prompt and seed."""
+def plan_jobs(images: list[dict[str, Any]], args: argparse.Namespace) -> list[tuple[dict, list[dict]]]:
+    """Group images into batches of up to `--batch_size` that share every setting but the prompt and seed.
+    A job's settings are keyed by option name: the per-image options (`Option.setting`, a record's value over
+    the flag's), image / mask / strength / control_image; None = the model's default (`resolve_defaults`)."""
     jobs: list[tuple[dict, list[dict]]] = []
     for rec in images:
-        settings = dict(
-            negative_prompt=rec.get("negative_prompt", args.negative_prompt),
-            height=rec.get("height", args.height), width=rec.get("width", args.width),
-            num_inference_steps=rec.get("steps", args.steps or (2 if sprint else 20)),
-            guidance_scale=rec.get("guidance_scale", args.guidance_scale),
-            pag_guidance_scale=rec.get("pag_guidance_scale", args.pag_guidance_scale),
-            pag_layers=tuple(args.pag_layers), sampler=args.sampler or ("scm" if sprint else "flow_dpmpp_2m"),
-            shift=args.shift, use_chi=not args.no_chi, truncate_timesteps=args.truncate_timesteps,
-            max_timesteps=args.max_timesteps, intermediate_timesteps=args.intermediate_timesteps,
-            max_sequence_length=args.max_sequence_length, complex_human_instruction=args.complex_human_instruction,
-            use_resolution_binning=args.resolution_binning,
-            image=rec.get("image", args.image), mask=rec.get("mask", args.mask),
-            control_image=_as_tuple(rec.get("control_image", tuple(args.control_image))))
+        settings = {o.name: rec.get(o.name, getattr(args, o.name)) for o in OPTIONS
+                    if o.setting or o.name in ("image", "mask", "strength", "control_image")}
+        settings["control_image"] = tuple(settings["control_image"] or ())
+        if settings["pag_layers"] is not None:
+            settings["pag_layers"] = tuple(settings["pag_layers"])
         if jobs and jobs[-1][0] == settings and len(jobs[-1][1]) < args.batch_size:
             jobs[-1][1].append(rec)
         else:
@@ -208,30 +481,85 @@ def plan_jobs(images: list[dict[str, Any]], args: argparse.Namespace, sprint: bo
     return jobs
 
 
-def _as_tuple(value: Any) -> tuple:
-    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+def check_plan(jobs: list[tuple[dict, list[dict]]], args: argparse.Namespace) -> None:
+    """Everything that can be checked before a model is loaded: sizes, input images (readable), ControlNet
+    flags that fit together, mask without image, strength without image."""
+    from .spec import LATENT_FACTOR
 
-
-def check_controls(jobs: list[tuple[dict, list[dict]]], args: argparse.Namespace) -> None:
-    """ControlNet flags that fit together, before any model is loaded."""
-    n = len(args.controlnet)
-    if not n and (args.control_scale or (args.control_start, args.control_end) != (0.0, 1.0)):
+    n = len(args.controlnet or ())
+    scales = args.control_scale or []
+    if not n and (scales or (args.control_start, args.control_end) != (0.0, 1.0)):
         raise ValueError("--control_scale / --control_start / --control_end act on a ControlNet: add --controlnet")
-    if len(args.control_scale) not in (0, 1, n):
-        raise ValueError(f"--control_scale: {len(args.control_scale)} values for {n} --controlnet")
-    if not 0 <= args.control_start <= args.control_end <= 1:
-        raise ValueError("--control_start and --control_end must satisfy 0 <= start <= end <= 1")
+    if len(scales) not in (0, 1, n):
+        raise ValueError(f"--control_scale: {len(scales)} values for {n} --controlnet")
+    if args.control_start > args.control_end:
+        raise ValueError(f"--control_start {args.control_start:g} is after --control_end {args.control_end:g}")
+    if args.strength is not None and not any(s["image"] for s, _ in jobs):
+        raise ValueError("--strength needs --image (or records with an \"image\")")
+    checked: set[str] = set()
     for settings, recs in jobs:
+        where = f"prompt {recs[0]['name']!r}" if args.json_file else "--image/--mask"
         given = settings["control_image"]
         if len(given) != n:
-            where = f"prompt {recs[0]['name']!r}" if any("control_image" in r for r in recs) else "--control_image"
-            raise ValueError(f"{where}: {len(given)} control images for {n} --controlnet (one each)")
-        for path in given:
-            if not Path(path).is_file():
-                raise FileNotFoundError(f"control image {path}: no such file")
+            where_c = f"prompt {recs[0]['name']!r}" if any("control_image" in r for r in recs) else "--control_image"
+            raise ValueError(f"{where_c}: {len(given)} control images for {n} --controlnet (one each)")
         if settings["mask"] and not settings["image"]:
-            raise ValueError(f"prompt {recs[0]['name']!r}: a mask needs an image (the picture whose masked region "
-                             "is repainted)")
+            raise ValueError(f"{where}: --mask needs --image (the picture whose masked region is repainted)")
+        for flag, path in [("image", settings["image"]), ("mask", settings["mask"]),
+                           *[("control_image", p) for p in given]]:
+            if path and path not in checked:
+                check_image_file(path, flag)
+                checked.add(path)
+        for side in ("height", "width"):
+            v = settings[side]
+            if v is not None and not settings["resolution_binning"] and (v <= 0 or v % LATENT_FACTOR):
+                lo, hi = max(LATENT_FACTOR, v // LATENT_FACTOR * LATENT_FACTOR), (v // LATENT_FACTOR + 1) * LATENT_FACTOR
+                where = f"prompt {recs[0]['name']!r}: " if side in recs[0] else ""
+                raise ValueError(f"{where}--{side} {v} must be a positive multiple of {LATENT_FACTOR} (the DC-AE "
+                                 f"compresses {LATENT_FACTOR}x; or --resolution_binning): use {lo} or {hi}")
+
+
+def check_image_file(path: str, flag: str) -> None:
+    """An input image that exists and decodes (ValueError / FileNotFoundError naming the flag and file)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"--{flag} {path}: no such file")
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        raise ValueError(f"--{flag} {path}: not a readable image ({e})") from None
+
+
+def resolve_defaults(jobs: list[tuple[dict, list[dict]]], pipe: Any) -> None:
+    """Fill each job's unset settings from the loaded model's spec (`pipe.spec`, read from its folder), so the
+    PNG metadata holds the values used, and check what only the model can tell: PAG blocks within its depth; a
+    negative prompt on Sana-Sprint (no CFG) is dropped with a warning (and not written to the PNG metadata as if
+    it had acted); PAG blocks given without a PAG scale are named in a warning."""
+    spec, depth = pipe.spec, pipe.dit.cfg.depth
+    defaults = {"height": spec.size, "width": spec.size, "steps": spec.steps, "guidance_scale": spec.guidance_scale,
+                "pag_layers": spec.pag_layers, "sampler": spec.sampler, "flow_shift": spec.shift,
+                "truncate_timesteps": spec.truncate_timesteps}
+    scm_times = {"max_timesteps": spec.max_timesteps, "intermediate_timesteps": spec.intermediate_timesteps}
+    dropped = unused_pag = False
+    for settings, recs in jobs:
+        unused_pag |= settings["pag_layers"] is not None and settings["pag_scale"] == 0
+        for key, value in defaults.items():
+            if settings[key] is None:
+                settings[key] = value
+        for key, value in scm_times.items():  # shown where they act; the pipeline warns about given ones that don't
+            if settings[key] is None and settings["sampler"] == "scm":
+                settings[key] = value
+        if settings["pag_scale"] > 0 and max(settings["pag_layers"]) >= depth:
+            raise ValueError(f"--pag_layers {' '.join(map(str, settings['pag_layers']))}: this model has {depth} "
+                             f"blocks (0..{depth - 1})")
+        if spec.sprint and settings["negative_prompt"]:
+            settings["negative_prompt"], dropped = "", True
+    if dropped:
+        log.warning("--negative_prompt is not used: Sana-Sprint has no classifier-free guidance")
+    if unused_pag:
+        log.warning("--pag_layers is not used: PAG is off without --pag_scale > 0")
 
 
 def parse_lora(text: str) -> tuple[str, float]:
@@ -250,70 +578,70 @@ def device_for_rank(device: str | None) -> str | None:
     return device
 
 
+def pipe_arguments(settings: dict[str, Any], control: dict[str, Any]) -> dict[str, Any]:
+    """A job's settings as `SanaPipeline.__call__` arguments (input images loaded at the job's size)."""
+    from .pipeline import load_image
+
+    kw = {BY_NAME[k].setting: v for k, v in settings.items() if BY_NAME[k].setting and v is not None}
+    image, mask = settings["image"], settings["mask"]
+    if image:
+        size = (settings["width"], settings["height"])
+        kw |= {"image": load_image(image, *size), "strength": settings["strength"],
+               "mask_image": load_image(mask, *size, mask=True) if mask else None}
+    if settings["control_image"]:
+        given = settings["control_image"]
+        kw |= {"control_image": list(given) if len(given) > 1 else given[0], **control}
+    return kw
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if sum(v is not None for v in (args.prompt, args.txt_file, args.json_file)) > 1:
+        parser.error("give one of --prompt, --txt_file, --json_file")
     from tqdm.auto import tqdm
 
-    from .pipeline import GenerationSettings, SanaPipeline, load_image, save_images
+    from .pipeline import SanaPipeline, save_images
 
     try:
-        if args.mask and not args.image:
-            raise ValueError("--mask needs --image (the picture whose masked region is repainted)")
-        if args.strength is not None and not 0 < args.strength <= 1:
-            raise ValueError("--strength must be in (0, 1]")
-        if args.num_images_per_prompt < 1 or args.batch_size < 1:
-            raise ValueError("--num_images_per_prompt and --batch_size must be at least 1")
-        loras = [parse_lora(text) for text in args.lora]
+        loras = [parse_lora(t) for t in args.lora or ()]
         records = read_prompts(args)
         images = plan_images(records, args)
         if not images:
-            logging.getLogger(__name__).warning(
-                "nothing to make: %s", "every image is already in --output_dir" if args.skip_existing
-                else "--start_index/--end_index (or this process's share) select no prompt")
+            log.warning("nothing to make: %s", "every image is already in --output_dir" if args.skip_existing
+                        else "--start_index/--end_index (or this process's share) select no prompt")
             return 0
-        planned = plan_jobs(images, args, sprint=False)
-        check_controls(planned, args)
-        if args.strength is not None and not any(settings["image"] for settings, _ in planned):
-            raise ValueError("--strength needs --image (or records with an \"image\")")
-        for settings, _ in planned:  # fail on bad sizes before loading anything
-            if not args.resolution_binning:
-                GenerationSettings("", **{k: v for k, v in settings.items() if k in GENERATION_FIELDS}).validate()
+        for im in images:  # image-to-image's default strength: 0.6, inpainting 1.0
+            if im.get("image", args.image) and im.get("strength", args.strength) is None:
+                im["strength"] = 1.0 if im.get("mask", args.mask) else 0.6
+        jobs = plan_jobs(images, args)
+        check_plan(jobs, args)
         pipe = SanaPipeline.from_pretrained(args.model, dit=args.dit, vae=args.vae, text_encoder=args.text_encoder,
                                             dtype=DTYPES[args.dtype], device=device_for_rank(args.device),
                                             use_pe=args.use_pe, offload=args.offload, compile=args.compile or False,
                                             variant=args.variant, controlnet=args.controlnet or None)
         for path, scale in loras:
             pipe.load_lora(path, scale)
+        resolve_defaults(jobs, pipe)
+        scales = args.control_scale or []
+        control = {"controlnet_conditioning_scale": scales[0] if len(scales) == 1 else scales or 1.0,
+                   "control_guidance_start": args.control_start, "control_guidance_end": args.control_end}
+        run = {"model": str(args.model), "dit": args.dit, "vae": args.vae, "text_encoder": args.text_encoder,
+               "dtype": args.dtype, "lora": [f"{p}:{s:g}" for p, s in loras], "model_variant": pipe.dit.variant}
+        if args.controlnet:
+            run |= {"controlnet": args.controlnet, "control_scale": scales or [1.0],
+                    "control_start": args.control_start, "control_end": args.control_end}
+        for settings, recs in tqdm(jobs, desc="batches", disable=not args.progress or len(jobs) <= 1):
+            out = pipe([r["prompt"] for r in recs], seed=[r["seed"] for r in recs], progress=args.progress,
+                       **pipe_arguments(settings, control))
+            shown = {k: v for k, v in settings.items() if v not in (None, ())}
+            metas = [{"prompt": r["prompt"], "seed": r["seed"], **shown, **run} for r in recs]
+            for path in save_images(out, args.output_dir, metas, [r["name"] for r in recs]):
+                print(path)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    jobs = plan_jobs(images, args, sprint=pipe.dit.cfg.guidance_embed)
-    model = str(args.dit or args.model)
-    for settings, recs in tqdm(jobs, desc="batches", disable=args.no_progress or len(jobs) <= 1):
-        settings = dict(settings)
-        image, mask, control = settings.pop("image"), settings.pop("mask"), settings.pop("control_image")
-        extra: dict[str, Any] = {}
-        if image:
-            size = (settings["width"], settings["height"])
-            extra = {"image": load_image(image, *size), "strength": args.strength or (1.0 if mask else 0.6),
-                     "mask_image": load_image(mask, *size, mask=True) if mask else None}
-        if control:
-            extra |= {"control_image": list(control) if len(control) > 1 else control[0],
-                      "controlnet_conditioning_scale": args.control_scale[0] if len(args.control_scale) == 1
-                      else args.control_scale or 1.0,
-                      "control_guidance_start": args.control_start, "control_guidance_end": args.control_end}
-        images = pipe([r["prompt"] for r in recs], seed=[r["seed"] for r in recs], progress=not args.no_progress,
-                      tiled_decode=args.tiled_decode, **settings, **extra)
-        shown = {"image": image, "mask": mask, "strength": extra["strength"]} if image else {}
-        if control:
-            shown |= {"controlnet": args.controlnet, "control_image": list(control),
-                      "control_scale": args.control_scale or [1.0], "control_start": args.control_start,
-                      "control_end": args.control_end}
-        metas = [{**settings, "prompt": r["prompt"], "seed": r["seed"], "model": model, "variant": pipe.dit.variant,
-                  "loras": [f"{p}:{s:g}" for p, s in loras], **shown} for r in recs]
-        for path in save_images(images, args.output_dir, metas, [r["name"] for r in recs]):
-            print(path)
     return 0
 
 

@@ -17,9 +17,12 @@ def folder(tmp_path_factory):
 
 
 def run(capsys, *args):
-    code = main(list(args))
+    try:
+        code = main(list(args))
+    except SystemExit as e:  # argparse's own errors (flag values)
+        code = e.code
     out = capsys.readouterr()
-    return code, out.out.split(), out.err
+    return code, out.out.splitlines(), out.err
 
 
 def test_txt_file_batches_and_metadata(folder, tmp_path, capsys):
@@ -61,7 +64,9 @@ def test_existing_files_are_not_overwritten(folder, tmp_path, capsys):
 @pytest.mark.parametrize("name,content,match", [
     ("p.txt", "\n# only a comment\n", "holds no prompts"),
     ("p.json", "[1, 2]", "entry 0 must be a prompt string"),
-    ("p.json", '[{"prompt": "x", "colour": 1}]', "unknown fields ['colour']"),
+    ("p.json", '[{"prompt": "x", "steps": 0}]', "entry 0: \"steps\" must be at least 1, got 0"),
+    ("p.json", '[{"prompt": "x", "guidance_scale": NaN}]', "\"guidance_scale\" expected a finite number"),
+    ("p.json", '[{"prompt": "x", "steps": 2.5}]', "\"steps\" expected an integer, got 2.5"),
     ("p.json", "{not json", "not valid JSON"),
     ("p.json", "[]", "holds no prompts"),
 ])
@@ -71,19 +76,21 @@ def test_bad_prompt_files(tmp_path, capsys, name, content, match):
     flag = "--txt_file" if name.endswith(".txt") else "--json_file"
     code, _, err = run(capsys, "--model", str(tmp_path / "missing"), flag, str(f))
     assert code == 2 and match in err and name in err
+    assert len(err.strip().splitlines()) == 1, err
 
 
 def test_size_is_checked_before_loading(tmp_path, capsys):
     code, _, err = run(capsys, "--model", str(tmp_path / "missing"), "--height", "1000")
-    assert code == 2 and "height=1000 must be a positive multiple of 32" in err and "992 or 1024" in err
+    assert code == 2 and "--height 1000 must be a positive multiple of 32" in err and "992 or 1024" in err
 
 
 def test_missing_model_and_unknown_sampler(tmp_path, capsys):
     code, _, err = run(capsys, "--model", "./nowhere/at_all")
     assert code == 2 and "nowhere/at_all" in err
-    with pytest.raises(SystemExit):
-        main(["--sampler", "euler_a"])
-    assert "invalid choice: 'euler_a'" in capsys.readouterr().err
+    code, _, err = run(capsys, "--sampler", "euler_a")
+    assert code == 2 and "unknown sampler 'euler_a'; valid: flow_dpmpp_2m, flow_euler, scm" in err
+    code, _, err = run(capsys, "--sampling_algo", "sa-solver")
+    assert code == 2 and "'sa-solver' is NVlabs' sampler for diffusion (non-flow) models" in err
 
 
 def _png(path) -> np.ndarray:
@@ -252,13 +259,13 @@ def test_two_processes_under_torchrun(folder, tmp_path):
 
 @pytest.mark.parametrize("flags,match", [
     (["--variant", "fp8"], "variant='fp8': expected one of fp16, bf16"),
-    (["--num_images_per_prompt", "0"], "--num_images_per_prompt and --batch_size must be at least 1"),
+    (["--num_images_per_prompt", "0"], "argument --num_images_per_prompt: must be at least 1, got 0"),
     (["--strength", "0.5"], "--strength needs --image"),
-    (["--strength", "1.5", "--image", "x.png"], "--strength must be in (0, 1]"),
+    (["--strength", "1.5", "--image", "x.png"], "argument --strength: must be in (0, 1], got 1.5"),
 ])
 def test_bad_flags_are_named(folder, capsys, flags, match):
     code, _, err = run(capsys, "--model", folder, *flags, *SMALL)
-    assert code == 2 and match in err
+    assert code == 2 and match in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_lora_flag_and_a_lora_for_another_model(folder, tmp_path, capsys):
@@ -315,4 +322,130 @@ def test_resolution_binning_flag(folder, tmp_path, capsys):
     code, paths, _ = run(capsys, "--model", folder, "--height", "100", "--width", "150", "--resolution_binning",
                          "--steps", "1", "--dtype", "fp32", "--no_progress", "--output_dir", str(tmp_path))
     assert code == 0 and Image.open(paths[0]).size == (150, 100)
-    assert json.loads(Image.open(paths[0]).text["sana"])["use_resolution_binning"] is True
+    assert json.loads(Image.open(paths[0]).text["sana"])["resolution_binning"] is True
+
+
+# ------------------------------------------------------------------------------ issue 23: one line per mistake
+
+
+def _corrupt_png(path):
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    return str(path)
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--steps", "0"], "argument --steps/--num_inference_steps/--step: must be at least 1, got 0"),
+    (["--guidance_scale", "nan"], "argument --guidance_scale/--cfg_scale: expected a finite number, got 'nan'"),
+    (["--pag_scale", "nan"], "argument --pag_scale: expected a finite number, got 'nan'"),
+    (["--pag_guidance_scale", "inf"], "argument --pag_guidance_scale: expected a finite number, got 'inf'"),
+    (["--pag_layers", "-1"], "block indices start at 0, got -1"),
+    (["--gudiance_scale", "3"], "unrecognized arguments: --gudiance_scale 3 (did you mean --guidance_scale?)"),
+    (["--prompt", "a", "--txt_file", "p.txt"], "give one of --prompt, --txt_file, --json_file"),
+    (["--image", "{tmp}/missing.png"], "--image {tmp}/missing.png: no such file"),
+    (["--image", "{tmp}/corrupt.png"], "--image {tmp}/corrupt.png: not a readable image"),
+    (["--image", "{tmp}/ok.png", "--mask", "{tmp}/corrupt.png"], "--mask {tmp}/corrupt.png: not a readable image"),
+    (["--txt_file", "{tmp}/latin1.txt"], "--txt_file {tmp}/latin1.txt: not UTF-8 text"),
+    (["--txt_file", "{tmp}/nowhere.txt"], "--txt_file {tmp}/nowhere.txt: no such file"),
+])
+def test_mistakes_are_one_line_before_loading(tmp_path, capsys, flags, match):
+    """Each mistake: exit code 2 and one line naming the flag and what was expected, before any model is loaded
+    (the model path does not exist)."""
+    _corrupt_png(tmp_path / "corrupt.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    (tmp_path / "latin1.txt").write_bytes("un caf\xe9\n".encode("latin-1"))
+    flags = [f.format(tmp=tmp_path) for f in flags]
+    code, _, err = run(capsys, "--model", str(tmp_path / "no_model"), *flags)
+    assert code == 2 and match.format(tmp=tmp_path) in err, err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_mistakes_only_the_model_can_tell(folder, sprint_folder, tmp_path, capsys, caplog):
+    """--pag_layers beyond the loaded model's depth: one line, rc 2. Sprint's --negative_prompt: a warning, and not
+    in the PNG metadata. --pag_layers without a PAG scale: a warning."""
+    code, _, err = run(capsys, "--model", folder, "--pag_scale", "2", *SMALL)  # default block 8, tiny depth 2
+    assert code == 2 and err.strip() == "error: --pag_layers 8: this model has 2 blocks (0..1)"
+    code, paths, _ = run(capsys, "--model", sprint_folder, "--negative_prompt", "blurry", "--pag_layers", "1",
+                         "--output_dir", str(tmp_path), *SMALL)
+    assert code == 0
+    assert "--negative_prompt is not used: Sana-Sprint has no classifier-free guidance" in caplog.text
+    assert "--pag_layers is not used: PAG is off without --pag_scale > 0" in caplog.text
+    meta = json.loads(Image.open(paths[0]).text["sana"])
+    assert meta["negative_prompt"] == "" and meta["sampler"] == "scm" and meta["steps"] == 2
+
+
+def test_nvlabs_and_old_spellings_are_honoured(folder, tmp_path, capsys, caplog):
+    """NVlabs' flags and sampler names and our old spellings reach the image: the PNG metadata (written under
+    the option names) holds the values, the old spellings warn once, and the images equal the canonical
+    flags' bit for bit."""
+    nvlabs = ["--cfg_scale", "3", "--bs", "2", "--step", "2", "--sampling_algo", "flow_dpm-solver", "--pag_scale",
+              "1.5", "--pag_applied_layers", "1", "--work_dir", str(tmp_path / "nv")]
+    old = ["--shift", "2.5", "--no-truncate_timesteps"]
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red fox\nan old lighthouse\n")
+    common = ["--model", folder, "--txt_file", str(prompts), "--height", "64", "--width", "96", "--dtype", "fp32",
+              "--no_progress"]
+    code, paths, _ = run(capsys, *common, *nvlabs, *old)
+    assert code == 0 and all(p.startswith(str(tmp_path / "nv")) for p in paths)
+    meta = json.loads(Image.open(paths[1]).text["sana"])
+    assert {k: meta[k] for k in ("guidance_scale", "steps", "sampler", "pag_scale", "pag_layers", "flow_shift",
+                                 "truncate_timesteps", "seed")} == {
+        "guidance_scale": 3.0, "steps": 2, "sampler": "flow_dpmpp_2m", "pag_scale": 1.5, "pag_layers": [1],
+        "flow_shift": 2.5, "truncate_timesteps": False, "seed": 1}
+    assert "--shift is deprecated: use --flow_shift" in caplog.text
+    assert "--no-truncate_timesteps is deprecated: use --no_truncate_timesteps" in caplog.text
+    code, ours, _ = run(capsys, *common, "--guidance_scale", "3", "--steps", "2", "--pag_scale", "1.5",
+                        "--pag_layers", "1", "--flow_shift", "2.5", "--no_truncate_timesteps",
+                        "--output_dir", str(tmp_path / "ours"))
+    assert code == 0 and all(np.array_equal(_png(a), _png(b)) for a, b in zip(paths, ours, strict=True))
+    help_text = build_help()
+    for flag in ("--cfg_scale", "--bs", "--step", "--sampling_algo", "--model_path", "--work_dir",
+                 "--pag_applied_layers", "--num_inference_steps", "flow_dpm-solver"):
+        assert flag in help_text, flag
+
+
+def build_help() -> str:
+    from sana_core.cli import build_parser
+
+    return build_parser().format_help()
+
+
+def test_json_extra_fields_and_names_by_prompt(folder, tmp_path, capsys, caplog):
+    """A benchmark file's extra fields are ignored with one warning naming them; --name_by prompt names files
+    after their (file-safe) prompt as NVlabs does, repeats numbered; records' values checked and used."""
+    spec = tmp_path / "bench.json"
+    spec.write_text(json.dumps([
+        {"prompt": "a red fox", "category": "animals", "tag": 1},
+        {"prompt": "a/b: c?", "category": "odd", "cfg_scale": 2},
+        {"prompt": "a red fox", "category": "animals"}]))
+    code, paths, _ = run(capsys, "--model", folder, "--json_file", str(spec), "--name_by", "prompt",
+                         "--output_dir", str(tmp_path / "o"), *SMALL)
+    assert code == 0
+    assert [p.rsplit("/", 1)[1] for p in paths] == ["a red fox.png", "a_b_ c_.png", "a red fox_1.png"]
+    warnings = [r.getMessage() for r in caplog.records if "ignoring fields" in r.getMessage()]
+    assert len(warnings) == 1 and "'category' (3 entries), 'tag' (1 entries)" in warnings[0]
+    assert json.loads(Image.open(paths[1]).text["sana"])["guidance_scale"] == 2.0
+
+
+def test_pip_install_and_entry_points_from_another_directory(tmp_path):
+    """`pip install .` of the repository (flat layout: only sana_core is packaged) gives working `sana-generate`
+    and `sana-train` commands outside the repository (no build isolation and no dependencies: the test venv has
+    them; CI installs from nothing)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import shutil
+
+    root = tmp_path / "repo"  # a copy: pip builds in the source folder (build/, *.egg-info)
+    shutil.copytree(Path(__file__).parents[1], root, ignore=shutil.ignore_patterns(
+        ".*", "build", "*.egg-info", "__pycache__", "output", "tiny-sana"))
+    target = tmp_path / "site"
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                          "--target", str(target), str(root)], capture_output=True, text=True, timeout=300)
+    assert pip.returncode == 0, pip.stderr[-2000:]
+    assert sorted(p.name for p in target.iterdir() if not p.name.endswith(".dist-info")) == ["bin", "sana_core"]
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(target), "HOME": str(tmp_path)}
+    for command, words in (("sana-generate", "--cfg_scale"), ("sana-train", "--data_dir")):
+        out = subprocess.run([str(target / "bin" / command), "--help"], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=120, env=env)
+        assert out.returncode == 0 and f"usage: {command}" in out.stdout and words in out.stdout, out.stderr[-2000:]

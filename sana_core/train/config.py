@@ -135,7 +135,7 @@ def _bool(text: str) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     """Flags from TrainConfig; unset flags stay absent (default SUPPRESS) so a config file can supply them."""
-    p = argparse.ArgumentParser(prog="python -m sana_core.train", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="sana-train", description=__doc__.split("\n\n")[0],
                                 argument_default=argparse.SUPPRESS)
     p.add_argument("--config", help="YAML or JSON file of options (keys = the flag names); flags override it")
     for f in fields(TrainConfig):
