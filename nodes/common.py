@@ -1,4 +1,4 @@
-"""Shared pieces of the node layer: socket types, model choices, dtype options, memory placement, validation."""
+"""Shared pieces of the node layer: model choices, dtype options, model patchers and ops, validation."""
 from __future__ import annotations
 
 import math
@@ -11,7 +11,6 @@ from comfy_api.latest import io
 
 from .files import model_folders, resolve
 
-GEMMA = io.Custom("SANA_GEMMA")  # a ModelPatcher over sana_core's SanaTextEncoder
 CATEGORY = "Sana"
 DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 #: Subfolders of a diffusers pipeline folder that hold another component (not offered to a loader of this one).
@@ -40,25 +39,30 @@ def pick_dtype(choice: str, device: torch.device, allowed: tuple[torch.dtype, ..
     return dtype if dtype in allowed else torch.float32
 
 
-class Holder(torch.nn.Module):
-    """The module a ModelPatcher manages (it sets bookkeeping attributes such as `device` on it)."""
-
-    def __init__(self, inner: torch.nn.Module):
-        super().__init__()
-        self.inner = inner
+def core_patcher() -> type:
+    """The patcher class core builds its own models with: `CoreModelPatcher` where the core has one (newer cores
+    make it Dynamic VRAM's patcher, streaming comfy.ops layers), else `ModelPatcher`."""
+    return getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
 
 
-def patcher(module: torch.nn.Module, load_device: torch.device,
-            offload_device: torch.device) -> comfy.model_patcher.ModelPatcher:
-    """Hand a module to ComfyUI's memory manager: loaded on `load_device` when used, offloaded when idle."""
-    return comfy.model_patcher.ModelPatcher(Holder(module), load_device=load_device, offload_device=offload_device)
+def model_patcher(model: torch.nn.Module, load_device: torch.device,
+                  offload_device: torch.device) -> comfy.model_patcher.ModelPatcher:
+    """Hand a model to ComfyUI's memory manager (loaded when used, offloaded when idle) as core does."""
+    return core_patcher()(model, load_device=load_device, offload_device=offload_device)
 
 
-def on_device(model: comfy.model_patcher.ModelPatcher, memory_required: int = 0) -> torch.nn.Module:
-    """Load a patcher's module onto its device (evicting idle models if needed, also to leave
-    `memory_required` bytes free for the work to come) and return the module."""
-    mm.load_models_gpu([model], memory_required=memory_required, force_full_load=True)
-    return model.model.inner
+def eager_ops(ops: type) -> type:
+    """`ops` (a comfy.ops class) whose Linear/Conv2d create their weights when built. Newer cores (Dynamic VRAM)
+    leave a comfy.ops weight out until a state dict is loaded into it, unless the layer brings its own loader;
+    our models are built on `meta` and checked key by key before loading (`checkpoints.load_strict`)."""
+
+    def own_loader(base: type) -> type:
+        def _load_from_state_dict(self, *args):  # noqa: ANN001, ANN202 (torch's signature)
+            return base._load_from_state_dict(self, *args)
+
+        return type(base.__name__, (base,), {"_load_from_state_dict": _load_from_state_dict})
+
+    return type(f"Eager_{ops.__name__}", (ops,), {"Linear": own_loader(ops.Linear), "Conv2d": own_loader(ops.Conv2d)})
 
 
 def check_widgets(node: type[io.ComfyNode], values: dict) -> bool | str:

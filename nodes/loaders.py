@@ -6,7 +6,7 @@ import os
 
 from comfy_api.latest import io
 
-from .common import CATEGORY, DTYPES, GEMMA, choices, full_path, patcher, pick_dtype
+from .common import CATEGORY, DTYPES, choices, eager_ops, full_path, pick_dtype
 from .gguf import gguf_choices
 
 log = logging.getLogger(__name__)
@@ -37,29 +37,33 @@ def load_model(path: str, name: str, weight_dtype: str, use_pe: str) -> io.NodeO
 
 
 def load_gemma(path: str, dtype: str):
-    """A SANA_GEMMA on ComfyUI's text-encoder device, offloaded by its memory manager when idle."""
+    """Gemma-2 as a core CLIP on ComfyUI's text-encoder device, offloaded by its memory manager when idle."""
     import comfy.model_management as mm
     import torch
 
     from sana_core.checkpoints.gemma import load_text_encoder
 
+    from .clip import sana_clip
+
     device = mm.text_encoder_device()
     te = load_text_encoder(path, dtype=pick_dtype(dtype, device, (torch.bfloat16, torch.float32)),
                            device=mm.text_encoder_offload_device())
-    return patcher(te, device, mm.text_encoder_offload_device())
+    return sana_clip(te, device, mm.text_encoder_offload_device())
 
 
 def load_vae(path: str, dtype: str):
     """The DC-AE as a core VAE on ComfyUI's VAE device (`--cpu-vae`)."""
     import comfy.model_management as mm
+    import comfy.ops
 
     from sana_core.checkpoints.dcae import load_dcae
 
     from .vae import SanaVAE
 
     device = mm.vae_device()
-    chosen = DTYPES[dtype] or mm.vae_dtype(device, SanaVAE.working_dtypes)
-    vae = SanaVAE(load_dcae(path, dtype=chosen, device=mm.vae_offload_device()), device=device)
+    chosen = DTYPES[dtype] or mm.vae_dtype(device, SanaVAE.WORKING_DTYPES)
+    dcae = load_dcae(path, dtype=chosen, device=mm.vae_offload_device(), ops=eager_ops(comfy.ops.disable_weight_init))
+    vae = SanaVAE(dcae, device=device)
     return vae
 
 
@@ -125,14 +129,17 @@ class SanaGemmaLoader(io.ComfyNode):
             description="Loads Sana's text encoder, Gemma-2-2B-IT, from models/text_encoders: an HF folder, a Sana "
                         "diffusers folder (text_encoder/ + tokenizer/) or ComfyUI's single-file gemma_2_2b with "
                         "its embedded tokenizer, or a llama.cpp Gemma-2 .gguf (in models/text_encoders or "
-                        "models/clip). Runs on ComfyUI's text-encoder device, in bf16 or fp32 (fp16 "
-                        "overflows in Gemma), and is offloaded while other models run.",
+                        "models/clip). The output is a core CLIP: CLIPTextEncode gives Sana conditioning "
+                        "(the complex human instruction for positives, plain negatives, 300 tokens). Runs on "
+                        "ComfyUI's text-encoder device, in bf16 or fp32 (fp16 overflows in Gemma), and is offloaded "
+                        "while other models run.",
             inputs=[io.Combo.Input("text_encoder", options=choices("text_encoders", component="text_encoder") +
                                    gguf_choices("text_encoders"),
                                    tooltip="Gemma-2-2B-IT folder, Sana diffusers folder or single file"),
                     io.Combo.Input("dtype", options=["default", "bf16", "fp32"], default="default",
                                    tooltip="default: bf16 where the text-encoder device supports it, else fp32")],
-            outputs=[GEMMA.Output(display_name="gemma")])
+            outputs=[io.Clip.Output(tooltip="Gemma-2 as a CLIP: core CLIPTextEncode (and any prompt node taking a "
+                                            "CLIP) or SanaGemmaTextEncode turn prompts into Sana conditioning")])
 
     @classmethod
     def execute(cls, text_encoder: str, dtype: str) -> io.NodeOutput:
@@ -176,7 +183,9 @@ class SanaFolderLoader(io.ComfyNode):
                                    tooltip="Gemma-2: bf16 where the text-encoder device supports it, else fp32"),
                     io.Combo.Input("vae_dtype", options=list(DTYPES), default="default",
                                    tooltip="DC-AE: ComfyUI's VAE dtype for its VAE device by default")],
-            outputs=[io.Model.Output(), GEMMA.Output(display_name="gemma"), io.Vae.Output()])
+            outputs=[io.Model.Output(tooltip="the Sana DiT"),
+                     io.Clip.Output(tooltip="Gemma-2 as a CLIP, for CLIPTextEncode or SanaGemmaTextEncode"),
+                     io.Vae.Output(tooltip="the DC-AE as a core VAE")])
 
     @classmethod
     def execute(cls, folder: str, weight_dtype: str, text_encoder_dtype: str, vae_dtype: str) -> io.NodeOutput:

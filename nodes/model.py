@@ -30,6 +30,9 @@ from sana_core.dit import SanaDiT, activation_bytes
 from sana_core.spec import LATENT_SCALE, SPRINT, model_spec
 from sana_core.previews import LATENT_RGB_BIAS, LATENT_RGB_FACTORS
 
+from .clip import negative_side
+from .common import core_patcher, eager_ops
+
 log = logging.getLogger(__name__)
 PAG_LAYERS = "sana_pag_layers"  # transformer_options key: blocks whose self-attention PAG makes the identity
 TEXT_KV = "sana_text_kv"        # transformer_options key: the text keys/values cache of one sampling run
@@ -199,9 +202,11 @@ class SanaModel(comfy.model_base.BaseModel):
 
     def extra_conds(self, **kwargs: object) -> dict:
         out = super().extra_conds(**kwargs)
-        if kwargs.get("cross_attn") is not None:  # not CONDCrossAttn: that pads short prompts by repeating them
-            out["c_crossattn"] = comfy.conds.CONDRegular(kwargs["cross_attn"])
-        mask = kwargs.get("attention_mask")
+        context, mask = kwargs.get("cross_attn"), kwargs.get("attention_mask")
+        if "negative" in str(kwargs.get("prompt_type", "")):  # a CLIP text node's prompt: its plain encoding
+            context, mask = negative_side(kwargs)
+        if context is not None:  # not CONDCrossAttn: that pads short prompts by repeating them
+            out["c_crossattn"] = comfy.conds.CONDRegular(context)
         if mask is not None:
             out["attention_mask"] = comfy.conds.CONDRegular(mask)
         if kwargs.get("concat_latent_image") is not None:
@@ -256,7 +261,8 @@ def weight_ops(weight_dtype: str, load_device: torch.device) -> tuple[torch.dtyp
     if dtype is None:
         dtype = mm.unet_dtype(model_params=0, supported_dtypes=SanaModelConfig.supported_inference_dtypes)
     compute = mm.unet_manual_cast(dtype, load_device, SanaModelConfig.supported_inference_dtypes)
-    return dtype, compute, comfy.ops.pick_operations(dtype, compute, load_device=load_device, fp8_optimizations=fast)
+    ops = comfy.ops.pick_operations(dtype, compute, load_device=load_device, fp8_optimizations=fast)
+    return dtype, compute, eager_ops(ops)
 
 
 def load_sana_model(path: str | Path, weight_dtype: str = "default",
@@ -267,7 +273,7 @@ def load_sana_model(path: str | Path, weight_dtype: str = "default",
     quantized (`nodes.gguf`); its other tensors are stored in that compute dtype."""
     load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
     dtype, compute, ops = weight_ops(weight_dtype, load_device)
-    patcher_class = comfy.model_patcher.ModelPatcher
+    patcher_class = core_patcher()
     if str(path).lower().endswith(".gguf"):  # quantized matrices stay quantized; the rest is stored as computed
         from .gguf import GGUFComfyOps, GGUFModelPatcher
 

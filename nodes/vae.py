@@ -6,42 +6,49 @@ from __future__ import annotations
 import logging
 
 import comfy.model_management as mm
-import comfy.model_patcher
 import comfy.sd
 import comfy.utils
 import torch
 
 from sana_core import precision
-from sana_core.dcae import DCAE, free_memory
+from sana_core.dcae import DCAE
+
+from .common import model_patcher
 
 log = logging.getLogger(__name__)
 
 
 class SanaVAE(comfy.sd.VAE):
-    """A `comfy.sd.VAE` over an already loaded `DCAE` (core's constructor detects models from a state dict,
-    so it is not called; every attribute core nodes read is set here). Runs on ComfyUI's VAE device
-    (`--cpu-vae` is honoured) under its memory manager; every block of every tile is a progress and cancel
-    point. LATENTs are raw DC-AE latents (the 0.41407 scale is applied inside sampling, as core does)."""
+    """A `comfy.sd.VAE` over an already loaded `DCAE`. Core's constructor detects models from a state dict and
+    has no way to take a built one, so it is not called; every attribute it sets is set here (the contract test
+    lists them, as of core 0.38). Runs on ComfyUI's VAE device (`--cpu-vae` is honoured) under its memory
+    manager; every block of every tile is a progress and cancel point. LATENTs are raw DC-AE latents (the
+    0.41407 scale is applied inside sampling, as core does)."""
 
-    working_dtypes = [torch.bfloat16, torch.float32]  # float16 overflows in the DC-AE (then widened)
+    WORKING_DTYPES = [torch.bfloat16, torch.float32]  # float16 overflows in the DC-AE (then widened)
 
     def __init__(self, dcae: DCAE, device: torch.device | None = None):
-        self.first_stage_model = dcae.eval()
         cfg = dcae.cfg
-        self.downscale_ratio = self.upscale_ratio = cfg.factor
-        self.latent_channels, self.latent_dim, self.output_channels = cfg.latent_channels, 2, cfg.in_channels
-        self.process_input = lambda image: image * 2.0 - 1.0
-        self.process_output = lambda image: torch.clamp((image + 1.0) / 2.0, min=0.0, max=1.0)
         self.memory_used_decode = lambda shape, dtype: dcae.memory_needed(shape, dtype)
         self.memory_used_encode = lambda shape, dtype: dcae.memory_needed(shape, dtype, decode=False)
+        self.downscale_ratio = self.upscale_ratio = cfg.factor
+        self.latent_channels, self.latent_dim, self.output_channels = cfg.latent_channels, 2, cfg.in_channels
+        self.pad_channel_value = None
+        self.process_input = lambda image: image * 2.0 - 1.0
+        self.process_output = lambda image: torch.clamp((image + 1.0) / 2.0, min=0.0, max=1.0)
+        self.working_dtypes = self.WORKING_DTYPES
         self.disable_offload = False
         self.not_video = True
+        self.size = None  # weight bytes, filled by core's model_size() where it has one
         self.downscale_index_formula = self.upscale_index_formula = self.extra_1d_channel = None
         self.crop_input = True
+        self.handles_tiling = True  # decode/encode(_tiled) below run our tile planner
+        self.format_encoded = None
+        self.audio_sample_rate = 44100
+        self.first_stage_model = dcae.eval()
         self.device = device or mm.vae_device()
         self.output_device = mm.intermediate_device()
-        self.patcher = comfy.model_patcher.ModelPatcher(dcae, load_device=self.device,
-                                                        offload_device=mm.vae_offload_device())
+        self.patcher = model_patcher(dcae, self.device, mm.vae_offload_device())
 
     # -- precision.Widenable: a float16 DC-AE that overflows is converted and the pass repeated
     @property
@@ -62,7 +69,9 @@ class SanaVAE(comfy.sd.VAE):
         per_sample = self.first_stage_model.memory_needed((1, *x.shape[1:]), self.vae_dtype, decode=decode)
         tiled = options.get("tiled")
         mm.load_models_gpu([self.patcher], memory_required=0 if tiled else per_sample, force_full_load=True)
-        chunk = len(x) if tiled else max(1, min(len(x), int(free_memory(self.device) // max(per_sample, 1))))
+        free = self.free_memory()  # as core's VAE sizes its batches: what the memory manager leaves free
+        chunk = len(x) if tiled else max(1, min(len(x), int(free // max(per_sample, 1))))
+        options = {**options, "max_memory": max(0, free - mm.extra_reserved_memory())}  # for the tile planner
         pbar = comfy.utils.ProgressBar(1)
         outs = []
         for start in range(0, len(x), chunk):
@@ -80,6 +89,11 @@ class SanaVAE(comfy.sd.VAE):
             out = precision.run_finite(run, self, f"the Sana DC-AE ({self.first_stage_model.source}) {op}r")
             outs.append(out.to(self.output_device).float())
         return torch.cat(outs)
+
+    def free_memory(self) -> int:
+        """Bytes free on the VAE device by ComfyUI's accounting (newer cores add what Dynamic VRAM can evict)."""
+        probe = getattr(self.patcher, "get_free_memory", None)
+        return probe(self.device) if probe is not None else mm.get_free_memory(self.device)
 
     def decode(self, samples_in: torch.Tensor, vae_options: dict = {}, tiled: bool | None = None,
                tile_size: int | None = None, overlap: int | None = None) -> torch.Tensor:

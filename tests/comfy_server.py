@@ -189,9 +189,11 @@ def serve(root: Path):
          "--preview-method", "auto"],
         cwd=comfy, stdout=log, stderr=subprocess.STDOUT)
     client = Comfy(f"http://127.0.0.1:{port}")
-    for _ in range(240):
-        if proc.poll() is not None:
-            pytest.fail(f"ComfyUI exited: {(root / 'comfy.log').read_text()[-3000:]}")
+    deadline = time.time() + 600
+    while True:
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"ComfyUI did not start: {(root / 'comfy.log').read_text()[-3000:]}")
         try:
             if client.request("GET", "/object_info/SanaSampler")[0] == 200:
                 break
@@ -235,8 +237,11 @@ def prepare(server, workflow: Path, steps: int = 3) -> dict:
             inputs["text_encoder" if kind == "SanaGemmaLoader" else "vae_name"] = tiny
         elif kind == "SanaFolderLoader":
             inputs["folder"] = "sana_e2e_tiny/"
-        elif kind == "LoadImage" and "inpaint" in workflow.stem:
-            inputs["image"] = "sana_e2e_masked.png"
+        elif kind == "SolidMask":  # the inpaint workflow's mask: the MASKED rectangle of a SMALL image
+            x0, y0, x1, y1 = MASKED
+            inputs["width"], inputs["height"] = SMALL if inputs["value"] == 0 else (x1 - x0, y1 - y0)
+        elif kind == "MaskComposite":
+            inputs["x"], inputs["y"] = MASKED[:2]
         elif kind in ("SanaEmptyLatentImage", "ImageScale"):
             inputs["width"], inputs["height"] = SMALL
         elif kind in ("SanaSampler", "KSampler", "SanaScheduler") and not sprint:
@@ -250,6 +255,22 @@ def prepare(server, workflow: Path, steps: int = 3) -> dict:
         elif kind == "SanaPAG":
             inputs["layers"] = "1"  # the tiny DiT has 2 blocks
     return prompt
+
+
+def prompt_texts(prompt: dict) -> dict[str, str]:
+    """{"positive": text, "negative": text} of an API prompt: the text encoders wired (through any conditioning
+    nodes) to its sampler's or guider's positive and negative inputs."""
+    out = {}
+    for n in prompt.values():
+        for side in ("positive", "negative"):
+            link = n["inputs"].get(side)
+            while isinstance(link, list):
+                src = prompt[link[0]]["inputs"]
+                if "text" in src:
+                    out[side] = src["text"]
+                    break
+                link = src.get(("positive", "negative")[link[1]] if "positive" in src else "conditioning")
+    return out
 
 
 def node(prompt: dict, kind: str) -> str:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from comfy_client import error_of, to_api
-from comfy_server import MASKED, ROOT, SMALL, T2I, WORKFLOWS, add, node, prepare, run_images, save, saved_images, unavailable
+from comfy_server import MASKED, ROOT, SMALL, T2I, WORKFLOWS, add, node, prepare, prompt_texts, run_images, save, saved_images, unavailable
 
 
 def test_nodes_are_registered_with_descriptions(server):
@@ -90,7 +90,7 @@ def test_sana_sampler_equals_engine_and_custom_advanced(server):
     got_custom = saved_images(server, server.run(custom))
     (engine_png,), (custom_png,) = got.values(), got_custom.values()
     pipe = SanaPipeline.from_pretrained(server.sana, dtype=torch.float32, device="cpu")
-    texts = {n["inputs"]["role"]: n["inputs"]["text"] for n in prompt.values() if n["class_type"] == "SanaGemmaTextEncode"}
+    texts = prompt_texts(prompt)
     want = pipe(texts["positive"], negative_prompt=texts["negative"], seed=42, num_inference_steps=4,
                 width=SMALL[0], height=SMALL[1], output_type="pt", progress=False)
     want = (want[0].permute(1, 2, 0).numpy() * 255).astype(np.int16)
@@ -112,17 +112,17 @@ def test_wrong_model_files_are_node_errors(server, file, message):
     assert error and error["node_type"] == "SanaCheckpointLoader" and message in error["exception_message"]
 
 
-@pytest.mark.parametrize("node,lora,strength_input", [
+@pytest.mark.parametrize("kind,lora,strength_input", [
     ("LoraLoaderModelOnly", "sana_e2e_lora_comfy_keys.safetensors", "strength_model"),  # our module names, core node
     ("SanaLoraLoader", "sana_e2e_lora_diffusers.safetensors", "strength"),    # PEFT names into fused qkv / kv
 ])
-def test_lora_loaders_patch_our_model(server, node, lora, strength_input):
+def test_lora_loaders_patch_our_model(server, kind, lora, strength_input):
     """A LoRA loader on our MODEL: strength 0 gives the plain image, strength 1 another one."""
     images = []
     for strength in (0.0, 1.0):
         prompt = prepare(server, ROOT / "workflows" / "sana_text_to_image_1024.json")
         sampler = next(k for k, n in prompt.items() if n["class_type"] == "SanaSampler")
-        prompt["lora"] = {"class_type": node, "inputs": {
+        prompt["lora"] = {"class_type": kind, "inputs": {
             "model": prompt[sampler]["inputs"]["model"], "lora_name": lora, strength_input: strength}}
         prompt[sampler]["inputs"]["model"] = ["lora", 0]
         entry = server.run(prompt)
@@ -305,13 +305,13 @@ def test_inpainting_with_a_noise_mask(server):
     assert inside > outside
 
 
-def _with_shift_node(p: dict, sampler: str, node: str, shift: float) -> None:
-    add(p, "shift_node", node, model=p[sampler]["inputs"]["model"], shift=shift)
+def _with_shift_node(p: dict, sampler: str, kind: str, shift: float) -> None:
+    add(p, "shift_node", kind, model=p[sampler]["inputs"]["model"], shift=shift)
     p[sampler]["inputs"]["model"] = ["shift_node", 0]
 
 
-@pytest.mark.parametrize("node", ["ModelSamplingSD3", "ModelSamplingAuraFlow"])
-def test_shift_nodes_give_the_same_images_as_the_shift(server, node):
+@pytest.mark.parametrize("kind", ["ModelSamplingSD3", "ModelSamplingAuraFlow"])
+def test_shift_nodes_give_the_same_images_as_the_shift(server, kind):
     """ModelSamplingSD3 / AuraFlow (multiplier 1000 / 1) on a Sana model: SanaSampler (shift 0 = the model's)
     equals SanaSampler's own shift; KSampler with the node at the default shift equals KSampler without it."""
     images = []
@@ -319,7 +319,7 @@ def test_shift_nodes_give_the_same_images_as_the_shift(server, node):
         p = prepare(server, T2I)
         sampler = node(p, "SanaSampler")
         if with_node:
-            _with_shift_node(p, sampler, node, 5.0)
+            _with_shift_node(p, sampler, kind, 5.0)
         else:
             p[sampler]["inputs"]["shift"] = 5.0
         images.append(next(iter(run_images(server, p).values())))
@@ -409,7 +409,7 @@ def test_pag_under_any_sampler_equals_the_engine(server):
     ours = next(v for k, v in got.items() if k != "custom")
     assert np.abs(ours - got["custom"]).max() <= 1
     pipe = SanaPipeline.from_pretrained(server.sana, dtype=torch.float32, device="cpu")
-    texts = {n["inputs"]["role"]: n["inputs"]["text"] for n in p.values() if n["class_type"] == "SanaGemmaTextEncode"}
+    texts = prompt_texts(p)
     want = pipe(texts["positive"], negative_prompt=texts["negative"], seed=42, num_inference_steps=3, width=SMALL[0],
                 height=SMALL[1], pag_guidance_scale=2.0, pag_layers=(1,), output_type="pt", progress=False)
     want = (want[0].permute(1, 2, 0).numpy() * 255).astype(np.int16)
@@ -431,8 +431,8 @@ def test_timestep_ranges_and_areas_are_honoured(server):
         p = prepare(server, T2I)
         sampler = node(p, "SanaSampler")
         pos = p[sampler]["inputs"]["positive"]
-        other = add(p, "other", "SanaGemmaTextEncode", gemma=[node(p, "SanaGemmaLoader"), 0],
-                     text="a completely different prompt", role="positive", complex_human_instruction=True)
+        other = add(p, "other", "CLIPTextEncode", clip=[node(p, "SanaGemmaLoader"), 0],
+                     text="a completely different prompt")
         part = add(p, "part", kind, conditioning=other, **extra)
         p[sampler]["inputs"]["positive"] = add(p, "combined", "ConditioningCombine", conditioning_1=pos,
                                                 conditioning_2=part)
@@ -440,12 +440,12 @@ def test_timestep_ranges_and_areas_are_honoured(server):
         assert np.abs(got - plain).mean() > 1, kind
 
 
-@pytest.mark.parametrize("field,value,node", [("cfg", float("nan"), "SanaSampler"), ("shift", float("inf"), "SanaSampler"),
+@pytest.mark.parametrize("field,value,kind", [("cfg", float("nan"), "SanaSampler"), ("shift", float("inf"), "SanaSampler"),
                                               ("denoise", float("nan"), "SanaSampler"), ("width", 0, "SanaEmptyLatentImage"),
                                               ("batch_size", 0, "SanaEmptyLatentImage"), ("pag_scale", -1.0, "SanaSampler")])
-def test_bad_numbers_are_refused_naming_the_field(server, field, value, node):
+def test_bad_numbers_are_refused_naming_the_field(server, field, value, kind):
     p = prepare(server, T2I)
-    target = node(p, node)
+    target = node(p, kind)
     p[target]["inputs"][field] = value
     code, answer = server.queue(p)
     assert code == 400
@@ -455,7 +455,7 @@ def test_bad_numbers_are_refused_naming_the_field(server, field, value, node):
 
 def test_long_prompt_says_it_was_cut(server):
     p = prepare(server, T2I)
-    encoder = next(k for k, n in p.items() if n["class_type"] == "SanaGemmaTextEncode" and n["inputs"]["role"] == "positive")
+    encoder = p[node(p, "SanaSampler")]["inputs"]["positive"][0]
     p[encoder]["inputs"]["text"] = " ".join(f"word{i}" for i in range(400))
     assert server.run(p)["status"]["status_str"] == "success"
     assert "is longer than Sana reads (max_length 300 tokens)" in (server.root / "comfy.log").read_text()
@@ -533,7 +533,7 @@ def test_apply_controlnet_under_sana_sampler_equals_the_engine(server):
     release = server.root / "models" / "controlnet" / "sana_e2e_ControlNet_HED.pth"
     pipe = SanaPipeline.from_pretrained(server.deep, dit=release, controlnet=release, dtype=torch.float32,
                                         device="cpu")
-    texts = {n["inputs"]["role"]: n["inputs"]["text"] for n in p.values() if n["class_type"] == "SanaGemmaTextEncode"}
+    texts = prompt_texts(p)
     hint = Image.open(server.root / "input" / "sana_e2e_scribble.png")
     want = pipe(texts["positive"], negative_prompt=texts["negative"], seed=7, num_inference_steps=3, width=SMALL[0],
                 height=SMALL[1], control_image=hint, controlnet_conditioning_scale=0.8, output_type="pt",
@@ -602,20 +602,20 @@ def test_controlnet_ranges_chaining_and_core_samplers(server):
     assert np.abs(got["custom"] - got["full"]).max() <= 2  # SamplerCustomAdvanced = SanaSampler
 
 
-@pytest.mark.parametrize("change,node,message", [
+@pytest.mark.parametrize("change,kind,message", [
     ({"control_net_name": "sana_e2e_sd15_controlnet.safetensors"}, "SanaControlNetLoader",
      "not a Sana ControlNet: it looks like a Stable Diffusion ControlNet"),
     ({"control_net_name": "sana_e2e_ControlNet_wide.safetensors"}, "SanaSampler",
      "a ControlNet of width 96 cannot drive this DiT of width 64: use the ControlNet released for that model"),
     ({"no_vae": True}, "ControlNetApplyAdvanced", "connect a Sana VAE to the vae input of Apply ControlNet"),
 ])
-def test_controlnet_errors_name_the_input(server, change, node, message):
+def test_controlnet_errors_name_the_input(server, change, kind, message):
     p = _control_prompt(server, steps=2)
     if change.pop("no_vae", False):
         del p[node(p, "ControlNetApplyAdvanced")]["inputs"]["vae"]
     p[node(p, "SanaControlNetLoader")]["inputs"].update(change)
     error = error_of(server.run(p))
-    assert error and error["node_type"] == node and message in error["exception_message"], error
+    assert error and error["node_type"] == kind and message in error["exception_message"], error
 
 
 def test_old_apply_controlnet_uses_the_loaders_vae(server):
@@ -643,8 +643,23 @@ def test_trained_lora_in_the_node_equals_the_engine(server):
     (got,) = saved_images(server, server.run(p)).values()
     pipe = SanaPipeline.from_pretrained(server.sana, dtype=torch.float32, device="cpu")
     pipe.load_lora(server.root / "models" / "loras" / "sana_e2e_trained_lora.safetensors", 0.8)
-    texts = {n["inputs"]["role"]: n["inputs"]["text"] for n in p.values() if n["class_type"] == "SanaGemmaTextEncode"}
+    texts = prompt_texts(p)
     want = pipe(texts["positive"], negative_prompt=texts["negative"], seed=42, num_inference_steps=3, width=SMALL[0],
                 height=SMALL[1], output_type="pt", progress=False)
     want = (want[0].permute(1, 2, 0).numpy() * 255).astype(np.int16)
     assert np.abs(got[0].astype(np.int16) - want).max() <= 1
+
+
+def test_bundled_workflows_are_built_from_the_node_schemas(server):
+    """Every bundled workflow is what workflows/build.py makes from the running host's node schemas (sockets,
+    outputs, widget order): a renamed or retyped input fails here. SANA_WRITE_WORKFLOWS=1 rewrites the files."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sana_workflow_build", ROOT / "workflows" / "build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    if os.environ.get("SANA_WRITE_WORKFLOWS"):
+        build.write(server.info)
+    assert sorted(f"{name}.json" for name in build.WORKFLOWS) == [w.name for w in WORKFLOWS]
+    for name, make in build.WORKFLOWS.items():
+        assert json.loads((ROOT / "workflows" / f"{name}.json").read_text()) == make(server.info).json(), name
