@@ -445,7 +445,7 @@ def test_pip_install_and_entry_points_from_another_directory(tmp_path):
     assert pip.returncode == 0, pip.stderr[-2000:]
     assert sorted(p.name for p in target.iterdir() if not p.name.endswith(".dist-info")) == ["bin", "sana_core"]
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(target), "HOME": str(tmp_path)}
-    for command, words in (("sana-generate", "--cfg_scale"), ("sana-train", "--data_dir")):
+    for command, words in (("sana-generate", "--cfg_scale"), ("sana-train", "--pretrained_model_name_or_path")):
         out = subprocess.run([str(target / "bin" / command), "--help"], cwd=tmp_path, capture_output=True,
                              text=True, timeout=120, env=env)
         assert out.returncode == 0 and f"usage: {command}" in out.stdout and words in out.stdout, out.stderr[-2000:]

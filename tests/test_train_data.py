@@ -36,7 +36,7 @@ def test_scan_reports_each_bad_file(folder):
     assert [(s.image.name, s.caption) for s in found.samples] == [("good.png", "a red square")]
     report = "\n".join(found.bad)
     for name, why in [("nocap.jpg", "no caption"), ("broken.webp", "cannot be read"), ("tiny.png", "too small"),
-                      ("empty.png", "no caption")]:
+                      ("empty.png", "empty caption")]:
         assert f"{name}: {why}" in report
     assert len(found.bad) == 4
 
@@ -101,8 +101,8 @@ def test_config_file_and_flags(tmp_path):
     cfg = parse(["--config", str(cfg_file), "--lr", "0.003"])
     assert (cfg.data_dir, cfg.lr, cfg.mode, cfg.multi_scale) == (["a", "b"], 0.003, "full", True)
     assert cfg.resolved_optimizer() == "came" and cfg.resolved_max_grad_norm() == 0.1
-    cfg_file.write_text("data_dir: [a]\nlearning_rate: 1\n")
-    with pytest.raises(ValueError, match="unknown options \\['learning_rate'\\]"):
+    cfg_file.write_text("data_dir: [a]\nlearnin_rate: 1\n")
+    with pytest.raises(ValueError, match="unknown options \\['learnin_rate'\\]"):
         parse(["--config", str(cfg_file)])
 
 
@@ -129,3 +129,77 @@ def test_bad_data_refuses_the_run_listing_the_files(folder, tmp_path, capsys):
                  "--model", str(tmp_path / "no-model"), "--min_image_size", "32"])
     err = capsys.readouterr().err
     assert code == 2 and "4 bad training files" in err and "nocap.jpg: no caption" in err
+
+
+def test_captions_that_are_not_utf8_are_bad_data_naming_the_file(tmp_path):
+    """A Latin-1 caption is reported as bad data (skipped or refused), never decoded with replacement
+    characters."""
+    _image(tmp_path / "cafe.png")
+    (tmp_path / "cafe.txt").write_bytes("un caf\xe9 au lait".encode("latin-1"))
+    _image(tmp_path / "ok.png")
+    (tmp_path / "ok.txt").write_text("a café au lait", encoding="utf-8")
+    found = data.scan([tmp_path])
+    assert [s.caption for s in found.samples] == ["a café au lait"]
+    assert len(found.bad) == 1 and f"{tmp_path / 'cafe.png'}: its caption cafe.txt is not UTF-8 text" in found.bad[0]
+
+
+def test_transparent_images_are_composited_on_white_with_a_warning(tmp_path, caplog):
+    """RGBA (and palette transparency) training images: one warning naming them; transparent pixels are trained
+    as white, half-transparent ones blended with white, opaque ones unchanged."""
+    a = np.zeros((64, 64, 4), np.uint8)
+    a[..., 0] = 200                      # red everywhere
+    a[:, :32, 3] = 0                     # left half transparent
+    a[:, 32:48, 3] = 128                 # a half-transparent band
+    a[:, 48:, 3] = 255                   # opaque right
+    Image.fromarray(a, "RGBA").save(tmp_path / "logo.png")
+    (tmp_path / "logo.txt").write_text("a logo")
+    found = data.scan([tmp_path])
+    assert len(found.samples) == 1
+    assert "1 images have transparency; their transparent parts are trained as white" in caplog.text
+    assert str(tmp_path / "logo.png") in caplog.text
+    x = (data.load_image(tmp_path / "logo.png", 64, 64) + 1) * 127.5  # back to 0..255
+    assert torch.allclose(x[:, :, :32], torch.tensor([255.0, 255, 255])[:, None, None], atol=0.5)
+    assert torch.allclose(x[:, :, 48:], torch.tensor([200.0, 0, 0])[:, None, None], atol=0.5)
+    assert torch.allclose(x[:, 5, 40], torch.tensor([227.5, 127, 127]), atol=1.5)  # 128/255 red over white
+
+
+def test_diffusers_flag_names_and_old_spellings(tmp_path, caplog):
+    """diffusers' train_dreambooth_lora_sana.py names set the same options (values spelled their way too:
+    --mixed_precision no, --optimizer AdamW, --lora_layers a,b); our old names warn; --no_NAME turns a switch
+    off; config files take the same spellings."""
+    cfg = parse(["--instance_data_dir", "d", "--pretrained_model_name_or_path", "m", "--train_batch_size", "2",
+                 "--max_train_steps", "5", "--num_train_epochs", "3", "--learning_rate", "2e-4", "--rank", "8",
+                 "--lora_layers", "to_k,to_q", "--mixed_precision", "no", "--resume_from_checkpoint", "latest",
+                 "--lr_warmup_steps", "3", "--adam_weight_decay", "0.01", "--validation_prompt", "a cat",
+                 "--optimizer", "AdamW", "--no_progress"])
+    got = {k: getattr(cfg, k) for k in ("data_dir", "model", "batch_size", "max_steps", "num_epochs", "lr",
+                                        "lora_rank", "lora_targets", "dtype", "resume", "warmup_steps",
+                                        "weight_decay", "validation_prompts", "optimizer", "progress")}
+    assert got == {"data_dir": ["d"], "model": "m", "batch_size": 2, "max_steps": 5, "num_epochs": 3, "lr": 2e-4,
+                   "lora_rank": 8, "lora_targets": ["to_k", "to_q"], "dtype": "fp32", "resume": "latest",
+                   "warmup_steps": 3, "weight_decay": 0.01, "validation_prompts": ["a cat"], "optimizer": "adamw",
+                   "progress": False}
+    cfg = parse(["--data_dir", "d", "--precision", "bf16", "--cpu"])
+    assert (cfg.dtype, cfg.device) == ("bf16", "cpu")
+    assert "--precision is deprecated: use --dtype" in caplog.text
+    assert "--cpu is deprecated: use --device cpu" in caplog.text
+    cfg_file = tmp_path / "c.json"
+    cfg_file.write_text(json.dumps({"instance_data_dir": ["d"], "precision": "fp16", "cpu": True}))
+    cfg = parse(["--config", str(cfg_file)])
+    assert (cfg.data_dir, cfg.dtype, cfg.device) == (["d"], "fp16", "cpu")
+
+
+def test_flag_mistakes_are_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--data_dir", str(tmp_path), "--lerning_rate", "1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "unrecognized arguments: --lerning_rate 1 (did you mean --learning_rate?)" in err
+
+
+def test_clear_cache_alone_deletes_the_feature_cache(tmp_path, capsys):
+    cache = tmp_path / "cache"
+    (cache / "latents").mkdir(parents=True)
+    (cache / "latents" / "x.safetensors").write_bytes(b"x")
+    assert main(["--clear_cache", "--cache_dir", str(cache)]) == 0
+    assert not cache.exists() and capsys.readouterr().out.strip() == str(cache)

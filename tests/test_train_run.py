@@ -156,7 +156,7 @@ def test_two_processes_equal_one(setup, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "sana_core.train",
-           "--cpu", "--data_dir", str(folder), "--model", str(model), "--cache_dir", str(cache), "--output_dir",
+           "--device", "cpu", "--data_dir", str(folder), "--model", str(model), "--cache_dir", str(cache), "--output_dir",
            str(tmp_path / "two"), "--resolution", "128", "--batch_size", "2", "--max_steps", "4", "--lr", "1e-3",
            "--mode", "full", "--optimizer", "adamw", "--progress", "false"]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
@@ -171,15 +171,15 @@ def test_two_processes_equal_one(setup, tmp_path):
 
 
 def test_bf16_mixed_precision_runs_close_to_fp32(setup, tmp_path):
-    """--precision bf16 (autocast; weights and optimizer stay fp32) follows the fp32 run: the losses of 3 steps
+    """--dtype bf16 (autocast; weights and optimizer stay fp32) follows the fp32 run: the losses of 3 steps
     agree to bf16's precision (2% relative here) and the weights stay fp32."""
     from accelerate.state import AcceleratorState  # one precision per process: reset between the two runs
 
-    kw = dict(mode="full", max_steps=3, lr=1e-3, optimizer="adamw", cpu=True)
-    fp32 = Trainer(config(setup, tmp_path / "fp32", precision="fp32", **kw)).run()
+    kw = dict(mode="full", max_steps=3, lr=1e-3, optimizer="adamw", device="cpu")
+    fp32 = Trainer(config(setup, tmp_path / "fp32", dtype="fp32", **kw)).run()
     AcceleratorState._reset_state(reset_partial_state=True)
     try:
-        mixed = Trainer(config(setup, tmp_path / "bf16", precision="bf16", **kw))
+        mixed = Trainer(config(setup, tmp_path / "bf16", dtype="bf16", **kw))
         got = mixed.run()
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
@@ -203,3 +203,32 @@ def test_validation_grids_and_checkpoint_limit(setup, tmp_path):
     assert grid.shape == (128, 256, 3) and grid.std() > 1
     kept = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))
     assert kept == ["step_0000002"] and (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_0000002"
+
+
+def test_output_folder_resume_latest_log_rows_modes_and_quiet_logs(setup, tmp_path, caplog):
+    """A new run refuses a folder holding another run; --resume latest with nothing to resume starts fresh (one
+    line says so); the feature cache's path is logged; accelerate's per-checkpoint INFO lines stay quiet; every
+    file has the usual mode (0644 under umask 022, safetensors included); a resume after an interruption keeps one
+    log row per step (the rows the interrupted run wrote after its last checkpoint are replaced)."""
+    import logging
+    import os
+
+    out = tmp_path / "out"
+    caplog.set_level(logging.INFO)
+    kw = dict(mode="lora", lr=1e-3, batch_size=2, checkpointing_steps=1)
+    Trainer(config(setup, out, max_steps=2, resume="latest", **kw)).run()
+    assert f"--resume latest: no checkpoint in {out / 'checkpoints'} yet, starting a new run" in caplog.text
+    assert f"feature cache: {setup[2]} (reused by later runs; --clear_cache" in caplog.text
+    assert not [r for r in caplog.records if r.name.startswith("accelerate") and r.levelno < logging.WARNING]
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.relative_to(out).as_posix(): p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_file()}
+    assert "pytorch_lora_weights.safetensors" in modes and "checkpoints/step_0000001/lora_adapters.safetensors" in modes
+    assert set(modes.values()) == {0o666 & ~umask}, modes
+    with pytest.raises(ValueError, match=f"--output_dir {out} holds another run's files: --resume latest"):
+        Trainer(config(setup, out, max_steps=2, **kw))
+    # interrupted after step 2 was logged but before its checkpoint: latest still points at step 1
+    (out / "checkpoints" / "latest").write_text("step_0000001")
+    Trainer(config(setup, out, max_steps=3, resume="latest", **kw)).run()
+    steps = [line.split(",")[0] for line in (out / "train_log.csv").read_text().splitlines()[1:]]
+    assert steps == ["1", "2", "3"]

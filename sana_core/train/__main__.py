@@ -12,8 +12,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = parse(argv)
-        from .trainer import train
+        from .trainer import clear_feature_cache, train
 
+        if cfg.clear_cache and not cfg.data_dir:
+            print(clear_feature_cache(cfg))
+            return 0
         result = train(cfg)
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)

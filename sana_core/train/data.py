@@ -25,7 +25,7 @@ from ..resolutions import bin_size, buckets, resize_and_crop, snap
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-CACHE_VERSION = 1  # bump when what a cache file holds changes
+CACHE_VERSION = 2  # bump when what a cache file holds changes (2: transparency composited on white)
 
 
 @dataclass(frozen=True)
@@ -42,13 +42,19 @@ class Scan:
     bad: list[str]
 
 
-def _caption(image: Path) -> str | None:
-    """The first line of the same-name .txt, stripped; None if there is no such file or it is empty."""
+def _caption(image: Path) -> str:
+    """The first line of the same-name .txt, stripped; ValueError saying why there is none (no such file, empty,
+    not UTF-8: never decoded with replacement characters)."""
     txt = image.with_suffix(".txt")
     if not txt.is_file():
-        return None
-    lines = txt.read_text(encoding="utf-8", errors="replace").splitlines()
-    return lines[0].strip() if lines and lines[0].strip() else None
+        raise ValueError(f"no caption (expected the first line of {txt.name})")
+    try:
+        lines = txt.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"its caption {txt.name} is not UTF-8 text ({e})") from None
+    if not lines or not lines[0].strip():
+        raise ValueError(f"empty caption (the first line of {txt.name})")
+    return lines[0].strip()
 
 
 def _listed(folder: Path) -> tuple[list[Path], list[str]]:
@@ -81,7 +87,7 @@ def scan(folders: Sequence[str | Path], min_size: int = 0) -> Scan:
     FileNotFoundError for a folder that does not exist; ValueError naming a folder with no image at all."""
     from PIL import Image
 
-    samples, bad = [], []
+    samples, bad, transparent = [], [], []
     for folder in map(Path, folders):
         if not folder.is_dir():
             raise FileNotFoundError(f"--data_dir {folder}: no such folder")
@@ -90,14 +96,17 @@ def scan(folders: Sequence[str | Path], min_size: int = 0) -> Scan:
             raise ValueError(f"--data_dir {folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
         bad += problems
         for image in images:
-            caption = _caption(image)
-            if caption is None:
-                bad.append(f"{image}: no caption (expected the first line of {image.with_suffix('.txt').name})")
+            try:
+                caption = _caption(image)
+            except ValueError as e:
+                bad.append(f"{image}: {e}")
                 continue
             try:
                 with Image.open(image) as im:
                     im.load()
                     size = im.size
+                    if has_alpha(im):
+                        transparent.append(str(image))
             except Exception as e:  # PIL raises many kinds for broken files
                 bad.append(f"{image}: cannot be read as an image ({type(e).__name__}: {e})")
                 continue
@@ -105,7 +114,28 @@ def scan(folders: Sequence[str | Path], min_size: int = 0) -> Scan:
                 bad.append(f"{image}: too small ({size[0]}x{size[1]} px, at least {min_size} px a side needed)")
                 continue
             samples.append(Sample(image, caption))
+    if transparent:
+        log.warning("%d images have transparency; their transparent parts are trained as white (composited on "
+                    "white): %s", len(transparent), ", ".join(transparent[:5]) + (", ..." if len(transparent) > 5
+                                                                                  else ""))
     return Scan(samples, bad)
+
+
+def has_alpha(im) -> bool:
+    """Whether a PIL image has transparency (an alpha band, or a palette/colour key marked transparent)."""
+    return im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info
+
+
+def to_rgb(im):
+    """A PIL image as RGB; transparency composited on white (not dropped, which leaves whatever colour the
+    transparent pixels hold, often black)."""
+    from PIL import Image
+
+    if not has_alpha(im):
+        return im.convert("RGB")
+    rgba = im.convert("RGBA")
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return Image.alpha_composite(white, rgba).convert("RGB")
 
 
 def bucket_sizes(resolution: int, multi_scale: bool) -> list[tuple[int, int]]:
@@ -133,7 +163,7 @@ def load_image(path: Path, height: int, width: int) -> torch.Tensor:
     from PIL import Image
 
     with Image.open(path) as im:
-        im = im.convert("RGB")
+        im = to_rgb(im)
         factor = int(min(im.width / width, im.height / height))
         if factor >= 2:
             im = im.reduce(factor)
@@ -177,11 +207,11 @@ class Record:
 
 def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """Write a cache file atomically (a half-written file never looks complete)."""
-    from safetensors.torch import save_file
+    from .export import write_safetensors
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    write_safetensors({k: v.contiguous() for k, v in tensors.items()}, tmp)
     tmp.replace(path)
 
 

@@ -1,6 +1,8 @@
-"""Writing a fully fine-tuned DiT in NVlabs' layout, complete enough for NVlabs' and diffusers' loaders."""
+"""Writing the trainer's files: a fully fine-tuned DiT in NVlabs' layout, complete enough for NVlabs' and
+diffusers' loaders, and safetensors files with the usual file mode."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -23,16 +25,31 @@ def nvlabs_state_dict(sd: dict[str, torch.Tensor], cfg: DiTConfig, null_embeddin
     return out
 
 
+def normal_mode(path: str | Path) -> None:
+    """Give a file the mode a plain `open()` would (0644 under the usual umask): safetensors writes 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+                      ) -> Path:
+    """`safetensors.torch.save_file` with the usual file mode (`normal_mode`)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    normal_mode(path)
+    return Path(path)
+
+
 def save_full(sd: dict[str, torch.Tensor], cfg: DiTConfig, null_embedding: torch.Tensor, stem: str | Path,
               dtype: torch.dtype | None = None) -> list[Path]:
     """Write `<stem>.safetensors` and `<stem>.pth` ({"state_dict": ...}, as NVlabs' releases) from our DiT state
     dict `sd`; returns both paths."""
-    from safetensors.torch import save_file
-
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     out = nvlabs_state_dict(sd, cfg, null_embedding, dtype)
     paths = [stem.with_suffix(".safetensors"), stem.with_suffix(".pth")]
-    save_file(out, str(paths[0]), metadata={"format": "pt"})
+    write_safetensors(out, paths[0], metadata={"format": "pt"})
     torch.save({"state_dict": out}, paths[1])
     return paths

@@ -135,12 +135,11 @@ def lora_state_dict(dit: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_lora(dit: nn.Module, path: str | Path, dtype: torch.dtype = torch.float32) -> Path:
     """Write `pytorch_lora_weights.safetensors` (diffusers' name, into `path` if it is a folder)."""
-    from safetensors.torch import save_file
+    from .export import write_safetensors
 
     path = Path(path)
     if path.suffix != ".safetensors":
         path.mkdir(parents=True, exist_ok=True)
         path = path / "pytorch_lora_weights.safetensors"
     sd = {k: v.to(dtype).contiguous() for k, v in lora_state_dict(dit).items()}
-    save_file(sd, str(path), metadata={"format": "pt"})
-    return path
+    return write_safetensors(sd, path, metadata={"format": "pt"})

@@ -34,7 +34,7 @@ from ..dit import SanaBlock, SanaDiT
 from ..spec import SANA, model_spec
 from . import data
 from .config import TrainConfig, dump
-from .export import save_full
+from .export import normal_mode, save_full, write_safetensors
 from .lora import add_lora, save_lora
 from .recipe import drop_captions, flow_loss, sample_u, sigmas_from_u
 
@@ -55,6 +55,24 @@ def require(module: str) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------ model files
+
+
+def feature_cache_dir(cfg: TrainConfig) -> Path:
+    """Where the feature cache lives: --cache_dir, else $XDG_CACHE_HOME (or ~/.cache)/sana_core/train_features."""
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sana_core" / "train_features"
+
+
+def clear_feature_cache(cfg: TrainConfig) -> Path:
+    """Delete the feature cache folder (--clear_cache); returns it."""
+    import shutil
+
+    folder = feature_cache_dir(cfg)
+    if folder.is_dir():
+        shutil.rmtree(folder)
+    log.info("feature cache %s cleared", folder)
+    return folder
 
 
 def model_parts(cfg: TrainConfig) -> tuple[Path, Path, Path]:
@@ -227,11 +245,14 @@ class Trainer:
         cfg.validate()
         self.cfg = cfg
         accelerate = require("accelerate")
+        logging.getLogger("accelerate").setLevel(logging.INFO if cfg.verbose else logging.WARNING)
         self.out = Path(cfg.output_dir)
-        precision = cfg.precision
+        if cfg.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA GPU is available here (--device cpu or auto)")
+        cpu = cfg.device == "cpu"
+        precision = cfg.dtype
         if precision == "auto":
-            precision = "bf16" if torch.cuda.is_available() and not cfg.cpu and torch.cuda.is_bf16_supported() \
-                else "fp32"
+            precision = "bf16" if torch.cuda.is_available() and not cpu and torch.cuda.is_bf16_supported() else "fp32"
         kwargs: dict[str, Any] = {}
         if cfg.fsdp:
             kwargs["fsdp_plugin"] = accelerate.FullyShardedDataParallelPlugin(
@@ -239,14 +260,20 @@ class Trainer:
                 transformer_cls_names_to_wrap=[SanaBlock.__name__], state_dict_type="FULL_STATE_DICT",
                 use_orig_params=True)
         self.accelerator = accelerate.Accelerator(mixed_precision="no" if precision == "fp32" else precision,
-                                                  cpu=cfg.cpu, **kwargs)
+                                                  cpu=cpu, **kwargs)
         if cfg.fsdp and self.accelerator.distributed_type != accelerate.DistributedType.FSDP:
             raise ValueError(f"--fsdp: accelerate shards with FSDP only over several GPU (accelerator) processes; this "
                              f"run is {self.accelerator.distributed_type.value} with {self.accelerator.num_processes} "
                              "process(es): drop --fsdp (DDP) or launch on GPUs")
         self.device = self.accelerator.device
-        self.cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else \
-            Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sana_core" / "train_features"
+        self.cache_dir = feature_cache_dir(cfg)
+        self.resume_from = self.checkpoint_to_resume()
+        if self.resume_from is None and cfg.resume != "latest" and self.out.is_dir() and any(self.out.iterdir()):
+            raise ValueError(f"--output_dir {self.out} holds another run's files: --resume latest continues it; "
+                             "give an empty or new folder for a new run")
+        if cfg.clear_cache and self.main:
+            clear_feature_cache(cfg)
+        self.accelerator.wait_for_everyone()
         self.world = self.accelerator.num_processes
         self.global_batch = cfg.batch_size * cfg.gradient_accumulation_steps * self.world
         self.shift = cfg.flow_shift  # None: the model's (`spec.model_spec`), known once it is loaded
@@ -283,6 +310,9 @@ class Trainer:
                                        f"max_length={cfg.max_sequence_length}")
         self.records = data.plan_cache(self.samples, self.cache_dir, vae_id, text_id, cfg.resolution,
                                        cfg.multi_scale)
+        if self.main:
+            log.info("feature cache: %s (reused by later runs; --clear_cache or deleting the folder empties it)",
+                     self.cache_dir)
         mine = slice(acc.process_index, None, self.world)
         if any(not r.latent.is_file() for r in self.records[mine]):
             vae = (vae or load_dcae(vae_path, encode_dtype)).to(self.device)
@@ -354,11 +384,9 @@ class Trainer:
 
     def _save_lora_state(self, models: list, weights: list, output_dir: str) -> None:
         """accelerate hook: a LoRA checkpoint holds the adapters (ours and diffusers' file), not the whole DiT."""
-        from safetensors.torch import save_file
-
         if self.main:
-            save_file({k: p.detach().contiguous() for k, p in self.trainable.items()},
-                      str(Path(output_dir) / "lora_adapters.safetensors"))
+            write_safetensors({k: p.detach().contiguous() for k, p in self.trainable.items()},
+                              Path(output_dir) / "lora_adapters.safetensors")
             save_lora(self.dit, output_dir)
         weights.clear()
 
@@ -384,6 +412,8 @@ class Trainer:
         path = self.checkpoint_root / f"step_{self.progress.step:07d}"
         self.accelerator.save_state(str(path))
         if self.main:
+            for written in path.glob("*.safetensors"):  # accelerate's model.safetensors too
+                normal_mode(written)
             (path / "train_config.json").write_text(dump(self.cfg))
             (self.checkpoint_root / "latest").write_text(path.name)
             limit = self.cfg.checkpoints_total_limit
@@ -395,23 +425,38 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return path
 
-    def resume(self) -> None:
+    def checkpoint_to_resume(self) -> Path | None:
+        """The checkpoint --resume names: a folder, or with 'latest' the newest in --output_dir; None when there
+        is nothing to resume ('latest' in a folder without checkpoints starts fresh, as diffusers' scripts do)."""
         target = self.cfg.resume
+        if target is None:
+            return None
         if target == "latest":
             latest = self.checkpoint_root / "latest"
             if not latest.is_file():
-                raise FileNotFoundError(f"--resume latest: no checkpoint in {self.checkpoint_root}")
+                log.info("--resume latest: no checkpoint in %s yet, starting a new run", self.checkpoint_root)
+                return None
             path = self.checkpoint_root / latest.read_text().strip()
         else:
             path = Path(target)
         if not (path / "custom_checkpoint_0.pkl").is_file():
             raise FileNotFoundError(f"--resume {target}: {path} is not a checkpoint of this trainer")
+        return path
+
+    def resume(self, path: Path) -> None:
+        """Load the checkpoint `path` (weights or LoRA, optimizer, schedule, progress, RNG) and cut the log's rows
+        after its step (written by the interrupted run after it was saved), so no step is logged twice."""
         want = (self.global_batch, self.cfg.mode)
         self.accelerator.load_state(str(path))
         if (self.progress.global_batch, self.progress.mode) != want:
             raise ValueError(f"--resume {path}: saved with global batch {self.progress.global_batch} and mode "
                              f"{self.progress.mode!r}, this run has {want[0]} and {want[1]!r}")
         log.info("resumed from %s at step %d", path, self.progress.step)
+        log_file = self.out / "train_log.csv"
+        if self.main and log_file.is_file():
+            lines = log_file.read_text().splitlines(keepends=True)
+            kept = lines[:1] + [ln for ln in lines[1:] if int(ln.split(",", 1)[0]) <= self.progress.step]
+            log_file.write_text("".join(kept))
 
     # -------------------------------------------------------------------------------------------- validation
 
@@ -473,11 +518,12 @@ class Trainer:
         """Train; returns {"outputs": paths written, "losses": loss per step, "steps": steps done}."""
         cfg, acc = self.cfg, self.accelerator
         from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
 
         self.prepare_data()
         self.prepare_model()
-        if cfg.resume:
-            self.resume()
+        if self.resume_from is not None:
+            self.resume(self.resume_from)
         buckets = [r.bucket for r in self.records]
         per_epoch = len(data.epoch_batches(buckets, self.global_batch, cfg.seed, 0))
         if per_epoch == 0:
@@ -495,47 +541,50 @@ class Trainer:
                      self.accelerator.distributed_type.value, per_epoch,
                      sum(p.numel() for p in self.trainable.values()))
         log_file = self.out / "train_log.csv"
-        if self.main and (self.progress.step == 0 or not log_file.is_file()):
+        if self.main and (self.resume_from is None or not log_file.is_file()):
             log_file.write_text("step,epoch,loss,lr,grad_norm,seconds\n")
         losses: list[float] = []
         bar = tqdm(total=total, initial=self.progress.step, desc=f"training ({cfg.mode})",
                    disable=not (cfg.progress and self.main))
         clip = cfg.resolved_max_grad_norm()
         p = self.progress
-        while p.step < total:
-            batches = data.epoch_batches(buckets, self.global_batch, cfg.seed, p.epoch)
-            while p.position < len(batches) and p.step < total:
-                started = time.perf_counter()
-                batch = batches[p.position]
-                loss_sum = torch.zeros((), device=self.device)
-                micro = list(data.micro_batches(batch, cfg.gradient_accumulation_steps, self.world, acc.process_index))
-                for m, (start, indices) in enumerate(micro):
-                    sync = m == len(micro) - 1
-                    with contextlib.nullcontext() if sync else acc.no_sync(self.model):
-                        loss_sum += self.micro_step(indices, start, p.step)
-                grad_norm = acc.clip_grad_norm_(list(self.trainable.values()), clip) if clip > 0 else None
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                if self.ema:
-                    self.ema.update(self.trainable)
-                loss = float(acc.reduce(loss_sum / len(micro), "mean"))
-                p.step, p.position = p.step + 1, p.position + 1
-                losses.append(loss)
-                seconds = time.perf_counter() - started
-                lr = self.scheduler.get_last_lr()[0]
-                if self.main:
-                    norm = "" if grad_norm is None else f"{float(grad_norm):.6g}"
-                    with open(log_file, "a", newline="") as f:
-                        csv.writer(f).writerow([p.step, p.epoch, f"{loss:.6g}", f"{lr:.6g}", norm, f"{seconds:.3f}"])
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{self.global_batch / seconds:.1f}")
-                bar.update(1)
-                if cfg.checkpointing_steps and p.step % cfg.checkpointing_steps == 0 and p.step < total:
-                    self.save_checkpoint()
-                if cfg.validation_steps and p.step % cfg.validation_steps == 0:
-                    self.validate()
-            if p.position >= len(batches):
-                p.epoch, p.position = p.epoch + 1, 0
+        with logging_redirect_tqdm():  # log lines (checkpoints, validation) above the bar, not through it
+            while p.step < total:
+                batches = data.epoch_batches(buckets, self.global_batch, cfg.seed, p.epoch)
+                while p.position < len(batches) and p.step < total:
+                    started = time.perf_counter()
+                    batch = batches[p.position]
+                    loss_sum = torch.zeros((), device=self.device)
+                    micro = list(data.micro_batches(batch, cfg.gradient_accumulation_steps, self.world,
+                                                    acc.process_index))
+                    for m, (start, indices) in enumerate(micro):
+                        sync = m == len(micro) - 1
+                        with contextlib.nullcontext() if sync else acc.no_sync(self.model):
+                            loss_sum += self.micro_step(indices, start, p.step)
+                    grad_norm = acc.clip_grad_norm_(list(self.trainable.values()), clip) if clip > 0 else None
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    if self.ema:
+                        self.ema.update(self.trainable)
+                    loss = float(acc.reduce(loss_sum / len(micro), "mean"))
+                    p.step, p.position = p.step + 1, p.position + 1
+                    losses.append(loss)
+                    seconds = time.perf_counter() - started
+                    lr = self.scheduler.get_last_lr()[0]
+                    if self.main:
+                        norm = "" if grad_norm is None else f"{float(grad_norm):.6g}"
+                        with open(log_file, "a", newline="") as f:
+                            csv.writer(f).writerow([p.step, p.epoch, f"{loss:.6g}", f"{lr:.6g}", norm,
+                                                    f"{seconds:.3f}"])
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{self.global_batch / seconds:.1f}")
+                    bar.update(1)
+                    if cfg.checkpointing_steps and p.step % cfg.checkpointing_steps == 0 and p.step < total:
+                        self.save_checkpoint()
+                    if cfg.validation_steps and p.step % cfg.validation_steps == 0:
+                        self.validate()
+                if p.position >= len(batches):
+                    p.epoch, p.position = p.epoch + 1, 0
         bar.close()
         checkpoint = self.save_checkpoint()
         outputs = ([checkpoint] if self.main else []) + self.save_result()
