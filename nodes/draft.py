@@ -37,37 +37,37 @@ def vae_approx(prefix: str) -> list[str]:
 def draft_vae(decoder: str, encoder: str | None):
     """A `comfy.sd.VAE` over TAESANA from its decoder (and optionally encoder) file, on ComfyUI's VAE device.
 
-    Core's constructor detects models from a state dict, so it is not called; the attributes core's
-    decode/encode/decode_tiled/encode_tiled read are set here (those methods are core's, unchanged)."""
+    Core's constructor detects models from a state dict, so it is not called; every attribute it sets (as of core
+    0.38, see SanaVAE) is set here, and decode/encode/decode_tiled/encode_tiled are core's own, unchanged."""
     import comfy.model_management as mm
-    import comfy.model_patcher
     import comfy.ops
     import comfy.sd
 
     from sana_core.taesana import FACTOR, LATENT_CHANNELS, load_taesana
 
+    from .common import eager_ops, model_patcher
     from .model import SanaLatentFormat
 
     vae = comfy.sd.VAE.__new__(comfy.sd.VAE)
     vae.working_dtypes = [torch.float16, torch.bfloat16, torch.float32]
     vae.device = mm.vae_device()
     vae.vae_dtype = mm.vae_dtype(vae.device, vae.working_dtypes)
-    taesana = load_taesana(encoder, decoder, dtype=vae.vae_dtype, ops=comfy.ops.disable_weight_init)
+    taesana = load_taesana(encoder, decoder, dtype=vae.vae_dtype, ops=eager_ops(comfy.ops.disable_weight_init))
     vae.first_stage_model = RawLatents(taesana, SanaLatentFormat.scale_factor).eval()
     # peak activations: about 6 maps of 64 channels at full size (decode), 24 values per pixel (encode)
     vae.memory_used_decode = lambda shape, dtype: 6 * 64 * shape[2] * shape[3] * FACTOR**2 * mm.dtype_size(dtype)
     vae.memory_used_encode = lambda shape, dtype: 24 * shape[2] * shape[3] * mm.dtype_size(dtype)
     vae.downscale_ratio = vae.upscale_ratio = FACTOR
     vae.latent_channels, vae.latent_dim = LATENT_CHANNELS, 2
-    vae.input_channels = vae.output_channels = vae.real_output_channels = 3  # the last two: newer cores
-    vae.pad_channel_value = vae.size = None
+    vae.output_channels = 3
+    vae.pad_channel_value = vae.size = vae.format_encoded = None
+    vae.handles_tiling, vae.audio_sample_rate = False, 44100  # core's own tiling; newer cores read both
     vae.process_input = lambda image: image * 2.0 - 1.0
     vae.process_output = lambda image: torch.clamp((image + 1.0) / 2.0, min=0.0, max=1.0)
     vae.disable_offload, vae.not_video, vae.crop_input = False, True, True
     vae.downscale_index_formula = vae.upscale_index_formula = vae.extra_1d_channel = None
     vae.output_device = mm.intermediate_device()
-    vae.patcher = comfy.model_patcher.ModelPatcher(vae.first_stage_model, load_device=vae.device,
-                                                   offload_device=mm.vae_offload_device())
+    vae.patcher = model_patcher(vae.first_stage_model, vae.device, mm.vae_offload_device())
     return vae
 
 

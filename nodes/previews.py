@@ -37,12 +37,15 @@ def load_decoder(path: str, device: torch.device):
 
     from sana_core.taesana import load_taesana
 
+    from .common import eager_ops
+
     dtype = mm.vae_dtype(device, [torch.float16, torch.bfloat16, torch.float32])
     stat = os.stat(path)
     key = (os.path.realpath(path), stat.st_mtime_ns, stat.st_size, str(device), dtype)
     if key not in _loaded:
         _loaded.clear()
-        _loaded[key] = load_taesana(decoder=path, dtype=dtype, device=device, ops=comfy.ops.disable_weight_init)
+        _loaded[key] = load_taesana(decoder=path, dtype=dtype, device=device,
+                                    ops=eager_ops(comfy.ops.disable_weight_init))
     return _loaded[key]
 
 

@@ -275,6 +275,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("skip_existing", "leave out images whose PNG is already in --output_dir (resume an interrupted run)",
            type=None, default=False, group="run"),
     Option("progress", "progress bars (--no_progress: none)", type=None, default=True, group="run"),
+    Option("preview_every", "every N steps write a preview of each image to --output_dir/previews/<name>_stepNNN.png "
+           "(full size with --preview_decoder, else 1/32 size from a linear map)", type=positive_int, group="run"),
+    Option("preview_decoder", "TAESANA's decoder (taesana_decoder.pth / .safetensors from github.com/madebyollin/"
+           "taesd) for full-size --preview_every previews", group="run"),
 )
 BY_NAME = {o.name: o for o in OPTIONS}
 #: every key a json record may hold -> its option (aliases and old names included)
@@ -603,9 +607,12 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm.auto import tqdm
 
     from .pipeline import SanaPipeline, save_images
+    from .previews import save_previews
 
     try:
         loras = [parse_lora(t) for t in args.lora or ()]
+        if args.preview_decoder and not args.preview_every:
+            raise ValueError("--preview_decoder decodes the --preview_every previews: add --preview_every N")
         records = read_prompts(args)
         images = plan_images(records, args)
         if not images:
@@ -623,6 +630,8 @@ def main(argv: list[str] | None = None) -> int:
                                             variant=args.variant, controlnet=args.controlnet or None)
         for path, scale in loras:
             pipe.load_lora(path, scale)
+        if args.preview_decoder:
+            pipe.load_preview_decoder(args.preview_decoder)
         resolve_defaults(jobs, pipe)
         scales = args.control_scale or []
         control = {"controlnet_conditioning_scale": scales[0] if len(scales) == 1 else scales or 1.0,
@@ -633,8 +642,10 @@ def main(argv: list[str] | None = None) -> int:
             run |= {"controlnet": args.controlnet, "control_scale": scales or [1.0],
                     "control_start": args.control_start, "control_end": args.control_end}
         for settings, recs in tqdm(jobs, desc="batches", disable=not args.progress or len(jobs) <= 1):
+            watch = {"preview_every": args.preview_every, "callback": save_previews(
+                Path(args.output_dir) / "previews", [r["name"] for r in recs])} if args.preview_every else {}
             out = pipe([r["prompt"] for r in recs], seed=[r["seed"] for r in recs], progress=args.progress,
-                       **pipe_arguments(settings, control))
+                       **pipe_arguments(settings, control), **watch)
             shown = {k: v for k, v in settings.items() if v not in (None, ())}
             metas = [{"prompt": r["prompt"], "seed": r["seed"], **shown, **run} for r in recs]
             for path in save_images(out, args.output_dir, metas, [r["name"] for r in recs]):

@@ -25,9 +25,11 @@ from .controlnet import Control, SanaControlNet
 from .dcae import DCAE, run_finite
 from .denoiser import SanaDenoiser, TextCondition, latent_mask, sample
 from .dit import SanaDiT
+from .previews import previewer, with_previews
 from .resolutions import bin_size, resize_and_crop
 from .samplers import SAMPLERS, randn
 from .spec import ModelSpec, model_spec
+from .taesana import TAESANA, load_taesana
 from .text_encoder import SanaTextEncoder
 
 if TYPE_CHECKING:
@@ -149,6 +151,15 @@ class SanaPipeline:
         n = merge_lora(self.dit, hub.resolve(path), scale)
         log.info("LoRA %s merged at scale %g (%d layers)", path, scale, n)
 
+    #: TAESANA's decoder for full-size `preview_every` previews (`load_preview_decoder`); None: the linear map
+    preview_decoder: TAESANA | None = None
+
+    def load_preview_decoder(self, path: str | Path) -> None:
+        """TAESANA's decoder (taesana_decoder.pth / .safetensors, github.com/madebyollin/taesd) for full-size
+        previews, kept on this pipeline's device (float16 on a GPU, float32 on the CPU; 8.3M weights)."""
+        dtype = torch.float32 if self.device.type == "cpu" else torch.float16
+        self.preview_decoder = load_taesana(decoder=path, dtype=dtype, device=self.device)
+
     def _on_device(self, model: torch.nn.Module) -> torch.nn.Module:
         """`model` on the device (the DiT with its ControlNets); with offload, every other model on the CPU."""
         group = [model, *self.controlnets] if model is self.dit else [model]
@@ -254,6 +265,7 @@ class SanaPipeline:
         controlnet_conditioning_scale: float | Sequence[float] = 1.0,
         control_guidance_start: float | Sequence[float] = 0.0,
         control_guidance_end: float | Sequence[float] = 1.0,
+        preview_every: int = 0,
     ) -> Any:
         """Generate images.
 
@@ -287,6 +299,9 @@ class SanaPipeline:
         0..1 of any size, resized (bicubic) + centre-cropped to height x width, one for all images or one per
         prompt; controlnet_conditioning_scale: strength of each; control_guidance_start / end: the fraction of
         the steps it acts on (diffusers' names and rule). The hint steers the CFG and PAG branches too.
+        preview_every: with a callback, the dict of every N-th step also holds "preview": that step's x0 prediction
+        as images, float32 in 0..1 on the CPU: (B, 3, H, W) TAESANA decodes after `load_preview_decoder`, else
+        (B, 3, H/32, W/32) from the linear map (`sana_core.previews`). 0: none.
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r}: expected one of {', '.join(OUTPUT_TYPES)}")
@@ -365,6 +380,10 @@ class SanaPipeline:
         denoiser = SanaDenoiser(self.dit if self.compiled is None else self.compiled, cond, uncond, guidance_scale,
                                 pag_guidance_scale, tuple(pag_layers), truncate_timesteps=truncate_timesteps,
                                 cudagraph_steps=self._cudagraphs, controls=controls)
+        if preview_every:
+            if callback is None:
+                raise ValueError("preview_every needs a callback: the callback is what receives the previews")
+            callback = with_previews(callback, preview_every, previewer(self.preview_decoder))
         started, new_shape = time.perf_counter(), self.compiled is not None and shape not in self._compiled_shapes
         x0 = sample(denoiser, latents.to(self.device), sampler, num_inference_steps, shift,
                     denoise=strength if image is not None else 1.0, init=init, generator=generator,

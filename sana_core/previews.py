@@ -9,7 +9,8 @@ the DC-AE 1.0/1.1 latent space) of `colour_fields(32, 256)`, whose 32 x 32 pixel
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -105,17 +106,34 @@ def previewer(decoder: TAESANA | None = None) -> Previewer:
     return decode
 
 
-def with_previews(callback: Callable[[dict[str, Any]], None], every: int, steps: int,
+def with_previews(callback: Callable[[dict[str, Any]], None], every: int,
                   preview: Previewer) -> Callable[[dict[str, Any]], None]:
-    """A k-diffusion step callback that, on every `every`-th step and the last of `steps`, also gets
+    """A k-diffusion step callback whose dict, on every `every`-th step (steps counted from 1), also holds
     "preview": `preview` of the step's denoised latents ("denoised", the x0 prediction)."""
     if every < 1:
         raise ValueError(f"preview_every={every} must be at least 1")
 
     def wrapped(info: dict[str, Any]) -> None:
-        i = info["i"]
-        if (i + 1) % every == 0 or i + 1 == steps:
+        if (info["i"] + 1) % every == 0:
             info = {**info, "preview": preview(info["denoised"])}
         callback(info)
 
     return wrapped
+
+
+def save_previews(folder: str | Path, names: Sequence[str]) -> Callable[[dict[str, Any]], None]:
+    """A step callback writing each "preview" it gets (from `with_previews`) as `folder/<name>_step<NNN>.png`, one
+    file per image of the batch (`names`, in order; the step counted from 1)."""
+    from PIL import Image
+
+    folder = Path(folder)
+
+    def save(info: dict[str, Any]) -> None:
+        if "preview" not in info:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        arrays = (info["preview"].permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
+        for name, array in zip(names, arrays, strict=True):
+            Image.fromarray(array).save(folder / f"{name}_step{info['i'] + 1:03d}.png")
+
+    return save
