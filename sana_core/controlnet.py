@@ -21,12 +21,12 @@ class holds either. Shapes: B batch, N image tokens, C width, T caption tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from .dit import DiTConfig, DiTInputs, SanaBlock, SanaDiT, caption_kv
+from .dit import BaseState, DiTConfig, DiTInputs, SanaBlock, SanaDiT, caption_kv
 
 DEPTH = 7  # copied blocks in every released Sana ControlNet
 Order = Literal["nvlabs", "diffusers"]
@@ -42,23 +42,6 @@ class ControlBlock(nn.Module):
             self.before_proj = ops.Linear(cfg.width, cfg.width, **kw)
         self.copied_block = SanaBlock(cfg, ops, dtype, device)
         self.after_proj = ops.Linear(cfg.width, cfg.width, **kw)
-
-
-@dataclass
-class BaseState:
-    """What a ControlNet reads of one base DiT forward: the DiT, its latent (B, 32, H, W) and timestep (B,) or
-    scalar (as `SanaDiT.forward` got it), the output of base block 0 (B, N, C), the modulation t6 (B, 6, C), the
-    caption bias (B, 1, 1, T) or None, the token grid (h, w) and the Gemma states (B, T, 2304) (None when only
-    cached keys/values are at hand)."""
-
-    dit: SanaDiT
-    latent: torch.Tensor
-    timestep: torch.Tensor
-    block0: torch.Tensor
-    t6: torch.Tensor
-    bias: torch.Tensor | None
-    hw: tuple[int, int]
-    context: torch.Tensor | None
 
 
 class SanaControlNet(DiTInputs):
@@ -156,21 +139,15 @@ class Control:
         if not 0.0 <= self.start <= self.end <= 1.0:
             raise ValueError(f"ControlNet start/end must satisfy 0 <= start <= end <= 1, got {self.start}, {self.end}")
 
-
-def control_residuals(controls: Sequence[Control], base: BaseState) -> dict[int, torch.Tensor]:
-    """{base block index: the summed, strength-scaled residual to add to its output (B, N, C)}."""
-    dit, B = base.dit, base.latent.shape[0]
-    total: dict[int, torch.Tensor] = {}
-    for control in controls:
-        net = control.net
-        net.check_base(dit.cfg)
-        hint = control.hint
+    def block_residuals(self, base: BaseState) -> dict[int, torch.Tensor]:
+        """{base block index: the strength-scaled residual (B, N, C) to add to its output} for one DiT forward
+        (the DiT's `BlockResiduals` interface)."""
+        dit, B = base.dit, base.latent.shape[0]
+        self.net.check_base(dit.cfg)
+        hint = self.hint
         if hint.shape[0] not in (1, B) or hint.shape[-2:] != base.latent.shape[-2:]:
             raise ValueError(f"a ControlNet hint of shape {tuple(hint.shape)} does not match the latent "
                              f"{tuple(base.latent.shape)} (batch 1 or {B}, same latent size)")
         hint = hint.to(base.latent.device).expand(B, -1, -1, -1)
-        for k, r in enumerate(net.residuals(hint, base, control.text_kv)):
-            i = net.first_block + k
-            r = control.scale * r.to(base.block0.dtype)
-            total[i] = total[i] + r if i in total else r
-    return total
+        return {self.net.first_block + k: self.scale * r.to(base.block0.dtype)
+                for k, r in enumerate(self.net.residuals(hint, base, self.text_kv))}

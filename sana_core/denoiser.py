@@ -68,7 +68,6 @@ class SanaDenoiser:
     truncate_timesteps: bool = True
     cudagraph_steps: bool = False
     controls: Sequence[Control] = ()
-    calls: int = field(default=0, init=False)
     _windows: list[tuple[float, float]] | None = field(default=None, init=False, repr=False)
     _text: tuple | None = field(default=None, init=False, repr=False)
     _finite: torch.Tensor | None = field(default=None, init=False, repr=False)  # all outputs finite so far
@@ -157,7 +156,6 @@ class SanaDenoiser:
             guidance = self.dit.guidance(self.guidance_scale, n * B, x.device)
         if self.cudagraph_steps:
             torch.compiler.cudagraph_mark_step_begin()
-        self.calls += 1
         return self.dit(x.repeat(n, 1, 1, 1), self.dit.timestep(sigma, self.truncate_timesteps).repeat(n), None, mask,
                         guidance=guidance, pag_layers=self.pag_layers if self.pag_scale > 0 else (),
                         pag_batch=pag_batch, text_kv=kv, controls=controls).float()

@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .samplers import sigma_to_timestep
-
-if TYPE_CHECKING:
-    from .controlnet import Control
 
 
 @dataclass(frozen=True)
@@ -418,6 +415,30 @@ class DiTInputs(nn.Module):
         return self.attention_y_norm(self.y_embedder.y_proj(context))
 
 
+@dataclass
+class BaseState:
+    """What a ControlNet (a `BlockResiduals`) reads of one base DiT forward: the DiT, its latent (B, 32, H, W) and timestep (B,) or
+    scalar (as `SanaDiT.forward` got it), the output of base block 0 (B, N, C), the modulation t6 (B, 6, C), the
+    caption bias (B, 1, 1, T) or None, the token grid (h, w) and the Gemma states (B, T, 2304) (None when only
+    cached keys/values are at hand)."""
+
+    dit: SanaDiT
+    latent: torch.Tensor
+    timestep: torch.Tensor
+    block0: torch.Tensor
+    t6: torch.Tensor
+    bias: torch.Tensor | None
+    hw: tuple[int, int]
+    context: torch.Tensor | None
+
+
+class BlockResiduals(Protocol):
+    """What adds to the outputs of the DiT's blocks (a ControlNet's `controlnet.Control`): called once per
+    forward with the state after block 0, returns {block index: residual (B, N, C)} for the blocks it joins."""
+
+    def block_residuals(self, base: BaseState) -> dict[int, torch.Tensor]: ...
+
+
 class SanaDiT(DiTInputs):
     """The linear DiT: predicts the flow velocity v = noise - x0 of a DC-AE latent.
 
@@ -478,7 +499,7 @@ class SanaDiT(DiTInputs):
         pag_layers: Iterable[int] = (),
         pag_batch: torch.Tensor | None = None,
         text_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-        controls: Sequence[Control] = (),
+        controls: Sequence[BlockResiduals] = (),
     ) -> torch.Tensor:
         """Velocity prediction.
 
@@ -488,8 +509,9 @@ class SanaDiT(DiTInputs):
         (each sample its own); guidance: (B,) Sprint guidance embedding input (scale * `guidance_embeds_scale`);
         pag_layers / pag_batch: blocks and (B,) bool samples whose self-attention is the identity (PAG);
         text_kv: `text_kv(context)` computed earlier (context is then unused but by ControlNets);
-        controls: ControlNets (`controlnet.Control`), each adding its strength-scaled residuals to the outputs of
-        base blocks in its own order (`SanaControlNet.order`); their step ranges are the sampler's business.
+        controls: `BlockResiduals` (ControlNets' `controlnet.Control`), each adding its strength-scaled residuals to
+        the outputs of base blocks in its own order (`SanaControlNet.order`), summed; their step ranges are the
+        sampler's business.
         Returns v: (B, 32, H, W) in x's dtype.
         """
         cfg, dtype = self.cfg, self.compute_dtype
@@ -506,9 +528,10 @@ class SanaDiT(DiTInputs):
         for i, block in enumerate(self.blocks):
             tokens = block(tokens, kv[i], t6, bias, (h, w), pag_batch if i in pag else None)
             if i == 0 and controls:
-                from .controlnet import BaseState, control_residuals
                 base = BaseState(self, x, timestep, tokens, t6, bias, (h, w), context)
-                residuals = control_residuals(controls, base)
+                for control in controls:
+                    for k, r in control.block_residuals(base).items():
+                        residuals[k] = residuals[k] + r if k in residuals else r
             if i in residuals:
                 tokens = tokens + residuals.pop(i)
         out = self.final_layer(tokens, t)                                        # (B, N, p*p*32)
