@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from sana_core.checkpoints.dcae import diffusers_config as dcae_diffusers_config
 from sana_core.checkpoints.dit import diffusers_config, nvlabs_to_diffusers
 from sana_core.dcae import DCAE, DCAEConfig
 from sana_core.dcae import VARIANTS as DCAE_VARIANTS
@@ -53,9 +54,12 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+TINY_SIZE = 256  # px: the largest image of a --tiny run
+
+
 def sizes(args: argparse.Namespace) -> list[int]:
-    """The --size list; with --tiny capped at 512 px (the smoke test checks the code paths, not the sizes)."""
-    return [min(s, 512) for s in args.size] if args.tiny else args.size
+    """The --size list; with --tiny capped at TINY_SIZE (the smoke test checks the code paths, not the sizes)."""
+    return [min(s, TINY_SIZE) for s in args.size] if args.tiny else args.size
 
 
 def sync(device: torch.device) -> None:
@@ -130,7 +134,7 @@ def dcae_pair(device: torch.device, dtype: torch.dtype, tiny: bool = False) -> P
     cfg = dcae_config(tiny)
     ours = randomize_(DCAE(cfg), seed=1).eval().to(dtype)
     with torch.device("meta"):
-        theirs = AutoencoderDC(**{k: v for k, v in cfg.to_diffusers().items() if not k.startswith("_")})
+        theirs = AutoencoderDC(**{k: v for k, v in dcae_diffusers_config(cfg).items() if not k.startswith("_")})
     theirs.load_state_dict(ours.state_dict(), assign=True)
     return Pair(ours.to(device, memory_format=torch.channels_last), theirs.eval().to(device, dtype))
 

@@ -9,12 +9,16 @@ import json
 import sys
 from pathlib import Path
 
+pack_dir, pipeline = Path(sys.argv[1]), Path(sys.argv[2])
 sys.path.insert(0, str(Path.cwd()))
+sys.argv = [sys.argv[0], "--cpu"]  # parsed as ComfyUI's main.py does, before comfy.model_management is imported
+import comfy.options  # noqa: E402
+
+comfy.options.enable_args_parsing()
 import comfy.model_patcher  # noqa: E402
 import comfy.sd  # noqa: E402
 import torch  # noqa: E402
 
-pack_dir, pipeline = Path(sys.argv[1]), Path(sys.argv[2])
 spec = importlib.util.spec_from_file_location("comfyui_sana_probe", pack_dir / "__init__.py",
                                               submodule_search_locations=[str(pack_dir)])
 pack = importlib.util.module_from_spec(spec)
