@@ -262,6 +262,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("use_pe", "force the 2K/4K sin-cos positional embedding on/off (default: detected)", type=None,
            deprecated=("no-use_pe",), group="model"),
     Option("offload", "keep idle models on the CPU (small GPUs)", type=None, default=False, group="model"),
+    Option("offload_blocks", "--offload, and the DiT's blocks stay on the CPU too, each streamed to the GPU just "
+           "before its turn (DiTs larger than the GPU, e.g. the 4.8B on 8 GB)", type=None, default=False,
+           group="model"),
     Option("compile", "torch.compile the DiT, optionally naming the mode (reduce-overhead: CUDA graphs); pays off "
            "over many images: the first one includes compiling", nargs="?", group="model"),
     # the run
@@ -626,7 +629,8 @@ def main(argv: list[str] | None = None) -> int:
         check_plan(jobs, args)
         pipe = SanaPipeline.from_pretrained(args.model, dit=args.dit, vae=args.vae, text_encoder=args.text_encoder,
                                             dtype=DTYPES[args.dtype], device=device_for_rank(args.device),
-                                            use_pe=args.use_pe, offload=args.offload, compile=args.compile or False,
+                                            use_pe=args.use_pe, offload="blocks" if args.offload_blocks else args.offload,
+                                            compile=args.compile or False,
                                             variant=args.variant, controlnet=args.controlnet or None)
         for path, scale in loras:
             pipe.load_lora(path, scale)

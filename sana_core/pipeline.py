@@ -25,6 +25,7 @@ from .controlnet import Control, SanaControlNet
 from .dcae import DCAE, run_finite
 from .denoiser import SanaDenoiser, TextCondition, latent_mask, sample
 from .dit import SanaDiT
+from .offload import offload_blocks
 from .previews import previewer, with_previews
 from .resolutions import bin_size, resize_and_crop
 from .samplers import SAMPLERS, randn
@@ -82,20 +83,24 @@ class SanaPipeline:
     """Text -> Gemma-2 (with the complex human instruction) -> linear DiT + flow sampler -> DC-AE -> images.
 
     With `offload=True` each model sits on the CPU until its turn (text encoder, DiT, DC-AE) and the DC-AE
-    decodes in tiles once a whole image would need more than `OFFLOAD_DECODE_BYTES`, for small GPUs.
+    decodes in tiles once a whole image would need more than `OFFLOAD_DECODE_BYTES`, for small GPUs. With
+    `offload="blocks"` the DiT's blocks also stay on the CPU and are streamed to the device one ahead of their
+    turn (`offload.BlockOffload`: copies overlap compute on CUDA streams), for DiTs larger than the GPU.
     With `compile=True` (or a torch.compile mode from `COMPILE_MODES`) the DiT runs through `torch.compile`
     (compiled on the first generation, and again for a new image size; the time it took is logged); the modes
     with CUDA graphs mark every DiT call as a new graph step.
     """
 
     def __init__(self, dit: SanaDiT, vae: DCAE, text_encoder: SanaTextEncoder,
-                 device: torch.device | str | None = None, offload: bool = False, compile: bool | str = False,
-                 controlnets: Sequence[SanaControlNet] = (), spec: ModelSpec | None = None):
+                 device: torch.device | str | None = None, offload: bool | str = False,
+                 compile: bool | str = False, controlnets: Sequence[SanaControlNet] = (), spec: ModelSpec | None = None):
         self.dit, self.vae, self.text_encoder = dit, vae, text_encoder
         self.controlnets = list(controlnets)
         #: the model's defaults (steps, sampler, shift, CFG, PAG, Sprint times, default size)
         self.spec = spec or model_spec(dit.cfg, latent_scale=vae.cfg.scaling_factor)
         self.device = precision.default_device(device)
+        if offload not in (False, True, "blocks"):
+            raise ValueError(f"offload={offload!r}: expected False, True or 'blocks'")
         self.offload = offload
         mode = "default" if compile is True else compile or None
         if mode is not None and mode not in COMPILE_MODES:
@@ -105,13 +110,14 @@ class SanaPipeline:
         self._compiled_shapes: set[tuple[int, ...]] = set()
         for m in (dit, vae, text_encoder, *self.controlnets):
             m.to("cpu" if offload else self.device)
+        self.blocks = offload_blocks(dit, self.device) if offload == "blocks" else None  # stays attached
 
     @classmethod
     def from_pretrained(cls, model: str | Path | None = DEFAULT_MODEL, *, dit: str | Path | None = None,
                         vae: str | Path | None = None, text_encoder: str | Path | None = None,
                         dtype: torch.dtype = torch.bfloat16, vae_dtype: torch.dtype | None = None,
                         device: torch.device | str | None = None, variant: str | None = None,
-                        use_pe: bool | None = None, offload: bool = False,
+                        use_pe: bool | None = None, offload: bool | str = False,
                         compile: bool | str = False,
                         controlnet: str | Path | Sequence[str | Path] | None = None) -> "SanaPipeline":
         """Load from a diffusers Sana folder or repo (`model`), or from separate files: `dit` (NVlabs `.pth`,
@@ -163,12 +169,14 @@ class SanaPipeline:
     def _on_device(self, model: torch.nn.Module) -> torch.nn.Module:
         """`model` on the device (the DiT with its ControlNets); with offload, every other model on the CPU."""
         group = [model, *self.controlnets] if model is self.dit else [model]
+        streamed = self.dit if self.blocks is not None else None  # blocks streamed, the rest kept on the device
         if self.offload:
             for other in (self.dit, self.vae, self.text_encoder, *self.controlnets):
-                if all(other is not m for m in group):
+                if all(other is not m for m in group) and other is not streamed:
                     other.to("cpu")
         for m in group:
-            m.to(self.device)
+            if m is not streamed:
+                m.to(self.device)
         return model
 
     def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
