@@ -109,3 +109,22 @@ def test_pipeline_and_cli_with_block_offload_equal_no_offload(folder, tmp_path):
     (png,) = tmp_path.glob("*.png")
     assert np.array_equal(np.asarray(Image.open(png)),
                           (want[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy())
+
+
+def test_gguf_dit_with_block_offload_equals_no_offload(tmp_path):
+    """Quantized weights stream as their raw blocks and keep their type, shape and LoRA patches."""
+    from sana_core.checkpoints.dit import load_dit, save_dit
+    from sana_core.quantize import main as quantize
+    from sana_core.quantized import QuantizedTensor
+
+    save_dit(_dit(), tmp_path / "dit.safetensors", layout="nvlabs")
+    quantize([str(tmp_path / "dit.safetensors"), str(tmp_path / "dit.gguf"), "--type", "Q8_0"])
+    dit = load_dit(tmp_path / "dit.gguf", dtype=torch.float32)
+    x, t, ctx = _inputs()
+    with torch.no_grad():
+        want = dit(x, t, ctx)
+        rec = Recording()
+        offload_blocks(dit, "cpu", transfers=rec)
+        assert torch.equal(dit(x, t, ctx), want)
+    qkv = dit.blocks[1].attn.qkv.weight
+    assert isinstance(qkv, QuantizedTensor) and qkv.shape == (192, 64) and ("copy", 2) in rec.log
