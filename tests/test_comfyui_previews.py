@@ -87,18 +87,10 @@ def test_taesana_previews_are_full_size_and_follow_the_steps(server, taesana):
     assert "loaded TAESANA decoder from" in log and "taesana_decoder.safetensors" in log
 
 
-def test_without_the_decoder_previews_use_the_linear_map_and_nothing_is_fitted(server):
-    images = previews(server, _sampling(server, 1002))
-    assert len(images) == 4 and all(detail(im) < 2 for im in images), [detail(im) for im in images]
-    assert images[0].std() > 1  # a picture, not a blank
-    assert "live-preview map" not in (server.root / "comfy.log").read_text()  # no fitting at DC-AE load
-    assert not (server.root / "user" / "sana").exists()
-
-
 def test_draft_vae_under_core_vae_nodes(server, taesana):
     from sana_core.taesana import load_taesana
 
-    prompt = _sampling(server, 1001)  # the sampling of the first test, cached by ComfyUI
+    prompt = _sampling(server, 1001)  # the previous test's sampling: ComfyUI has it cached
     draft = add(prompt, "draft", "SanaDraftVAELoader", decoder="taesana_decoder.safetensors",
                 encoder="taesana_encoder.safetensors")
     save(prompt, "draft", add(prompt, "dec", "VAEDecode", samples=[node(prompt, "SanaSampler"), 0], vae=draft))
@@ -114,3 +106,11 @@ def test_draft_vae_under_core_vae_nodes(server, taesana):
         z = model.encode(example.permute(2, 0, 1)[None] / 127.5 - 1) / 0.41407  # LATENTs hold raw DC-AE latents
         expected = ((model.decode(z * 0.41407)[0].permute(1, 2, 0) + 1) * 127.5).clamp(0, 255)
     assert np.abs(images["roundtrip"] - expected.round().numpy()).max() <= 2
+
+
+def test_without_the_decoder_previews_use_the_linear_map_and_nothing_is_fitted(server):
+    images = previews(server, _sampling(server, 1002))
+    assert len(images) == 4 and all(detail(im) < 2 for im in images), [detail(im) for im in images]
+    assert images[0].std() > 1  # a picture, not a blank
+    assert "live-preview map" not in (server.root / "comfy.log").read_text()  # no fitting at DC-AE load
+    assert not (server.root / "user" / "sana").exists()
