@@ -17,7 +17,9 @@ NODES = [SanaCheckpointLoader, SanaFolderLoader, SanaLoraLoader, SanaControlNetL
 
 class SanaExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        from .previews import install
+        from . import latent, lora, previews
 
-        install()  # TAESANA live previews under every sampler node (here: ComfyUI 0.3.64 never calls on_load)
+        previews.install()  # TAESANA live previews under every sampler node (0.3.64 never calls on_load)
+        lora.install()  # core's LoRA loaders read Sana LoRAs
+        latent.install()  # core's 1/8-scale empty latents make Sana latents of the size asked
         return NODES

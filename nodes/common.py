@@ -65,6 +65,34 @@ def eager_ops(ops: type) -> type:
     return type(f"Eager_{ops.__name__}", (ops,), {"Linear": own_loader(ops.Linear), "Conv2d": own_loader(ops.Conv2d)})
 
 
+class Leaf(torch.nn.Module):
+    """Holds one parameter (`value`) that sat directly on a module with children."""
+
+    def __init__(self, value: torch.nn.Parameter):
+        super().__init__()
+        self.value = value
+
+
+def patchable(model: torch.nn.Module) -> torch.nn.Module:
+    """Move every parameter that sits directly on a module with children (the DiT blocks' and final layer's
+    `scale_shift_table`) into a `Leaf` child named `<name>_leaf`, read back through a property of the same
+    name. ComfyUI's patcher loads and patches leaf modules only, so model merges, LoRAs and weight patches
+    would otherwise silently miss those parameters. Their ComfyUI keys become `...<name>_leaf.value`."""
+    swapped: dict[type, type] = {}
+    for module in list(model.modules()):
+        direct = list(module._parameters)
+        if not direct or not list(module.children()):
+            continue
+        for name in direct:
+            module.add_module(f"{name}_leaf", Leaf(module._parameters.pop(name)))
+        base = type(module)
+        if base not in swapped:
+            props = {name: property(lambda self, n=f"{name}_leaf": self._modules[n].value) for name in direct}
+            swapped[base] = type(base.__name__, (base,), props)
+        module.__class__ = swapped[base]
+    return model
+
+
 def check_widgets(node: type[io.ComfyNode], values: dict) -> bool | str:
     """A node's `validate_inputs` (taking **kwargs): ComfyUI then skips its own min/max/option checks, so they
     are made here from the schema, with NaN/inf refused (core lets NaN through min/max). Returns True or an

@@ -20,6 +20,7 @@ from sana_core.controlnet import Control, SanaControlNet
 from sana_core.dit import SanaDiT
 from sana_core.resolutions import resize_and_crop
 
+from .common import patchable
 from .model import SanaControls, SanaLatentFormat, weight_ops
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,8 @@ def load_sana_controlnet(path: str, weight_dtype: str = "default", vae: object =
     stored in `weight_dtype` (a `model.WEIGHT_DTYPES` name) and computing as the DiT it drives."""
     load_device = mm.get_torch_device()
     dtype, compute, ops = weight_ops(weight_dtype, load_device)
-    net = load_controlnet(path, dtype=dtype, ops=ops, device=mm.unet_offload_device(), model_class=ComfySanaControlNet)
+    net = patchable(load_controlnet(path, dtype=dtype, ops=ops, device=mm.unet_offload_device(),
+                                    model_class=ComfySanaControlNet))
     log.info("Sana: ControlNet %s (%s order, %d blocks, width %d)", path, net.order, len(net.controlnet),
              net.cfg.width)
     return SanaControlNetPatch(net, load_device=load_device, manual_cast_dtype=compute, vae=vae)

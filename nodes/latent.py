@@ -15,6 +15,44 @@ TILING_TIP = ("auto: tiles only when the whole image would not fit in memory (af
               "or after an out-of-memory error; on: always tiles; off: never")
 
 
+#: Channels of the empty latents of 1/8-scale models (SD1.x/SDXL: 4, SD3/Flux: 16) that a Sana model resizes.
+EIGHTH_SCALE_CHANNELS = (4, 16)
+
+
+def install() -> None:
+    """Empty latents from core's 1/8-scale nodes (EmptyLatentImage, EmptySD3LatentImage) under any sampler of a
+    Sana model become the Sana latent of the same pixel size, as newer cores do themselves (their samplers resize
+    an empty latent to the model's `spacial_downscale_ratio`); 0.3.64's `fix_empty_latent_channels` only repeats
+    channels, which made 4x the size asked. Wraps that function once, on such cores only."""
+    import inspect
+    import logging
+
+    import comfy.sample
+
+    from .model import SanaLatentFormat
+
+    core = comfy.sample.fix_empty_latent_channels
+    if getattr(core, "sana", False) or "downscale_ratio_spacial" in inspect.signature(core).parameters:
+        return
+
+    def fix_empty_latent_channels(model, latent_image, *args, **kwargs):
+        fmt = model.get_model_object("latent_format")
+        if (isinstance(fmt, SanaLatentFormat) and latent_image.ndim == 4
+                and latent_image.shape[1] != fmt.latent_channels and torch.count_nonzero(latent_image) == 0):
+            b, c, h, w = latent_image.shape
+            if c not in EIGHTH_SCALE_CHANNELS or h * 8 % 32 or w * 8 % 32:
+                raise ValueError(f"the empty latent ({c} channels, {w}x{h}) is not one Sana can take: use "
+                                 "SanaEmptyLatentImage (or EmptyLatentImage with a width and height that are "
+                                 "multiples of 32)")
+            logging.getLogger(__name__).info("Sana: an empty %d-channel latent of %dx%d px becomes a Sana latent "
+                                             "of the same size", c, w * 8, h * 8)
+            latent_image = latent_image.new_zeros(b, fmt.latent_channels, h * 8 // 32, w * 8 // 32)
+        return core(model, latent_image, *args, **kwargs)
+
+    fix_empty_latent_channels.sana = True
+    comfy.sample.fix_empty_latent_channels = fix_empty_latent_channels
+
+
 def sana_vae(vae, node: str):
     """The VAE input of a Sana node, which must be our DC-AE (SanaDCAELoader / SanaFolderLoader)."""
     from .vae import SanaVAE

@@ -236,13 +236,17 @@ class SanaLoraLoader(io.ComfyNode):
         import comfy.lora
         import comfy.utils
 
-        from sana_core.checkpoints.dit import lora_key_map
+        from .lora import sana_key_map
 
-        dit = model.get_model_object("diffusion_model")
-        if not hasattr(dit, "cfg") or not hasattr(dit.cfg, "guidance_embed"):
+        key_map = sana_key_map(model.model)
+        if not key_map:
             raise ValueError("SanaLoraLoader: the MODEL is not a Sana model; load it with SanaCheckpointLoader")
-        lora = comfy.utils.load_torch_file(full_path(lora_name, "loras"), safe_load=True)
-        patches = comfy.lora.load_lora(lora, lora_key_map(dit.cfg))
+        try:
+            lora = comfy.utils.load_torch_file(full_path(lora_name, "loras"), safe_load=True)
+        except Exception as e:  # a truncated or foreign file: say which, whatever the reader raised
+            raise ValueError(f"{lora_name}: cannot be read as a LoRA ({type(e).__name__}: "
+                             f"{e or 'empty or truncated file'})") from e
+        patches = comfy.lora.load_lora(lora, key_map)
         if not patches:
             raise ValueError(f"{lora_name}: no key matches a Sana DiT layer (found e.g. {list(lora)[:3]}); expected a "
                              "Sana LoRA (diffusers, kohya, NVlabs or ComfyUI names)")

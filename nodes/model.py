@@ -31,7 +31,7 @@ from sana_core.spec import LATENT_SCALE, SPRINT, model_spec
 from sana_core.previews import LATENT_RGB_BIAS, LATENT_RGB_FACTORS
 
 from .clip import negative_side
-from .common import core_patcher, eager_ops
+from .common import core_patcher, eager_ops, patchable
 
 log = logging.getLogger(__name__)
 PAG_LAYERS = "sana_pag_layers"  # transformer_options key: blocks whose self-attention PAG makes the identity
@@ -100,6 +100,10 @@ class ComfySanaDiT(SanaDiT):
                 attention_mask: torch.Tensor | None = None, guidance: torch.Tensor | None = None,
                 control: object = None, transformer_options: dict | None = None, **kwargs: object) -> torch.Tensor:
         options = transformer_options or {}
+        if x.shape[1] != self.cfg.in_channels:
+            raise ValueError(f"Sana: the latent has {x.shape[1]} channels, Sana's have {self.cfg.in_channels}: it "
+                             "comes from another model's VAE or latent node; use SanaEmptyLatentImage or a VAE "
+                             "Encode with the Sana DC-AE")
         if control is not None and not isinstance(control, SanaControls):
             raise ValueError("Sana: the ControlNet applied to this Sana model is not a Sana ControlNet (an SD / Flux "
                              "one?); load a Sana ControlNet with SanaControlNetLoader")
@@ -207,6 +211,8 @@ class SanaModel(comfy.model_base.BaseModel):
             context, mask = negative_side(kwargs)
         if context is not None:  # not CONDCrossAttn: that pads short prompts by repeating them
             out["c_crossattn"] = comfy.conds.CONDRegular(context)
+        if mask is not None and context is not None and mask.shape[-1] < context.shape[1]:
+            mask = _extend_mask(mask, context)
         if mask is not None:
             out["attention_mask"] = comfy.conds.CONDRegular(mask)
         if kwargs.get("concat_latent_image") is not None:
@@ -219,11 +225,35 @@ class SanaModel(comfy.model_base.BaseModel):
         return out
 
 
+def _extend_mask(mask: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """The attention mask (B, n) of caption embeddings (B, N > n, D) that a node lengthened (ConditioningConcat
+    appends another prompt's tokens and keeps the first mask): the appended rows count where they are not the
+    all-zero rows Sana's encoder gives padding, so both prompts' tokens are attended."""
+    extra = context[:, mask.shape[-1]:].abs().amax(-1) > 0                         # (B, N - n)
+    return torch.cat([mask.to(extra.device).bool(), extra], dim=-1).to(mask.dtype)
+
+
+def check_controls(conds: dict) -> None:
+    """Every ControlNet applied to the conditionings of a Sana run is a Sana one (before any tensor math):
+    an SD / SDXL / Flux ControlNet would fail deep inside its own forward."""
+    from .controlnet import SanaControlNetPatch
+
+    for c in (c for entries in conds.values() for c in entries):
+        control = c.get("control")
+        while control is not None:
+            if not isinstance(control, SanaControlNetPatch):
+                raise ValueError(f"Apply ControlNet: the ControlNet ({type(control).__name__}) is not a Sana "
+                                 "ControlNet (an SD1.5 / SDXL / Flux one?) and cannot drive a Sana model; load a "
+                                 "Sana ControlNet with SanaControlNetLoader")
+            control = control.previous_controlnet
+
+
 def sana_outer_sample(executor, *args, **kwargs):
     """Wraps every sampling run of a Sana MODEL (any sampler node): area conditioning set in pixels by core
     nodes (stored in 1/8 units, as for SD latents) is converted to Sana's 1/32 latent, and the text
     keys/values cache lives for the run (not with hooks, which may change weights between steps)."""
     guider = executor.class_obj
+    check_controls(getattr(guider, "conds", {}))
     hooks = False
     for conds in getattr(guider, "conds", {}).values():
         for c in conds:
@@ -278,7 +308,7 @@ def load_sana_model(path: str | Path, weight_dtype: str = "default",
         from .gguf import GGUFComfyOps, GGUFModelPatcher
 
         dtype, compute, ops, patcher_class = compute or dtype, None, GGUFComfyOps, GGUFModelPatcher
-    dit = load_dit(path, dtype=dtype, ops=ops, model_class=ComfySanaDiT, use_pe=use_pe)
+    dit = patchable(load_dit(path, dtype=dtype, ops=ops, model_class=ComfySanaDiT, use_pe=use_pe))
     config = SanaModelConfig({"disable_unet_model_creation": True})  # the DiT is built and loaded above
     config.manual_cast_dtype = compute
     spec = model_spec(dit.cfg, path)  # the engine's defaults: the same shift for every image size

@@ -15,6 +15,7 @@ sys.argv = [sys.argv[0], "--cpu"]  # parsed as ComfyUI's main.py does, before co
 import comfy.options  # noqa: E402
 
 comfy.options.enable_args_parsing()
+import comfy.controlnet  # noqa: E402
 import comfy.model_patcher  # noqa: E402
 import comfy.sd  # noqa: E402
 import torch  # noqa: E402
@@ -43,6 +44,9 @@ facts["core_patcher"] = common.core_patcher().__name__
 # -- the DiT's patcher
 model = loaders.load_model(str(pipeline / "transformer"), "tiny", "fp32", "auto")
 facts["dit_patcher"] = type(model).__name__
+loaded = {f"{entry[1]}.{name}".lstrip(".") for entry in model._load_list() for name in entry[3]}
+facts["unpatchable"] = sorted(set(dict(model.model.named_parameters())) - loaded)
+facts["dit_parameters"] = len(dict(model.model.named_parameters()))
 
 # -- core CLIPTextEncode on the Sana CLIP = the engine's encoder, on both sides
 import nodes  # noqa: E402
@@ -65,4 +69,20 @@ got = sana_model.extra_conds(cross_attn=zeroed[0][0], prompt_type="negative", de
                              noise=torch.zeros(1, 32, 4, 4), **zeroed[0][1])
 facts["zeroed_negative_is_zero"] = bool((got["c_crossattn"].cond == 0).all())
 facts["clip_class"] = type(clip).__module__ + "." + type(clip).__name__
+
+# -- ConditioningConcat: the second prompt's tokens are attended too
+other = nodes.CLIPTextEncode().encode(clip, "a blue bird")[0]
+(joined, joined_extra), = nodes.ConditioningConcat().concat(conditioning, other)[0]
+got = sana_model.extra_conds(cross_attn=joined, prompt_type="positive", device=torch.device("cpu"),
+                             noise=torch.zeros(1, 32, 4, 4), **joined_extra)
+want = torch.cat([extra["attention_mask"], other[0][1]["attention_mask"]], dim=-1)
+facts["concat_mask_equal"] = bool(torch.equal(got["attention_mask"].cond.long(), want.long()))
+
+# -- a foreign ControlNet is refused before sampling
+model_module = importlib.import_module(f"{spec.name}.nodes.model")
+try:
+    model_module.check_controls({"positive": [{"control": comfy.controlnet.ControlNet(torch.nn.Linear(2, 2))}]})
+    facts["foreign_controlnet"] = None
+except ValueError as e:
+    facts["foreign_controlnet"] = str(e)
 print(json.dumps(facts))

@@ -134,6 +134,7 @@ def write_models(root: Path) -> dict[str, Path]:
     save_file({"input_blocks.0.0.weight": torch.zeros(4, 4), "middle_block.0.in_layers.0.weight": torch.zeros(4)},
               str(models / "diffusion_models" / "sana_e2e_sdxl_unet.safetensors"))
     tiny_upscaler(models / "upscale_models" / "sana_e2e_compact_x2.safetensors")
+    save_dit(randomize_(load_dit(sana), 31), models / "diffusion_models" / "sana_e2e_other.safetensors")
     overflowing = load_dit(sana)
     with torch.no_grad():
         overflowing.final_layer.linear.weight.mul_(1e5)  # its output overflows float16 (65504)
@@ -148,6 +149,14 @@ def write_models(root: Path) -> dict[str, Path]:
                "transformer.transformer_blocks.1.attn2.to_v.lora_A.weight": torch.randn(4, 64, generator=g),
                "transformer.transformer_blocks.1.attn2.to_v.lora_B.weight": torch.randn(64, 4, generator=g)},
               str(models / "loras" / "sana_e2e_lora_diffusers.safetensors"))
+    save_file({"lora_unet_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.randn(4, 64, generator=g),
+               "lora_unet_transformer_blocks_0_attn1_to_q.lora_up.weight": torch.randn(64, 4, generator=g),
+               "lora_unet_transformer_blocks_0_attn1_to_q.alpha": torch.tensor(2.0)},
+              str(models / "loras" / "sana_e2e_lora_kohya.safetensors"))
+    save_file({"blocks.1.cross_attn.q_linear.lora_A.weight": torch.randn(4, 64, generator=g),
+               "blocks.1.cross_attn.q_linear.lora_B.weight": torch.randn(64, 4, generator=g)},
+              str(models / "loras" / "sana_e2e_lora_nvlabs.safetensors"))
+    (models / "loras" / "sana_e2e_empty.safetensors").write_bytes(b"")
     trained = load_dit(sana)  # a LoRA as our trainer writes it (diffusers names, fused q/k/v as 3 LoRAs)
     with torch.no_grad():
         for adapter in add_lora(trained, rank=4, seed=5):

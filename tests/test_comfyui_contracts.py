@@ -49,3 +49,17 @@ def test_clip_text_encode_equals_the_engine(facts, side):
 
 def test_a_zeroed_negative_stays_zero(facts):
     assert facts["zeroed_negative_is_zero"]
+
+
+def test_every_dit_weight_is_reachable_by_cores_patcher(facts):
+    """Core's patcher loads and patches leaf modules only: a parameter on a module with children (the blocks'
+    scale_shift_table) would be missed by merges, LoRAs and weight patches."""
+    assert facts["dit_parameters"] > 20 and facts["unpatchable"] == []
+
+
+def test_concatenated_prompts_are_both_attended(facts):
+    assert facts["concat_mask_equal"]
+
+
+def test_a_foreign_controlnet_is_refused_by_name(facts):
+    assert "is not a Sana ControlNet" in facts["foreign_controlnet"]

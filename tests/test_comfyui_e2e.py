@@ -663,3 +663,79 @@ def test_bundled_workflows_are_built_from_the_node_schemas(server):
     assert sorted(f"{name}.json" for name in build.WORKFLOWS) == [w.name for w in WORKFLOWS]
     for name, make in build.WORKFLOWS.items():
         assert json.loads((ROOT / "workflows" / f"{name}.json").read_text()) == make(server.info).json(), name
+
+
+LORAS = ["sana_e2e_lora_comfy_keys", "sana_e2e_lora_diffusers", "sana_e2e_lora_kohya", "sana_e2e_lora_nvlabs",
+         "sana_e2e_trained_lora"]
+
+
+def test_core_lora_loader_equals_sana_lora_loader_for_every_naming(server):
+    """Core LoraLoaderModelOnly reads Sana LoRAs in every naming they come in (ComfyUI's, diffusers/PEFT, kohya,
+    NVlabs, our trainer's) and gives SanaLoraLoader's image; each LoRA changes the image."""
+    p = prepare(server, T2I)
+    sampler, decode, vae = node(p, "SanaSampler"), node(p, "SanaDCAEDecode"), node(p, "SanaDCAELoader")
+    base = p[sampler]["inputs"]["model"]
+    save(p, "plain", [decode, 0])
+    for i, lora in enumerate(LORAS):
+        for kind, strength in (("LoraLoaderModelOnly", "strength_model"), ("SanaLoraLoader", "strength")):
+            tag = f"{i}_{kind}"
+            patched = add(p, f"lora_{tag}", kind, model=base, lora_name=f"{lora}.safetensors", **{strength: 0.7})
+            latent = add(p, f"sample_{tag}", "SanaSampler", **{**p[sampler]["inputs"], "model": patched})
+            save(p, tag, add(p, f"decode_{tag}", "VAEDecode", samples=latent, vae=[vae, 0]))
+    got = run_images(server, p)
+    for i, lora in enumerate(LORAS):
+        core, ours = got[f"{i}_LoraLoaderModelOnly"], got[f"{i}_SanaLoraLoader"]
+        assert np.abs(core - ours).max() <= 1, lora
+        assert np.abs(ours - got["plain"]).max() > 3, lora
+
+
+def test_a_bad_lora_file_is_named(server):
+    p = prepare(server, T2I)
+    sampler = node(p, "SanaSampler")
+    p[sampler]["inputs"]["model"] = add(p, "lora", "SanaLoraLoader", model=p[sampler]["inputs"]["model"],
+                                        lora_name="sana_e2e_empty.safetensors", strength=1.0)
+    error = error_of(server.run(p))
+    assert error and error["node_type"] == "SanaLoraLoader"
+    assert "sana_e2e_empty.safetensors: cannot be read as a LoRA" in error["exception_message"]
+
+
+def test_model_merge_at_0_and_1_equals_each_model(server):
+    """ModelMergeSimple reaches every weight (scale_shift_table included): ratio 1 is the first model, 0 the
+    second."""
+    p = prepare(server, T2I)
+    sampler, loader, vae = node(p, "SanaSampler"), node(p, "SanaCheckpointLoader"), node(p, "SanaDCAELoader")
+    other = add(p, "other", "SanaCheckpointLoader", ckpt_name="sana_e2e_other.safetensors", weight_dtype="default")
+    for name, model in (("first", [loader, 0]), ("second", other),
+                        ("ratio_1", add(p, "merge1", "ModelMergeSimple", model1=[loader, 0], model2=other, ratio=1.0)),
+                        ("ratio_0", add(p, "merge0", "ModelMergeSimple", model1=[loader, 0], model2=other, ratio=0.0))):
+        latent = add(p, f"sample_{name}", "SanaSampler", **{**p[sampler]["inputs"], "model": model})
+        save(p, name, add(p, f"decode_{name}", "VAEDecode", samples=latent, vae=[vae, 0]))
+    got = run_images(server, p)
+    assert np.abs(got["first"] - got["second"]).mean() > 5
+    assert np.abs(got["ratio_1"] - got["first"]).max() <= 1
+    assert np.abs(got["ratio_0"] - got["second"]).max() <= 1
+
+
+def test_conditioning_concat_uses_both_prompts(server):
+    """ConditioningConcat of two CLIPTextEncode prompts differs from its first prompt alone (the second one's
+    tokens used to be dropped)."""
+    p = prepare(server, T2I)
+    sampler, vae = node(p, "SanaSampler"), node(p, "SanaDCAELoader")
+    pos = p[sampler]["inputs"]["positive"]
+    other = add(p, "other", "CLIPTextEncode", clip=[node(p, "SanaGemmaLoader"), 0], text="a blue bird on a wire")
+    joined = add(p, "concat", "ConditioningConcat", conditioning_to=pos, conditioning_from=other)
+    latent = add(p, "sample_concat", "SanaSampler", **{**p[sampler]["inputs"], "positive": joined})
+    save(p, "concat", add(p, "decode_concat", "VAEDecode", samples=latent, vae=[vae, 0]))
+    got = run_images(server, p)
+    first = next(v for k, v in got.items() if k != "concat")
+    assert np.abs(got["concat"] - first).mean() > 1
+
+
+def test_core_empty_latent_gives_the_size_asked(server):
+    """EmptyLatentImage (1/8 scale, 4 channels) under KSampler on a Sana model makes the image size asked."""
+    p = prepare(server, ROOT / "workflows" / "sana_ksampler.json")
+    sampler = node(p, "KSampler")
+    p[sampler]["inputs"]["latent_image"] = add(p, "empty", "EmptyLatentImage", width=SMALL[0], height=SMALL[1],
+                                              batch_size=1)
+    (image,) = run_images(server, p).values()
+    assert image.shape[:2] == (SMALL[1], SMALL[0])
