@@ -90,7 +90,8 @@ def speed(widths: list[int], depth: int, tokens: int, repeats: int) -> None:
 
 def peak_rss(folder: Path) -> None:
     """Peak RSS of loading a real-size Sana 1.6B (random weights) from bf16 safetensors and from its Q8_0 GGUF,
-    each in a fresh process (the import alone is measured too)."""
+    each in a fresh process, every weight byte read once after loading (memory-mapped files are read lazily); the
+    import alone is measured too (Linux: /proc/self/status VmHWM)."""
     import subprocess
 
     from sana_core.checkpoints.dit import save_dit
@@ -107,9 +108,10 @@ def peak_rss(folder: Path) -> None:
         del model
     if not q8.exists():
         quantize([str(bf16), str(q8), "--type", "Q8_0"])
-    code = ("import resource, sys, torch; from sana_core.checkpoints.dit import load_dit; "
-            "m = load_dit(sys.argv[1]) if sys.argv[1] != '-' else None; "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)")
+    code = ("import re, sys, torch; from sana_core.checkpoints.dit import load_dit; "  # VmHWM: this process's peak
+            "m = load_dit(sys.argv[1]) if sys.argv[1] != '-' else None; "        # (ru_maxrss carries the parent's)
+            "[p.detach().as_subclass(torch.Tensor).view(torch.uint8).sum() for p in (m.parameters() if m else [])]; "
+            "print(int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) * 1024)")
     root = str(Path(__file__).resolve().parents[1])
     for name, path in (("import only", "-"), ("bf16 safetensors", bf16), ("Q8_0 GGUF", q8)):
         out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, cwd=root,

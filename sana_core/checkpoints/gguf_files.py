@@ -11,7 +11,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..quantized import FLOAT_TYPES, SUPPORTED, QuantizedTensor, T, raw_shape
@@ -26,15 +25,16 @@ ARCH, CONFIG, SOURCE = "general.architecture", "sana.config", "sana.source"
 def _reader(path: PathLike):
     import gguf
 
-    try:
-        return gguf.GGUFReader(str(path))
+    try:  # copy-on-write map: tensors are file pages until written (like safetensors' memory map)
+        return gguf.GGUFReader(str(path), mode="c")
     except (ValueError, OSError, IndexError, KeyError) as e:
         raise CheckpointError(f"{path}: cannot read this GGUF file ({type(e).__name__}: {e}); it may be truncated "
                               "or corrupt") from e
 
 
 def read_gguf(path: PathLike, dtype: torch.dtype | None = None, keep: Keep = None) -> dict[str, torch.Tensor]:
-    """The tensors of a GGUF file (those `keep(name)` accepts), each copied out of the memory map once.
+    """The tensors of a GGUF file (those `keep(name)` accepts), on the file's copy-on-write memory map (read when
+    used; `.to(device)` copies them, float ones cast to `dtype` are copied).
 
     Quantized types in `quantized.QUANTIZED` stay quantized; float ones are cast to `dtype` (None keeps them).
     Other types (I8..., IQ*, TQ*) raise CheckpointError naming the tensor and its type.
@@ -49,7 +49,7 @@ def read_gguf(path: PathLike, dtype: torch.dtype | None = None, keep: Keep = Non
             raise CheckpointError(f"{path}: tensor {t.name!r} is stored as {qtype.name}, which is not supported; "
                                   f"supported GGML types: {', '.join(x.name for x in SUPPORTED)}")
         shape = tuple(int(s) for s in reversed(t.shape.tolist()))
-        data = torch.from_numpy(np.array(t.data))  # a copy: the file's memory map is released afterwards
+        data = torch.from_numpy(t.data)
         if qtype in FLOAT_TYPES:
             tensor = data.view(FLOAT_TYPES[qtype]).reshape(shape)
             out[t.name] = tensor if dtype is None else tensor.to(dtype)
