@@ -1,16 +1,10 @@
 """ComfyUI entry point of the Sana pack (V3 API). Imports nothing heavy at load time.
 
-The engine lives in `sana_core/` (pure PyTorch, usable without ComfyUI); `nodes/` adapts it to ComfyUI.
+The engine lives in `sana_core/` (pure PyTorch, usable without ComfyUI); `nodes/` adapts it to ComfyUI and imports
+it relatively (`..sana_core`), so the pack never touches `sys.path`: two copies of it, or another package named
+`sana_core`, cannot shadow each other.
 """
-import os
-import sys
-
 WEB_DIRECTORY = "./js"
-
-# sana_core is imported by absolute name from the nodes; make this folder importable.
-_here = os.path.dirname(os.path.abspath(__file__))
-if _here not in sys.path:
-    sys.path.append(_here)
 
 
 async def comfy_entrypoint():

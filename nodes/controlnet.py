@@ -15,10 +15,10 @@ import comfy.controlnet
 import comfy.model_management as mm
 import torch
 
-from sana_core.checkpoints.controlnet import load_controlnet
-from sana_core.controlnet import Control, SanaControlNet
-from sana_core.dit import SanaDiT
-from sana_core.resolutions import resize_and_crop
+from ..sana_core.checkpoints.controlnet import load_controlnet
+from ..sana_core.controlnet import Control, SanaControlNet
+from ..sana_core.dit import SanaDiT
+from ..sana_core.resolutions import resize_and_crop
 
 from .common import patchable
 from .model import SanaControls, SanaLatentFormat, weight_ops

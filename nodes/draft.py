@@ -43,7 +43,7 @@ def draft_vae(decoder: str, encoder: str | None):
     import comfy.ops
     import comfy.sd
 
-    from sana_core.taesana import FACTOR, LATENT_CHANNELS, load_taesana
+    from ..sana_core.taesana import FACTOR, LATENT_CHANNELS, load_taesana
 
     from .common import eager_ops, model_patcher
     from .model import SanaLatentFormat

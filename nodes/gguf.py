@@ -13,7 +13,7 @@ import comfy.utils
 import folder_paths
 import torch
 
-from sana_core.quantized import QuantizedLoad, QuantizedTensor, dequantize
+from ..sana_core.quantized import QuantizedLoad, QuantizedTensor, dequantize
 
 
 def gguf_choices(*folders: str) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from sana_core.resolutions import presets
+from ..sana_core.resolutions import presets
 
 from .common import CATEGORY, check_widgets
 

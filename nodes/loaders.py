@@ -41,7 +41,7 @@ def load_gemma(path: str, dtype: str):
     import comfy.model_management as mm
     import torch
 
-    from sana_core.checkpoints.gemma import load_text_encoder
+    from ..sana_core.checkpoints.gemma import load_text_encoder
 
     from .clip import sana_clip
 
@@ -56,7 +56,7 @@ def load_vae(path: str, dtype: str):
     import comfy.model_management as mm
     import comfy.ops
 
-    from sana_core.checkpoints.dcae import load_dcae
+    from ..sana_core.checkpoints.dcae import load_dcae
 
     from .vae import SanaVAE
 

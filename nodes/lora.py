@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import comfy.lora
 
-from sana_core.checkpoints.dit import lora_key_map
-from sana_core.dit import SanaDiT
+from ..sana_core.checkpoints.dit import lora_key_map
+from ..sana_core.dit import SanaDiT
 
 
 def sana_key_map(model: object) -> dict:

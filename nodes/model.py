@@ -23,12 +23,12 @@ import comfy.samplers
 import comfy.supported_models_base
 import torch
 
-from sana_core import precision
-from sana_core.checkpoints.dit import load_dit
-from sana_core.denoiser import trim_padding
-from sana_core.dit import SanaDiT, activation_bytes
-from sana_core.spec import LATENT_SCALE, SPRINT, model_spec
-from sana_core.previews import LATENT_RGB_BIAS, LATENT_RGB_FACTORS
+from ..sana_core import precision
+from ..sana_core.checkpoints.dit import load_dit
+from ..sana_core.denoiser import trim_padding
+from ..sana_core.dit import SanaDiT, activation_bytes
+from ..sana_core.spec import LATENT_SCALE, SPRINT, model_spec
+from ..sana_core.previews import LATENT_RGB_BIAS, LATENT_RGB_FACTORS
 
 from .clip import negative_side
 from .common import core_patcher, eager_ops, patchable

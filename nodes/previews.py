@@ -35,7 +35,7 @@ def load_decoder(path: str, device: torch.device):
     import comfy.model_management as mm
     import comfy.ops
 
-    from sana_core.taesana import load_taesana
+    from ..sana_core.taesana import load_taesana
 
     from .common import eager_ops
 
@@ -53,7 +53,7 @@ class TAESANAPreviewer(latent_preview.LatentPreviewer):
     """The first image of a step's x0 (scaled Sana latents, as samplers hand them) decoded by TAESANA."""
 
     def __init__(self, decoder: torch.nn.Module):
-        from sana_core.previews import previewer
+        from ..sana_core.previews import previewer
 
         self.preview = previewer(decoder)
 

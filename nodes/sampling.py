@@ -10,8 +10,8 @@ import math
 
 from comfy_api.latest import io
 
-from sana_core.samplers import SAMPLERS
-from sana_core.spec import SANA, SPRINT
+from ..sana_core.samplers import SAMPLERS
+from ..sana_core.spec import SANA, SPRINT
 
 from .common import CATEGORY, check_widgets
 
@@ -133,7 +133,7 @@ class SanaSampler(io.ComfyNode):
         import comfy.utils
         import latent_preview
 
-        from sana_core.samplers import denoise_sigmas
+        from ..sana_core.samplers import denoise_sigmas
 
         from .model import SanaKSampler, add_pag
 
@@ -231,7 +231,7 @@ class SanaScheduler(io.ComfyNode):
 
     @classmethod
     def execute(cls, sampler: str, steps: int, shift: float, denoise: float, model=None) -> io.NodeOutput:
-        from sana_core.samplers import denoise_sigmas
+        from ..sana_core.samplers import denoise_sigmas
 
         if model is not None:
             shift = resolve_shift(model, shift, sampler)

@@ -10,8 +10,8 @@ import comfy.sd
 import comfy.utils
 import torch
 
-from sana_core import precision
-from sana_core.dcae import DCAE
+from ..sana_core import precision
+from ..sana_core.dcae import DCAE
 
 from .common import model_patcher
 

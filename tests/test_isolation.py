@@ -32,3 +32,15 @@ def test_block_is_effective():
     """The probe really blocks: importing diffusers under it fails."""
     out = subprocess.run([sys.executable, "-c", PROBE + "\nimport diffusers\n"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode != 0 and "must not import diffusers" in out.stderr
+
+
+def test_the_pack_imports_its_engine_relatively():
+    """nodes/ imports sana_core as `..sana_core` and nothing adds the pack to sys.path, so another package named
+    sana_core (or a second copy of the pack) cannot shadow it."""
+    import re
+
+    absolute = [f"{p.name}:{n}" for p in (ROOT / "nodes").glob("*.py")
+                for n, line in enumerate(p.read_text().splitlines(), 1)
+                if re.match(r"\s*(from|import) sana_core\b", line)]
+    assert absolute == []
+    assert not re.search(r"sys\.path\.(append|insert)", (ROOT / "__init__.py").read_text())
