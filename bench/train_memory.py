@@ -1,4 +1,4 @@
-"""Peak memory of training steps, measured (not asserted): `python -m sana_core.train.bench_memory`.
+"""Peak memory of training steps, measured (not asserted): `python bench/train_memory.py`.
 
 Each case runs in a fresh process: a real-size DiT (random weights, fp32 master weights), `--steps` optimizer steps
 on one 300-token caption and a batch of latents at `--size` px, LoRA (AdamW, rank 4 on the attention projections)
@@ -14,16 +14,19 @@ import subprocess
 import sys
 import time
 
+from pathlib import Path
+
 import torch
 
-from ..dit import VARIANTS, SanaDiT
-from .lora import add_lora
-from .recipe import flow_loss
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from sana_core.dit import VARIANTS, SanaDiT  # noqa: E402
+from sana_core.train.lora import add_lora  # noqa: E402
+from sana_core.train.recipe import flow_loss  # noqa: E402
 
 
 def measure(variant: str, mode: str, size: int, batch: int, steps: int, checkpointing: bool, device: str) -> dict:
     """One case in this process; returns its numbers."""
-    from .trainer import checkpoint_blocks
+    from sana_core.train.trainer import checkpoint_blocks
 
     cfg = VARIANTS[variant]
     dit = SanaDiT(cfg, device=device)
@@ -50,7 +53,8 @@ def measure(variant: str, mode: str, size: int, batch: int, steps: int, checkpoi
         opt.step()
         opt.zero_grad(set_to_none=True)
     seconds = (time.perf_counter() - started) / steps
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     params = sum(p.numel() * p.element_size() for p in dit.parameters())
     return {"variant": variant, "mode": mode, "size": size, "batch": batch, "checkpointing": checkpointing,
             "device": device, "peak_GiB": round(peak / 2**30, 2), "params_GiB": round(params / 2**30, 2),
@@ -58,7 +62,7 @@ def measure(variant: str, mode: str, size: int, batch: int, steps: int, checkpoi
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sana_core.train.bench_memory", description=__doc__)
+    p = argparse.ArgumentParser(prog="python bench/train_memory.py", description=__doc__)
     p.add_argument("--variant", default="sana-0.6b", choices=list(VARIANTS))
     p.add_argument("--modes", nargs="+", default=["lora", "full"], choices=["lora", "full"])
     p.add_argument("--size", type=int, default=256)
@@ -73,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                                  args.device)))
         return 0
     for mode in args.modes:
-        cmd = [sys.executable, "-m", "sana_core.train.bench_memory", "--case", mode, "--variant", args.variant,
+        cmd = [sys.executable, __file__, "--case", mode, "--variant", args.variant,
                "--size", str(args.size), "--batch", str(args.batch), "--steps", str(args.steps), "--device",
                args.device] + (["--checkpointing"] if args.checkpointing else [])
         print(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
