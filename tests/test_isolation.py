@@ -44,3 +44,25 @@ def test_the_pack_imports_its_engine_relatively():
                 if re.match(r"\s*(from|import) sana_core\b", line)]
     assert absolute == []
     assert not re.search(r"sys\.path\.(append|insert)", (ROOT / "__init__.py").read_text())
+
+
+def test_pyproject_dependencies_agree_with_the_requirements_files():
+    """pip install . (and its train/test extras) asks for what the requirements files ask for."""
+    import re
+    import tomllib
+
+    def read(name: str) -> set[str]:
+        out = set()
+        for line in (ROOT / name).read_text().splitlines():
+            line = line.split("#")[0].strip()
+            if line.startswith("-r "):
+                out |= read(line[3:])
+            elif line:
+                out.add(re.sub(r"\s+", "", line))
+        return out
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    assert set(project["dependencies"]) == read("requirements.txt")
+    assert set(project["dependencies"]) | set(extras["train"]) == read("requirements.txt") | read("requirements-train.txt")
+    assert set(project["dependencies"]) | set(extras["test"]) == read("requirements-test.txt")
