@@ -145,16 +145,25 @@ class SanaModelSampling(comfy.model_sampling.ModelSamplingDiscreteFlow, comfy.mo
     """Flow sampling with Sana's shift (3.0; 6.0 for 4K; 1.0 for Sprint, which uses its own SCM times)."""
 
 
-class SanaKSampler(comfy.samplers.KSAMPLER):
-    """A KSAMPLER that starts text-to-image (an empty latent) from pure noise, as the engine, NVlabs and
-    diffusers do, instead of ComfyUI's sigma_0 * noise; image-to-image is unchanged."""
+def sana_pure_noise(executor, guider, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+                    disable_pbar=False):
+    """Wraps the sampler of every run of a Sana MODEL (`WrappersMP.SAMPLER_SAMPLE`): text-to-image (an empty
+    latent) starts from pure noise, as the engine, NVlabs and diffusers do, where core's samplers start from
+    sigma_0 * noise (the same with core's schedules, whose sigma_0 is 1; Sana's flow-DPM schedule starts at
+    0.9997); image-to-image is unchanged."""
+    if latent_image is None or not latent_image.any():
+        noise = noise / sigmas[0]
+    return executor(guider, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
 
-    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
-               disable_pbar=False):
-        if latent_image is None or not latent_image.any():
-            noise = noise / sigmas[0]
-        return super().sample(model_wrap, sigmas, extra_args, callback, noise, latent_image, denoise_mask,
-                              disable_pbar)
+
+def sana_apply_model(executor, x: torch.Tensor, t: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """Wraps BaseModel.apply_model (`WrappersMP.APPLY_MODEL`) with the overflow check of `precision.run_finite`: a
+    float16 DiT that overflows is widened and the step redone from the float32 inputs."""
+    model = executor.class_obj
+    check_flow(model.model_sampling)
+    dit = model.diffusion_model
+    return precision.run_finite(lambda: executor(x, t, *args, **kwargs), dit,
+                                f"the Sana DiT ({getattr(dit, 'variant', None)})")
 
 
 class SanaModelConfig(comfy.supported_models_base.BASE):
@@ -175,7 +184,6 @@ class SanaModel(comfy.model_base.BaseModel):
         super().__init__(model_config, comfy.model_base.ModelType.FLOW, device=device)
         self.diffusion_model = dit
         self.model_sampling = SanaModelSampling(model_config)
-        self._sigma = None
 
     @property
     def manual_cast_dtype(self) -> torch.dtype | None:
@@ -186,17 +194,11 @@ class SanaModel(comfy.model_base.BaseModel):
     def manual_cast_dtype(self, dtype: torch.dtype | None) -> None:  # set by BaseModel and ModelComputeDtype
         self._manual_cast = dtype
 
-    def _apply_model(self, x, t, *args, **kwargs):
-        """BaseModel's, checked for overflow (`precision.run_finite`): a float16 DiT that overflows is widened and
-        the step redone from the float32 inputs, which BaseModel then casts to the wider dtype."""
-        check_flow(self.model_sampling)
-        self._sigma = t  # read by process_timestep, which BaseModel calls with the model sampling's timestep
-        dit = self.diffusion_model
-        return precision.run_finite(lambda: super(SanaModel, self)._apply_model(x, t, *args, **kwargs), dit,
-                                    f"the Sana DiT ({getattr(dit, 'variant', None)})")
-
     def process_timestep(self, timestep: torch.Tensor, **kwargs: object) -> torch.Tensor:
-        return self.diffusion_model.timestep(self._sigma.float().to(timestep.device))
+        """Sana's own timestep of sigma (`SanaDiT.timestep`) from the model sampling's: flow model samplings give
+        sigma * multiplier (Sana's and ModelSamplingSD3: 1000, Sprint's and AuraFlow: 1, Flux: no multiplier)."""
+        sigma = timestep.float() / float(getattr(self.model_sampling, "multiplier", 1.0))
+        return self.diffusion_model.timestep(sigma)
 
     def memory_required(self, input_shape, cond_shapes={}) -> float:
         """Activation bytes of one forward over `input_shape` (B, 32, h, w) (`sana_core.dit.activation_bytes`,
@@ -319,6 +321,8 @@ def load_sana_model(path: str | Path, weight_dtype: str = "default",
     model.sana_variant = dit.variant
     patcher = patcher_class(model, load_device=load_device, offload_device=offload_device)
     patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "sana", sana_outer_sample)
+    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, "sana", sana_pure_noise)
+    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "sana", sana_apply_model)
     return patcher
 
 

@@ -135,7 +135,7 @@ class SanaSampler(io.ComfyNode):
 
         from ..sana_core.samplers import denoise_sigmas
 
-        from .model import SanaKSampler, add_pag
+        from .model import add_pag
 
         dit = sana_dit(model, "SanaSampler")
         latent = latent_image["samples"]
@@ -153,7 +153,7 @@ class SanaSampler(io.ComfyNode):
         latent = comfy.sample.fix_empty_latent_channels(model, latent)
         noise = comfy.sample.prepare_noise(latent, seed, latent_image.get("batch_index"))
         callback = latent_preview.prepare_callback(model, len(sigmas) - 1)  # progress, previews, cancel
-        samples = guider.sample(noise, latent, SanaKSampler(SAMPLERS[sampler]), sigmas,
+        samples = guider.sample(noise, latent, comfy.samplers.KSAMPLER(SAMPLERS[sampler]), sigmas,
                                 denoise_mask=latent_image.get("noise_mask"), callback=callback,
                                 disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed)
         out = latent_image.copy()
@@ -204,9 +204,9 @@ class SanaSamplerSelect(io.ComfyNode):
 
     @classmethod
     def execute(cls, sampler: str) -> io.NodeOutput:
-        from .model import SanaKSampler
+        import comfy.samplers
 
-        return io.NodeOutput(SanaKSampler(SAMPLERS[sampler]))
+        return io.NodeOutput(comfy.samplers.KSAMPLER(SAMPLERS[sampler]))
 
 
 class SanaScheduler(io.ComfyNode):
