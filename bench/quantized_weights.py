@@ -17,9 +17,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sana_core.dit import VARIANTS, DiTConfig, SanaDiT  # noqa: E402
-from sana_core.quantize import DIT_QUANTIZED, GEMMA_QUANTIZED, pick_type  # noqa: E402
-from sana_core.quantized import FLOAT_TYPES, T, bytes_of  # noqa: E402
+from sana_core.dit import VARIANTS, DiTConfig, SanaDiT
+from sana_core.quantize import DIT_QUANTIZED, GEMMA_QUANTIZED, pick_type
+from sana_core.quantized import FLOAT_TYPES, T, bytes_of
 
 TYPES = ("BF16", "Q8_0", "Q6_K", "Q5_K", "Q5_0", "Q4_K", "Q4_0")
 

@@ -30,7 +30,7 @@ class _Layer(QuantizedLoad):
     """A comfy.ops layer whose quantized weight is dequantized (float32), patched (LoRA patches kept by
     `GGUFModelPatcher`, then ComfyUI's low-VRAM weight functions) and cast to the input's dtype at each call."""
 
-    gguf_patches: list = []      # (key, ComfyUI patch list) of this layer's weight, set by GGUFModelPatcher
+    gguf_patches: tuple = ()      # (key, ComfyUI patch list) of this layer's weight, set by GGUFModelPatcher
 
     def quantized_weights(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         non_blocking = mm.device_supports_non_blocking(x.device)
@@ -75,7 +75,7 @@ class GGUFModelPatcher(comfy.model_patcher.ModelPatcher):
         if not isinstance(weight, QuantizedTensor):
             return super().patch_weight_to_device(key, device_to, inplace_update)
         layer = comfy.utils.get_attr(self.model, key.rsplit(".", 1)[0])
-        layer.gguf_patches = [(key, self.patches[key])]
+        layer.gguf_patches = ((key, self.patches[key]),)
         if device_to is not None:
             comfy.utils.set_attr_param(self.model, key, weight.to(device_to))
 
@@ -83,5 +83,5 @@ class GGUFModelPatcher(comfy.model_patcher.ModelPatcher):
         if unpatch_weights:
             for m in self.model.modules():
                 if isinstance(m, _Layer) and m.gguf_patches:
-                    m.gguf_patches = []
+                    m.gguf_patches = ()
         return super().unpatch_model(device_to, unpatch_weights)

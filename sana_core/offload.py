@@ -11,7 +11,8 @@ the order and the bookkeeping are tested on the CPU with a recording fake.
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -83,7 +84,7 @@ class BlockOffload:
         """The blocks whose device copy exists (in flight or in use)."""
         return sorted(self.pending)
 
-    def attach(self) -> "BlockOffload":
+    def attach(self) -> BlockOffload:
         pin = isinstance(self.transfers, CudaTransfers)
         self.host = []
         for params in self.params:

@@ -25,13 +25,13 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
-from .quantized import QK_K, FLOAT_TYPES, T, bytes_of
+from .quantized import FLOAT_TYPES, QK_K, T
 
 log = logging.getLogger("sana_core.quantize")
 

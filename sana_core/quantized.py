@@ -11,7 +11,8 @@ weight at every call; LoRAs are kept as patches on the weight (`add_lora_patch`)
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import gguf
 import torch

@@ -8,8 +8,8 @@ import torch
 from sana_core.checkpoints.dit import load_dit, save_dit
 from sana_core.checkpoints.files import CheckpointError, read_state_dict
 from sana_core.dit import DiTConfig, SanaDiT
-from sana_core.quantize import quantize_array
 from sana_core.quantize import main as quantize
+from sana_core.quantize import quantize_array
 from sana_core.quantized import QUANTIZED, GGUFOps, QuantizedTensor, T, dequantize, dequantize_raw
 from sana_core.tiny import randomize_, write_tiny_pipeline
 
@@ -20,7 +20,7 @@ HALVES = {T.Q8_0: (0,), T.Q4_0: (0,), T.Q5_0: (0,), T.Q4_1: (0, 2), T.Q5_1: (0, 
 
 
 def _random_blocks(qtype: T, rows: int, blocks_per_row: int, seed: int = 0) -> np.ndarray:
-    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    size = gguf.GGML_QUANT_SIZES[qtype][1]
     rng = np.random.default_rng(seed)
     raw = rng.integers(0, 256, (rows, blocks_per_row * size), dtype=np.uint8)
     flat = raw.reshape(-1, size)
