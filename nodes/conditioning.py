@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .common import CATEGORY, check_widgets
+from .common import CATEGORY
 
 ROLES = ("positive", "negative")
 
@@ -24,10 +24,6 @@ class SanaGemmaTextEncode(io.ComfyNode):
                     io.Boolean.Input("complex_human_instruction", default=True, optional=True,
                                      tooltip="turn the instruction off for positive prompts too")],
             outputs=[io.Conditioning.Output(tooltip="Sana caption embeddings and mask for a sampler")])
-
-    @classmethod
-    def validate_inputs(cls, **values) -> bool | str:
-        return check_widgets(cls, values)
 
     @classmethod
     def execute(cls, gemma, text: str, role: str, complex_human_instruction: bool = True) -> io.NodeOutput:

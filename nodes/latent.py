@@ -82,12 +82,11 @@ class SanaEmptyLatentImage(io.ComfyNode):
             outputs=[io.Latent.Output()])
 
     @classmethod
-    def validate_inputs(cls, **values) -> bool | str:
-        checked = check_widgets(cls, values)
+    def validate_inputs(cls, width: int | None = None, height: int | None = None) -> bool | str:
+        checked = check_widgets(cls, {"width": width, "height": height})
         if checked is not True:
             return checked
-        width, height = values.get("width", 32), values.get("height", 32)
-        if width % 32 or height % 32:
+        if any(isinstance(v, int) and v % 32 for v in (width, height)):
             return (f"width and height must be multiples of 32 (got {width}x{height}); "
                     "Sana's latent is 1/32 of the image")
         return True
@@ -120,10 +119,10 @@ class SanaDCAEDecode(io.ComfyNode):
             outputs=[io.Image.Output()])
 
     @classmethod
-    def validate_inputs(cls, **values) -> bool | str:
-        checked = check_widgets(cls, values)
-        tile_size, overlap = values.get("tile_size", 0), values.get("overlap", 0)
-        if checked is True and tile_size and (tile_size < 64 or overlap >= tile_size):
+    def validate_inputs(cls, tile_size: int | None = None, overlap: int | None = None) -> bool | str:
+        checked = check_widgets(cls, {"tile_size": tile_size, "overlap": overlap})
+        numbers = all(isinstance(v, int) for v in (tile_size, overlap))
+        if checked is True and numbers and tile_size and (tile_size < 64 or overlap >= tile_size):
             return f"tile_size ({tile_size}) must be 0 (automatic) or >= 64 and larger than overlap ({overlap})"
         return checked
 
@@ -144,10 +143,6 @@ class SanaDCAEEncode(io.ComfyNode):
             inputs=[io.Image.Input("pixels"), io.Vae.Input("dcae", tooltip="the DC-AE (SanaDCAELoader)"),
                     io.Combo.Input("tiling", options=list(TILING), default="auto", tooltip=TILING_TIP)],
             outputs=[io.Latent.Output()])
-
-    @classmethod
-    def validate_inputs(cls, **values) -> bool | str:
-        return check_widgets(cls, values)
 
     @classmethod
     def execute(cls, pixels: torch.Tensor, dcae, tiling: str) -> io.NodeOutput:

@@ -226,10 +226,10 @@ class SanaLoraLoader(io.ComfyNode):
             outputs=[io.Model.Output()])
 
     @classmethod
-    def validate_inputs(cls, **values) -> bool | str:
+    def validate_inputs(cls, strength: float | None = None) -> bool | str:
         from .common import check_widgets
 
-        return check_widgets(cls, values)
+        return check_widgets(cls, {"strength": strength})
 
     @classmethod
     def execute(cls, model, lora_name: str, strength: float) -> io.NodeOutput:

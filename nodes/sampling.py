@@ -39,7 +39,7 @@ def parse_layers(text: str, field: str = "pag_layers") -> tuple[int, ...]:
 def check_with_layers(node: type[io.ComfyNode], values: dict, field: str) -> bool | str:
     """`check_widgets`, and the PAG layer list in `field` parsed."""
     checked = check_widgets(node, values)
-    if checked is True and field in values:
+    if checked is True and isinstance(values.get(field), str):
         try:
             parse_layers(values[field], field)
         except ValueError as e:
@@ -121,8 +121,10 @@ class SanaSampler(io.ComfyNode):
             outputs=[io.Latent.Output()])
 
     @classmethod
-    def validate_inputs(cls, **values) -> bool | str:
-        return check_with_layers(cls, values, "pag_layers")
+    def validate_inputs(cls, cfg: float | None = None, pag_scale: float | None = None, shift: float | None = None,
+                        denoise: float | None = None, pag_layers: str | None = None) -> bool | str:
+        return check_with_layers(cls, {"cfg": cfg, "pag_scale": pag_scale, "shift": shift, "denoise": denoise,
+                                       "pag_layers": pag_layers}, "pag_layers")
 
     @classmethod
     def execute(cls, model, positive, negative, latent_image: dict, seed: int, steps: int, cfg: float,
@@ -177,8 +179,8 @@ class SanaPAG(io.ComfyNode):
             outputs=[io.Model.Output()])
 
     @classmethod
-    def validate_inputs(cls, **values) -> bool | str:
-        return check_with_layers(cls, values, "layers")
+    def validate_inputs(cls, scale: float | None = None, layers: str | None = None) -> bool | str:
+        return check_with_layers(cls, {"scale": scale, "layers": layers}, "layers")
 
     @classmethod
     def execute(cls, model, scale: float, layers: str) -> io.NodeOutput:
@@ -197,10 +199,6 @@ class SanaSamplerSelect(io.ComfyNode):
                         "flow_euler, scm (Sprint). With SanaScheduler's sigmas they reproduce SanaSampler.",
             inputs=[io.Combo.Input("sampler", options=SAMPLER_NAMES, default="flow_dpmpp_2m", tooltip=SAMPLER_TIP)],
             outputs=[io.Sampler.Output()])
-
-    @classmethod
-    def validate_inputs(cls, **values) -> bool | str:
-        return check_widgets(cls, values)
 
     @classmethod
     def execute(cls, sampler: str) -> io.NodeOutput:
@@ -226,8 +224,8 @@ class SanaScheduler(io.ComfyNode):
             outputs=[io.Sigmas.Output()])
 
     @classmethod
-    def validate_inputs(cls, **values) -> bool | str:
-        return check_widgets(cls, values)
+    def validate_inputs(cls, shift: float | None = None, denoise: float | None = None) -> bool | str:
+        return check_widgets(cls, {"shift": shift, "denoise": denoise})
 
     @classmethod
     def execute(cls, sampler: str, steps: int, shift: float, denoise: float, model=None) -> io.NodeOutput:

@@ -739,3 +739,20 @@ def test_core_empty_latent_gives_the_size_asked(server):
                                               batch_size=1)
     (image,) = run_images(server, p).values()
     assert image.shape[:2] == (SMALL[1], SMALL[0])
+
+
+def test_a_non_number_is_refused_by_core_naming_the_field(server):
+    """Core converts and range-checks the widgets our validation does not name: a text in an INT is core's
+    error on that field, not a crash in our validation; our own errors are not repeated under every input."""
+    p = prepare(server, T2I)
+    latent, sampler = node(p, "SanaEmptyLatentImage"), node(p, "SanaSampler")
+    p[latent]["inputs"]["width"] = "abc"
+    p[sampler]["inputs"]["cfg"] = float("nan")
+    code, answer = server.queue(p)
+    assert code == 400
+    width_errors = answer["node_errors"][latent]["errors"]
+    assert any("width" in e["details"] for e in width_errors)
+    assert "not all arguments converted" not in json.dumps(width_errors)
+    cfg_errors = answer["node_errors"][sampler]["errors"]
+    assert all("cfg: nan is not a finite number" in e["details"] for e in cfg_errors)
+    assert len(cfg_errors) < len(p[sampler]["inputs"])
