@@ -85,7 +85,7 @@ class SanaDraftVAELoader(io.ComfyNode):
                                    tooltip="taesana_decoder.pth / .safetensors in models/vae_approx"),
                     io.Combo.Input("encoder", options=[NONE, *vae_approx("taesana_encoder")], default=NONE,
                                    tooltip="taesana_encoder.pth for VAEEncode; none: the VAE only decodes")],
-            outputs=[io.Vae.Output()])
+            outputs=[io.Vae.Output(tooltip="TAESANA as a core VAE: fast, approximate decode/encode")])
 
     @classmethod
     def execute(cls, decoder: str, encoder: str = NONE) -> io.NodeOutput:

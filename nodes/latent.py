@@ -79,7 +79,7 @@ class SanaEmptyLatentImage(io.ComfyNode):
                     io.Combo.Input("preset", options=list(PRESETS), default="custom", optional=True,
                                    tooltip="aspect-ratio presets of about 512^2 to 4096^2 pixels (not NVlabs' "
                                            "training buckets); custom uses width and height")],
-            outputs=[io.Latent.Output()])
+            outputs=[io.Latent.Output(tooltip="zeros of shape (batch, 32, height/32, width/32)")])
 
     @classmethod
     def validate_inputs(cls, width: int | None = None, height: int | None = None) -> bool | str:
@@ -110,13 +110,14 @@ class SanaDCAEDecode(io.ComfyNode):
                         "off forbids it. tile_size is the largest tile (0: the largest that fits); tiles are made as "
                         "small as their count allows. Shows progress and can be cancelled between blocks. A float16 "
                         "DC-AE that overflows is switched to bfloat16 with a warning.",
-            inputs=[io.Latent.Input("samples"), io.Vae.Input("dcae", tooltip="the DC-AE (SanaDCAELoader)"),
+            inputs=[io.Latent.Input("samples", tooltip="a Sana latent"),
+                    io.Vae.Input("dcae", tooltip="the DC-AE (SanaDCAELoader)"),
                     io.Combo.Input("tiling", options=list(TILING), default="auto", tooltip=TILING_TIP),
                     io.Int.Input("tile_size", default=0, min=0, max=8192, step=32,
                                  tooltip="largest tile in pixels; 0: the largest that fits the free memory (<= 2048)"),
                     io.Int.Input("overlap", default=256, min=0, max=4096, step=32,
                                  tooltip="pixels neighbouring tiles share (blended)")],
-            outputs=[io.Image.Output()])
+            outputs=[io.Image.Output(tooltip="the decoded images, 0..1")])
 
     @classmethod
     def validate_inputs(cls, tile_size: int | None = None, overlap: int | None = None) -> bool | str:
@@ -140,9 +141,10 @@ class SanaDCAEEncode(io.ComfyNode):
             node_id="SanaDCAEEncode", display_name="Sana DC-AE Encode", category=CATEGORY,
             description="Encodes an IMAGE into a Sana LATENT (image-to-image with denoise < 1, inpainting with a "
                         "noise mask). Images are center-cropped to multiples of 32.",
-            inputs=[io.Image.Input("pixels"), io.Vae.Input("dcae", tooltip="the DC-AE (SanaDCAELoader)"),
+            inputs=[io.Image.Input("pixels", tooltip="images to encode"),
+                    io.Vae.Input("dcae", tooltip="the DC-AE (SanaDCAELoader)"),
                     io.Combo.Input("tiling", options=list(TILING), default="auto", tooltip=TILING_TIP)],
-            outputs=[io.Latent.Output()])
+            outputs=[io.Latent.Output(tooltip="raw DC-AE latents (batch, 32, H/32, W/32)")])
 
     @classmethod
     def execute(cls, pixels: torch.Tensor, dcae, tiling: str) -> io.NodeOutput:

@@ -87,7 +87,7 @@ class SanaCheckpointLoader(io.ComfyNode):
                                    tooltip=WEIGHT_DTYPE_TIP),
                     io.Combo.Input("use_pe", options=list(USE_PE), default="auto", optional=True,
                                    tooltip=USE_PE_TIP)],
-            outputs=[io.Model.Output()])
+            outputs=[io.Model.Output(tooltip="the Sana DiT as a native MODEL")])
 
     @classmethod
     def execute(cls, ckpt_name: str, weight_dtype: str, use_pe: str = "auto") -> io.NodeOutput:
@@ -112,7 +112,7 @@ class SanaControlNetLoader(io.ComfyNode):
                     io.Vae.Input("vae", optional=True,
                                  tooltip="Sana's DC-AE, used when Apply ControlNet gets no VAE (e.g. the old Apply "
                                          "ControlNet node, which has no vae input)")],
-            outputs=[io.ControlNet.Output()])
+            outputs=[io.ControlNet.Output(tooltip="a Sana ControlNet for core Apply ControlNet")])
 
     @classmethod
     def execute(cls, control_net_name: str, weight_dtype: str, vae=None) -> io.NodeOutput:
@@ -160,7 +160,7 @@ class SanaDCAELoader(io.ComfyNode):
                     io.Combo.Input("dtype", options=list(DTYPES), default="default",
                                    tooltip="default: ComfyUI's VAE dtype for its VAE device (bf16 or fp32); a "
                                            "float16 DC-AE that overflows switches to bf16 with a warning")],
-            outputs=[io.Vae.Output()])
+            outputs=[io.Vae.Output(tooltip="the DC-AE as a core VAE")])
 
     @classmethod
     def execute(cls, vae_name: str, dtype: str) -> io.NodeOutput:
@@ -219,11 +219,11 @@ class SanaLoraLoader(io.ComfyNode):
                         "(transformer.transformer_blocks.N.attn1.to_q...), kohya-style lora_unet_/lora_transformer_ "
                         "names, NVlabs names and ComfyUI's own (diffusion_model.blocks.N..., as its LoRA trainer "
                         "writes); q/k/v LoRAs patch their part of our fused weights.",
-            inputs=[io.Model.Input("model"),
+            inputs=[io.Model.Input("model", tooltip="a Sana MODEL"),
                     io.Combo.Input("lora_name", options=choices("loras"), tooltip="a LoRA file in models/loras"),
                     io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
                                    tooltip="multiplier of the LoRA's change; 0 leaves the model as it is")],
-            outputs=[io.Model.Output()])
+            outputs=[io.Model.Output(tooltip="the MODEL with the LoRA applied")])
 
     @classmethod
     def validate_inputs(cls, strength: float | None = None) -> bool | str:

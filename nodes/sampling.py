@@ -118,7 +118,7 @@ class SanaSampler(io.ComfyNode):
                     io.Float.Input("shift", default=0.0, min=0.0, max=20.0, step=0.1, tooltip=SHIFT_TIP),
                     io.Combo.Input("sampler", options=SAMPLER_NAMES, default="flow_dpmpp_2m", tooltip=SAMPLER_TIP),
                     io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01, tooltip=DENOISE_TIP)],
-            outputs=[io.Latent.Output()])
+            outputs=[io.Latent.Output(tooltip="the sampled latent")])
 
     @classmethod
     def validate_inputs(cls, cfg: float | None = None, pag_scale: float | None = None, shift: float | None = None,
@@ -176,7 +176,7 @@ class SanaPAG(io.ComfyNode):
                     io.Float.Input("scale", default=SANA.pag_scale, min=0.0, max=20.0, step=0.1, round=0.01,
                                    tooltip="PAG scale; 0 turns it off"),
                     io.String.Input("layers", default=PAG_LAYERS, tooltip="blocks whose self-attention PAG perturbs")],
-            outputs=[io.Model.Output()])
+            outputs=[io.Model.Output(tooltip="the MODEL with PAG, for any sampler")])
 
     @classmethod
     def validate_inputs(cls, scale: float | None = None, layers: str | None = None) -> bool | str:
@@ -198,7 +198,7 @@ class SanaSamplerSelect(io.ComfyNode):
             description="Sana's solvers as a SAMPLER for SamplerCustomAdvanced: flow_dpmpp_2m (Flow-DPM-Solver), "
                         "flow_euler, scm (Sprint). With SanaScheduler's sigmas they reproduce SanaSampler.",
             inputs=[io.Combo.Input("sampler", options=SAMPLER_NAMES, default="flow_dpmpp_2m", tooltip=SAMPLER_TIP)],
-            outputs=[io.Sampler.Output()])
+            outputs=[io.Sampler.Output(tooltip="for SamplerCustomAdvanced")])
 
     @classmethod
     def execute(cls, sampler: str) -> io.NodeOutput:
@@ -221,7 +221,7 @@ class SanaScheduler(io.ComfyNode):
                                    tooltip=SHIFT_TIP + f"; without a model, 0 means {SANA.shift}"),
                     io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01, tooltip=DENOISE_TIP),
                     io.Model.Input("model", optional=True, tooltip="the Sana MODEL, for its shift")],
-            outputs=[io.Sigmas.Output()])
+            outputs=[io.Sigmas.Output(tooltip="the schedule, for SamplerCustomAdvanced")])
 
     @classmethod
     def validate_inputs(cls, shift: float | None = None, denoise: float | None = None) -> bool | str:

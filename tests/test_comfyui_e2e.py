@@ -36,6 +36,11 @@ def test_nodes_are_registered_with_descriptions(server):
                 if (isinstance(spec[0], list) or spec[0] in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"))
                 and not (spec[1] if len(spec) > 1 else {}).get("tooltip")]
     assert not untipped
+    sockets = [(n, name) for n, v in ours.items() for group in ("required", "optional")
+               for name, spec in v["input"].get(group, {}).items() if not (spec[1] if len(spec) > 1 else {}).get("tooltip")]
+    assert not sockets
+    assert not [n for n, v in ours.items() if len(v.get("output_tooltips") or []) != len(v["output"])
+                or not all(v["output_tooltips"])]
 
 
 @pytest.mark.parametrize("workflow", WORKFLOWS, ids=[w.stem for w in WORKFLOWS])
