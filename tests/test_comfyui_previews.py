@@ -72,10 +72,20 @@ def taesana(server):
         f.unlink()
 
 
-def _sampling(server, seed: int) -> dict:
-    prompt = prepare(server, T2I, steps=4)
-    prompt[node(prompt, "SanaSampler")]["inputs"]["seed"] = seed  # not cached: the sampler runs
+def _sampling(server, seed: int, workflow=T2I, steps: int = 4) -> dict:
+    """A workflow with `steps` and `seed` (a new seed: ComfyUI runs the sampler again)."""
+    prompt = prepare(server, workflow, steps=steps)
+    for n in prompt.values():
+        field = {"SanaSampler": "seed", "KSampler": "seed", "RandomNoise": "noise_seed"}.get(n["class_type"])
+        if field:
+            n["inputs"][field] = seed
     return prompt
+
+
+@pytest.mark.parametrize("workflow", ["sana_ksampler", "sana_sampler_custom_advanced"])
+def test_core_samplers_get_taesana_previews(server, taesana, workflow):
+    images = previews(server, _sampling(server, 1000, T2I.with_name(f"{workflow}.json"), steps=2))
+    assert len(images) == 2 and all(detail(im) > 2.5 for im in images), [detail(im) for im in images]
 
 
 def test_taesana_previews_are_full_size_and_follow_the_steps(server, taesana):
