@@ -184,16 +184,17 @@ def test_lora_on_a_gguf_model_equals_lora_on_the_dequantized_model(files, tmp_pa
     torch.testing.assert_close(quantized(x, t, ctx), plain(x, t, ctx), rtol=1e-5, atol=1e-5)
 
 
-def _llama_cpp_gemma(folder, path, qtype=T.Q8_0) -> None:
+def _llama_cpp_gemma(root, path, qtype=T.Q8_0) -> None:
     """A Gemma-2 GGUF as llama.cpp's convert_hf_to_gguf.py writes one (names, norms as 1 + w, hyper-parameters,
-    sentencepiece pieces/scores/types), made here with the gguf writer from the HF folder; matrices in `qtype`."""
+    sentencepiece pieces/scores/types), made here with the gguf writer from a Sana folder's text_encoder/ and
+    tokenizer/; matrices in `qtype`."""
     import json
 
     import sentencepiece
     from safetensors.torch import load_file
 
-    config = json.loads((folder / "config.json").read_text())
-    spm = sentencepiece.SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+    config = json.loads((root / "text_encoder" / "config.json").read_text())
+    spm = sentencepiece.SentencePieceProcessor(model_file=str(root / "tokenizer" / "tokenizer.model"))
     names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
              "post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
@@ -222,7 +223,7 @@ def _llama_cpp_gemma(folder, path, qtype=T.Q8_0) -> None:
     writer.add_eos_token_id(1)
     writer.add_pad_token_id(0)
     writer.add_add_space_prefix(False)
-    for name, t in load_file(folder / "model.safetensors").items():
+    for name, t in load_file(root / "text_encoder" / "model.safetensors").items():
         name = name.removeprefix("model.")
         if name.endswith("norm.weight"):
             writer.add_tensor(("output_norm" if name == "norm.weight" else
@@ -240,13 +241,10 @@ def _llama_cpp_gemma(folder, path, qtype=T.Q8_0) -> None:
 
 @pytest.fixture(scope="module")
 def gemma(files):
+    """(the Sana folder, whose text_encoder/ + tokenizer/ is the original Gemma, its llama.cpp-layout Q8_0 GGUF)."""
     path = files["folder"].parent / "gemma-2-tiny-Q8_0.gguf"
-    hf = files["folder"].parent / "gemma_hf"
-    from sana_core.tiny import write_tiny_gemma
-
-    write_tiny_gemma(hf, seed=0)
-    _llama_cpp_gemma(hf, path)
-    return hf, path
+    _llama_cpp_gemma(files["folder"], path)
+    return files["folder"], path
 
 
 def test_llama_cpp_gemma_gguf_gives_the_embeddings_of_the_original(gemma, tmp_path):
@@ -271,11 +269,12 @@ def test_llama_cpp_gemma_gguf_gives_the_embeddings_of_the_original(gemma, tmp_pa
 
 
 def test_quantize_command_writes_gemma_that_reads_back(gemma, tmp_path):
-    """Our command on the HF folder: a llama.cpp-layout file whose tensors and tokenizer equal the other's."""
+    """Our command on the Sana folder (--model gemma: its text encoder): a llama.cpp-layout file whose tensors
+    and tokenizer equal the other's."""
     from sana_core.checkpoints.gemma import load_text_encoder
 
     hf, path = gemma
-    assert quantize([str(hf), str(tmp_path / "ours.gguf"), "--type", "Q8_0"]) == 0
+    assert quantize([str(hf), str(tmp_path / "ours.gguf"), "--type", "Q8_0", "--model", "gemma"]) == 0
     assert gguf.GGUFReader(str(tmp_path / "ours.gguf")).fields["general.architecture"].contents() == "gemma2"
     ours, theirs = load_text_encoder(tmp_path / "ours.gguf"), load_text_encoder(path)
     assert ours.tokenizer("a red fox, 35mm").input_ids == theirs.tokenizer("a red fox, 35mm").input_ids
