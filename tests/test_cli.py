@@ -154,16 +154,17 @@ def test_cli_images_equal_pipe_with_their_seeds(folder, tmp_path, capsys, mode):
     pipe(seed=s)."""
     import torch
 
-    from sana_core.pipeline import SanaPipeline, load_image
+    from sana_core.images import load_image
+    from sana_core.pipeline import SanaPipeline
 
     flags, kw = [], {}
     if mode == "pag":
-        flags, kw = ["--pag_guidance_scale", "2", "--pag_layers", "1"], {"pag_guidance_scale": 2.0, "pag_layers": (1,)}
+        flags, kw = ["--pag_guidance_scale", "2", "--pag_layers", "1"], {"pag_scale": 2.0, "pag_applied_layers": (1,)}
     elif mode == "img2img":
         rng = np.random.default_rng(1)
         Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(tmp_path / "in.png")
         flags = ["--image", str(tmp_path / "in.png"), "--strength", "0.6"]
-        kw = {"image": load_image(tmp_path / "in.png", 96, 64), "strength": 0.6}
+        kw = {"image": load_image(tmp_path / "in.png", height=64, width=96), "strength": 0.6}
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red fox\nan old lighthouse\n")
     runs = {}
@@ -296,7 +297,8 @@ def test_inpainting_from_the_command_line(folder, tmp_path, capsys):
     --mask without --image is a clear error."""
     import torch
 
-    from sana_core.pipeline import SanaPipeline, load_image
+    from sana_core.images import load_image, load_mask
+    from sana_core.pipeline import SanaPipeline
 
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 255, (80, 120, 3), dtype=np.uint8)).save(tmp_path / "photo.png")
@@ -310,8 +312,8 @@ def test_inpainting_from_the_command_line(folder, tmp_path, capsys):
     meta = json.loads(Image.open(paths[0]).text["sana"])
     assert meta["strength"] == 1.0 and meta["mask"].endswith("mask.png")
     pipe = SanaPipeline.from_pretrained(folder, dtype=torch.float32, device="cpu")
-    want = pipe("a red fox", image=load_image(tmp_path / "photo.png", 96, 64),
-                mask_image=load_image(tmp_path / "mask.png", 96, 64, mask=True), strength=1.0, seed=5, height=64,
+    want = pipe("a red fox", image=load_image(tmp_path / "photo.png", height=64, width=96),
+                mask_image=load_mask(tmp_path / "mask.png", height=64, width=96), strength=1.0, seed=5, height=64,
                 width=96, num_inference_steps=2, progress=False)[0]
     assert np.abs(np.asarray(Image.open(paths[0]), np.int16) - np.asarray(want, np.int16)).max() <= 1
     code, _, err = run(capsys, "--model", folder, "--mask", str(tmp_path / "mask.png"), *SMALL)
@@ -449,3 +451,25 @@ def test_pip_install_and_entry_points_from_another_directory(tmp_path):
         out = subprocess.run([str(target / "bin" / command), "--help"], cwd=tmp_path, capture_output=True,
                              text=True, timeout=120, env=env)
         assert out.returncode == 0 and f"usage: {command}" in out.stdout and words in out.stdout, out.stderr[-2000:]
+
+
+def test_sprint_img2img_strength_maps_to_diffusers(sprint_folder, tmp_path, capsys, n=4, strength=0.6):
+    """Sprint image-to-image: our --strength is ComfyUI's denoise; diffusers' SanaSprintImg2ImgPipeline with
+    num_inference_steps=N, strength=s runs the last k = N - int(N - N s) of N steps, which is our --steps k
+    --strength k/N (as --help and the README say): the same image within 1/255 (N=4, s=0.6: k=3, 0.75;
+    measured 0.007/255, and also for N=2, s=0.6, N=4, s=0.3 and N=3, s=0.8)."""
+    import torch
+    from diffusers import SanaSprintImg2ImgPipeline
+
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8)).save(tmp_path / "in.png")
+    k = n - int(n - n * strength)
+    code, paths, _ = run(capsys, "--model", sprint_folder, "--prompt", "a fox", "--image", str(tmp_path / "in.png"),
+                         "--steps", str(k), "--strength", str(k / n), "--seed", "3", "--height", "64", "--width", "96",
+                         "--dtype", "fp32", "--no_progress", "--output_dir", str(tmp_path / "o"))
+    assert code == 0
+    ref = SanaSprintImg2ImgPipeline.from_pretrained(sprint_folder, torch_dtype=torch.float32)
+    theirs = ref("a fox", image=Image.open(tmp_path / "in.png"), strength=strength, num_inference_steps=n, height=64,
+                 width=96, output_type="np", generator=torch.Generator().manual_seed(3), use_resolution_binning=False,
+                 intermediate_timesteps=1.3 if n == 2 else None).images[0]
+    assert np.abs(_png(paths[0]) - (theirs * 255).round().astype(np.int16)).max() <= 1
