@@ -110,6 +110,11 @@ def test_config_file_and_flags(tmp_path):
     (["--batch_size", "0"], "--batch_size must be at least 1"),
     (["--resolution", "500"], "--resolution 500"),
     (["--caption_dropout", "1.5"], "--caption_dropout"),
+    (["--max_grad_norm", "nan"], "--max_grad_norm must be a finite number, got nan"),
+    (["--validation_guidance_scale", "inf"], "--validation_guidance_scale must be a finite number, got inf"),
+    (["--lora_rank", "0"], "--lora_rank must be at least 1, got 0"),
+    (["--flow_shift", "0"], "--flow_shift must be positive, got 0.0"),
+    (["--weight_decay", "-1"], "--weight_decay must be >= 0, got -1.0"),
     (["--mode", "full", "--fsdp"], None),
     (["--mode", "lora", "--fsdp"], "--fsdp"),
     (["--mode", "full", "--fsdp", "--validation_prompts", "a cat"], "--validation_prompts: validation sampling"),
@@ -121,7 +126,8 @@ def test_bad_flags_name_the_flag(tmp_path, capsys, flags, message):
         parse(argv)
         return
     assert main(argv) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_bad_data_refuses_the_run_listing_the_files(folder, tmp_path, capsys):

@@ -8,6 +8,7 @@ import argparse
 import functools
 import json
 import logging
+import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -138,9 +139,20 @@ class TrainConfig:
         if self.fsdp and self.validation_prompts:
             raise ValueError("--validation_prompts: validation sampling needs the whole DiT in one process, which "
                              "--fsdp shards; drop one of them")
-        for name in ("checkpointing_steps", "validation_steps", "warmup_steps"):
-            if getattr(self, name) < 0:
+        for f in fields(self):  # nan / inf cannot be honoured by any number option
+            value = getattr(self, f.name)
+            if f.type == "float" and value is not None and not math.isfinite(value):
+                raise ValueError(f"--{f.name} must be a finite number, got {value}")
+        for name in ("checkpointing_steps", "validation_steps", "warmup_steps", "weight_decay", "max_grad_norm",
+                     "min_image_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("lora_rank", "checkpoints_total_limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("flow_shift", "logit_std", "mode_scale", "lora_alpha"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ValueError(f"--{name} must be positive, got {getattr(self, name)}")
         for f in fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
