@@ -543,15 +543,17 @@ def resolve_defaults(jobs: list[tuple[dict, list[dict]]], pipe: Any) -> None:
     """Fill each job's unset settings from the loaded model's spec (`pipe.spec`, read from its folder), so the
     PNG metadata holds the values used, and check what only the model can tell: PAG blocks within its depth; a
     negative prompt on Sana-Sprint (no CFG) is dropped with a warning (and not written to the PNG metadata as if
-    it had acted); PAG blocks given without a PAG scale are named in a warning."""
+    it had acted); PAG blocks given without a PAG scale and a shift given to the scm sampler are named in
+    warnings."""
     spec, depth = pipe.spec, pipe.dit.cfg.depth
     defaults = {"height": spec.size, "width": spec.size, "steps": spec.steps, "guidance_scale": spec.guidance_scale,
                 "pag_layers": spec.pag_layers, "sampler": spec.sampler, "flow_shift": spec.shift,
                 "truncate_timesteps": spec.truncate_timesteps}
     scm_times = {"max_timesteps": spec.max_timesteps, "intermediate_timesteps": spec.intermediate_timesteps}
-    dropped = unused_pag = False
+    dropped = unused_pag = unused_shift = False
     for settings, recs in jobs:
         unused_pag |= settings["pag_layers"] is not None and settings["pag_scale"] == 0
+        unused_shift |= settings["flow_shift"] is not None and (settings["sampler"] or spec.sampler) == "scm"
         for key, value in defaults.items():
             if settings[key] is None:
                 settings[key] = value
@@ -567,6 +569,9 @@ def resolve_defaults(jobs: list[tuple[dict, list[dict]]], pipe: Any) -> None:
         log.warning("--negative_prompt is not used: Sana-Sprint has no classifier-free guidance")
     if unused_pag:
         log.warning("--pag_layers is not used: PAG is off without --pag_scale > 0")
+    if unused_shift:
+        log.warning("--flow_shift is not used by the scm sampler: Sana-Sprint's times are --max_timesteps / "
+                    "--intermediate_timesteps")
 
 
 def parse_lora(text: str) -> tuple[str, float]:

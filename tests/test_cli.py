@@ -363,13 +363,14 @@ def test_mistakes_are_one_line_before_loading(tmp_path, capsys, flags, match):
 
 def test_mistakes_only_the_model_can_tell(folder, sprint_folder, tmp_path, capsys, caplog):
     """--pag_layers beyond the loaded model's depth: one line, rc 2. Sprint's --negative_prompt: a warning, and not
-    in the PNG metadata. --pag_layers without a PAG scale: a warning."""
+    in the PNG metadata. --pag_layers without a PAG scale, --flow_shift on the scm sampler: warnings."""
     code, _, err = run(capsys, "--model", folder, "--pag_scale", "2", *SMALL)  # default block 8, tiny depth 2
     assert code == 2 and err.strip() == "error: --pag_layers 8: this model has 2 blocks (0..1)"
     code, paths, _ = run(capsys, "--model", sprint_folder, "--negative_prompt", "blurry", "--pag_layers", "1",
-                         "--output_dir", str(tmp_path), *SMALL)
+                         "--flow_shift", "2", "--output_dir", str(tmp_path), *SMALL)
     assert code == 0
     assert "--negative_prompt is not used: Sana-Sprint has no classifier-free guidance" in caplog.text
+    assert "--flow_shift is not used by the scm sampler" in caplog.text
     assert "--pag_layers is not used: PAG is off without --pag_scale > 0" in caplog.text
     meta = json.loads(Image.open(paths[0]).text["sana"])
     assert meta["negative_prompt"] == "" and meta["sampler"] == "scm" and meta["steps"] == 2
