@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 import torch
 
-from .precision import DTYPES
+from .precision import DTYPES, default_device, default_dtype
 
 log = logging.getLogger("sana_core.cli")
 
@@ -256,7 +256,8 @@ OPTIONS: tuple[Option, ...] = (
            metavar="PATH[:SCALE]", group="model"),
     Option("variant", "weight files to download from a hub repo: fp16, bf16, or 'none' for the full precision "
            "files (default: from --dtype)", group="model"),
-    Option("dtype", "weights' dtype (compute precision)", default="bf16", choices=tuple(DTYPES), group="model"),
+    Option("dtype", "weights' dtype (compute precision); auto: bf16 on a CUDA GPU that has it, else fp32 (as the "
+           "trainer's --dtype auto)", default="auto", choices=("auto", *DTYPES), group="model"),
     Option("device", "cuda, cuda:1, cpu, mps (default: cuda if available; under torchrun its LOCAL_RANK's GPU)",
            group="model"),
     Option("use_pe", "force the 2K/4K sin-cos positional embedding on/off (default: detected)", type=None,
@@ -612,6 +613,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if sum(v is not None for v in (args.prompt, args.txt_file, args.json_file)) > 1:
         parser.error("give one of --prompt, --txt_file, --json_file")
+    if args.dtype == "auto":
+        chosen = default_dtype(default_device(device_for_rank(args.device)))
+        args.dtype = next(name for name, dtype in DTYPES.items() if dtype == chosen)
     from tqdm.auto import tqdm
 
     from .pipeline import SanaPipeline, save_images

@@ -321,10 +321,12 @@ def test_inpainting_from_the_command_line(folder, tmp_path, capsys):
 
 
 def test_resolution_binning_flag(folder, tmp_path, capsys):
+    """Any size with --resolution_binning; also: --dtype auto (the default) is fp32 on the CPU, as the trainer's."""
     code, paths, _ = run(capsys, "--model", folder, "--height", "100", "--width", "150", "--resolution_binning",
-                         "--steps", "1", "--dtype", "fp32", "--no_progress", "--output_dir", str(tmp_path))
+                         "--steps", "1", "--no_progress", "--output_dir", str(tmp_path))
     assert code == 0 and Image.open(paths[0]).size == (150, 100)
-    assert json.loads(Image.open(paths[0]).text["sana"])["resolution_binning"] is True
+    meta = json.loads(Image.open(paths[0]).text["sana"])
+    assert meta["resolution_binning"] is True and meta["dtype"] == "fp32"
 
 
 # ------------------------------------------------------------------------------ issue 23: one line per mistake
