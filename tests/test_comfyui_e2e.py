@@ -334,7 +334,7 @@ def test_shift_nodes_give_the_same_images_as_the_shift(server, kind):
         p = prepare(server, ROOT / "workflows" / "sana_ksampler.json")
         sampler = node(p, "KSampler")
         if with_node:
-            _with_shift_node(p, sampler, node, 3.0)
+            _with_shift_node(p, sampler, kind, 3.0)
         ks.append(next(iter(run_images(server, p).values())))
     assert np.abs(ks[0] - ks[1]).max() <= 1
 
