@@ -215,7 +215,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_sequence_length", "caption tokens", type=positive_int, default=300, setting="max_sequence_length"),
     Option("truncate_timesteps", "feed the DiT int(1000 sigma) as NVlabs and diffusers' DPM-Solver do; "
            "--no_truncate_timesteps with --sampler flow_euler matches diffusers' FlowMatchEulerDiscreteScheduler "
-           "(default: the model's, on)", type=None, setting="truncate_timesteps", deprecated=("no-truncate_timesteps",)),
+           "(default: the model's, on)", type=None, setting="truncate_timesteps",
+           deprecated=("no-truncate_timesteps",)),
     Option("max_timesteps", "Sana-Sprint: the first SCM time (default: the model's)", type=finite,
            setting="max_timesteps"),
     Option("intermediate_timesteps", "Sana-Sprint: the middle SCM time of a 2-step run (default: the model's)",
@@ -521,7 +522,8 @@ def check_plan(jobs: list[tuple[dict, list[dict]]], args: argparse.Namespace) ->
         for side in ("height", "width"):
             v = settings[side]
             if v is not None and not settings["resolution_binning"] and (v <= 0 or v % LATENT_FACTOR):
-                lo, hi = max(LATENT_FACTOR, v // LATENT_FACTOR * LATENT_FACTOR), (v // LATENT_FACTOR + 1) * LATENT_FACTOR
+                f = LATENT_FACTOR
+                lo, hi = max(f, v // f * f), (v // f + 1) * f
                 where = f"prompt {recs[0]['name']!r}: " if side in recs[0] else ""
                 raise ValueError(f"{where}--{side} {v} must be a positive multiple of {LATENT_FACTOR} (the DC-AE "
                                  f"compresses {LATENT_FACTOR}x; or --resolution_binning): use {lo} or {hi}")

@@ -156,9 +156,9 @@ def test_two_processes_equal_one(setup, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "sana_core.train",
-           "--device", "cpu", "--data_dir", str(folder), "--model", str(model), "--cache_dir", str(cache), "--output_dir",
-           str(tmp_path / "two"), "--resolution", "128", "--batch_size", "2", "--max_steps", "4", "--lr", "1e-3",
-           "--mode", "full", "--optimizer", "adamw", "--progress", "false"]
+           "--device", "cpu", "--data_dir", str(folder), "--model", str(model), "--cache_dir", str(cache),
+           "--output_dir", str(tmp_path / "two"), "--resolution", "128", "--batch_size", "2", "--max_steps", "4",
+           "--lr", "1e-3", "--mode", "full", "--optimizer", "adamw", "--progress", "false"]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "2 processes, MULTI_CPU)" in run.stderr, run.stderr[-3000:]

@@ -257,7 +257,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     spellings = {name: (f.name, how, value) for f in fields(TrainConfig) for name, (how, value) in _names(f).items()}
     unknown = sorted(set(data) - set(spellings))
     if unknown:
-        raise ValueError(f"--config {path}: unknown options {unknown}; valid: {sorted(f.name for f in fields(TrainConfig))}")
+        valid = sorted(f.name for f in fields(TrainConfig))
+        raise ValueError(f"--config {path}: unknown options {unknown}; valid: {valid}")
     out = {}
     for key, value in data.items():
         name, how, stands_for = spellings[key]
