@@ -1,4 +1,5 @@
-"""Sana as a native ComfyUI MODEL: our DiT inside a FLOW `BaseModel`, wrapped in a `ModelPatcher`.
+"""Sana as a native ComfyUI MODEL: our DiT inside a FLOW `BaseModel`, wrapped in a `ModelPatcher` (the loader);
+what patches it per run (wrappers, PAG, the text keys/values cache) is in `patches.py`.
 
 KSampler, SamplerCustomAdvanced, SanaSampler (which runs on ComfyUI's own sampling path), shift nodes,
 timestep ranges, area/mask conditioning, LoRA loaders and model patches then work on it, and ComfyUI's memory
@@ -9,7 +10,6 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable
 
 import comfy.conds
 import comfy.latent_formats
@@ -19,11 +19,9 @@ import comfy.model_patcher
 import comfy.model_sampling
 import comfy.ops
 import comfy.patcher_extension
-import comfy.samplers
 import comfy.supported_models_base
 import torch
 
-from ..sana_core import precision
 from ..sana_core.checkpoints.dit import load_dit
 from ..sana_core.denoiser import trim_padding
 from ..sana_core.dit import SanaDiT, activation_bytes
@@ -32,10 +30,9 @@ from ..sana_core.previews import LATENT_RGB_BIAS, LATENT_RGB_FACTORS
 
 from .clip import negative_side
 from .common import core_patcher, eager_ops, patchable
+from .patches import PAG_LAYERS, TEXT_KV, sana_apply_model, sana_outer_sample, sana_pure_noise
 
 log = logging.getLogger(__name__)
-PAG_LAYERS = "sana_pag_layers"  # transformer_options key: blocks whose self-attention PAG makes the identity
-TEXT_KV = "sana_text_kv"        # transformer_options key: the text keys/values cache of one sampling run
 
 
 class SanaLatentFormat(comfy.latent_formats.LatentFormat):
@@ -54,25 +51,6 @@ class SanaControls(list):
     """The Sana ControlNets acting on one DiT call (`sana_core.controlnet.Control`s): what a Sana CONTROL_NET's
     `get_control` hands the model instead of core's {"input": ...} residuals (the NVlabs order needs the
     output of the DiT's own block 0, so the branch runs inside the DiT's forward)."""
-
-
-class TextKVCache:
-    """Every block's text keys/values for the captions of one sampling run (ComfyUI re-concatenates the same
-    captions every step), for the DiT and each ControlNet. Keyed by the model and the captions' content; cleared
-    when the run ends, so LoRA or weight changes between runs are never served stale values."""
-
-    def __init__(self, size: int = 8):
-        self.size, self.entries = size, []  # [(model, context, mask, dtype, kv)]
-
-    def get(self, model: torch.nn.Module, dtype: torch.dtype, context: torch.Tensor, mask: torch.Tensor | None,
-            compute: Callable[[], list]) -> list:
-        for o, c, m, d, kv in self.entries:
-            if o is model and d == dtype and c.shape == context.shape and torch.equal(c, context) and (
-                    m is mask or (m is not None and mask is not None and torch.equal(m, mask))):
-                return kv
-        kv = compute()
-        self.entries = [(model, context, mask, dtype, kv)] + self.entries[: self.size - 1]
-        return kv
 
 
 class ComfySanaDiT(SanaDiT):
@@ -133,37 +111,8 @@ class ComfySanaDiT(SanaDiT):
                                pag_batch, text_kv=kv, controls=controls)
 
 
-def check_flow(model_sampling: object) -> None:
-    """Sana is a flow model: only flow (CONST) model sampling can drive it."""
-    if not isinstance(model_sampling, comfy.model_sampling.CONST):
-        raise ValueError(f"Sana is a flow-matching model, but its model sampling was replaced by "
-                         f"{type(model_sampling).__name__} (a ModelSamplingDiscrete/Continuous node?); change the "
-                         "shift with ModelSamplingSD3 or ModelSamplingAuraFlow instead")
-
-
 class SanaModelSampling(comfy.model_sampling.ModelSamplingDiscreteFlow, comfy.model_sampling.CONST):
     """Flow sampling with Sana's shift (3.0; 6.0 for 4K; 1.0 for Sprint, which uses its own SCM times)."""
-
-
-def sana_pure_noise(executor, guider, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
-                    disable_pbar=False):
-    """Wraps the sampler of every run of a Sana MODEL (`WrappersMP.SAMPLER_SAMPLE`): text-to-image (an empty
-    latent) starts from pure noise, as the engine, NVlabs and diffusers do, where core's samplers start from
-    sigma_0 * noise (the same with core's schedules, whose sigma_0 is 1; Sana's flow-DPM schedule starts at
-    0.9997); image-to-image is unchanged."""
-    if latent_image is None or not latent_image.any():
-        noise = noise / sigmas[0]
-    return executor(guider, sigmas, extra_args, callback, noise, latent_image, denoise_mask, disable_pbar)
-
-
-def sana_apply_model(executor, x: torch.Tensor, t: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """Wraps BaseModel.apply_model (`WrappersMP.APPLY_MODEL`) with the overflow check of `precision.run_finite`: a
-    float16 DiT that overflows is widened and the step redone from the float32 inputs."""
-    model = executor.class_obj
-    check_flow(model.model_sampling)
-    dit = model.diffusion_model
-    return precision.run_finite(lambda: executor(x, t, *args, **kwargs), dit,
-                                f"the Sana DiT ({getattr(dit, 'variant', None)})")
 
 
 class SanaModelConfig(comfy.supported_models_base.BASE):
@@ -235,51 +184,6 @@ def _extend_mask(mask: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
     return torch.cat([mask.to(extra.device).bool(), extra], dim=-1).to(mask.dtype)
 
 
-def check_controls(conds: dict) -> None:
-    """Every ControlNet applied to the conditionings of a Sana run is a Sana one (before any tensor math):
-    an SD / SDXL / Flux ControlNet would fail deep inside its own forward."""
-    from .controlnet import SanaControlNetPatch
-
-    for c in (c for entries in conds.values() for c in entries):
-        control = c.get("control")
-        while control is not None:
-            if not isinstance(control, SanaControlNetPatch):
-                raise ValueError(f"Apply ControlNet: the ControlNet ({type(control).__name__}) is not a Sana "
-                                 "ControlNet (an SD1.5 / SDXL / Flux one?) and cannot drive a Sana model; load a "
-                                 "Sana ControlNet with SanaControlNetLoader")
-            control = control.previous_controlnet
-
-
-def sana_outer_sample(executor, *args, **kwargs):
-    """Wraps every sampling run of a Sana MODEL (any sampler node): area conditioning set in pixels by core
-    nodes (stored in 1/8 units, as for SD latents) is converted to Sana's 1/32 latent, and the text
-    keys/values cache lives for the run (not with hooks, which may change weights between steps)."""
-    guider = executor.class_obj
-    check_controls(getattr(guider, "conds", {}))
-    hooks = False
-    for conds in getattr(guider, "conds", {}).values():
-        for c in conds:
-            area = c.get("area")
-            if area is not None and area[0] != "percentage":
-                c["area"] = _area_to_32(area)
-            hooks = hooks or c.get("hooks") is not None
-    options = guider.model_options.setdefault("transformer_options", {})
-    options[TEXT_KV] = None if hooks else TextKVCache()
-    try:
-        return executor(*args, **kwargs)
-    finally:
-        options.pop(TEXT_KV, None)
-
-
-def _area_to_32(area: tuple) -> tuple:
-    """(h, w, y, x) in 1/8 units (ConditioningSetArea) -> 1/32 units, covering the same pixels."""
-    h, w, y, x = (v * 8 for v in area[:4])
-    if any(v % 32 for v in (h, w, y, x)):
-        log.warning("Sana: area conditioning %dx%d at (%d, %d) px is rounded to Sana's 32 px latent grid", w, h, x, y)
-    y0, x0 = y // 32, x // 32
-    return (max(1, -(-(y + h) // 32) - y0), max(1, -(-(x + w) // 32) - x0), y0, x0, *area[4:])
-
-
 #: Storage choices of the DiT loader: name -> (storage dtype or None for ComfyUI's choice, fp8 fast matmuls).
 WEIGHT_DTYPES = {"default": (None, False), "bf16": (torch.bfloat16, False), "fp16": (torch.float16, False),
                  "fp32": (torch.float32, False), "fp8_e4m3fn": (torch.float8_e4m3fn, False),
@@ -324,27 +228,3 @@ def load_sana_model(path: str | Path, weight_dtype: str = "default",
     patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.SAMPLER_SAMPLE, "sana", sana_pure_noise)
     patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "sana", sana_apply_model)
     return patcher
-
-
-def add_pag(model: comfy.model_patcher.ModelPatcher, scale: float,
-            layers: tuple[int, ...]) -> comfy.model_patcher.ModelPatcher:
-    """A clone of a Sana MODEL with perturbed-attention guidance (as diffusers' SanaPAGPipeline):
-    denoised + scale * (cond - perturbed), the perturbed pass being the positive prompt with the
-    self-attention of `layers` replaced by the identity. Under CFG this is v_u + g (v_c - v_u) + p (v_c - v_pag)."""
-    dit = model.get_model_object("diffusion_model")
-    if not isinstance(dit, SanaDiT):
-        raise ValueError("SanaPAG: the MODEL is not a Sana model; load it with a Sana loader")
-    depth = dit.cfg.depth
-    if not layers or not all(0 <= i < depth for i in layers):
-        raise ValueError(f"pag_layers: {list(layers)} must be block numbers in 0..{depth - 1} for this model")
-
-    def post_cfg(args: dict) -> torch.Tensor:
-        options = args["model_options"].copy()
-        options["transformer_options"] = {**options.get("transformer_options", {}), PAG_LAYERS: layers}
-        (perturbed,) = comfy.samplers.calc_cond_batch(args["model"], [args["cond"]], args["input"], args["sigma"],
-                                                      options)
-        return args["denoised"] + scale * (args["cond_denoised"] - perturbed)
-
-    patched = model.clone()
-    patched.set_model_sampler_post_cfg_function(post_cfg)
-    return patched

@@ -50,7 +50,7 @@ def check_with_layers(node: type[io.ComfyNode], values: dict, field: str) -> boo
 def resolve_shift(model, shift: float, sampler: str) -> float:
     """The shift a Sana solver's schedule uses: the widget's when > 0, else the model's (the loader's default or
     a shift node's). scm (Sprint) has none, so a shift there is an error, not ignored."""
-    from .model import check_flow
+    from .patches import check_flow
 
     sampling = model.get_model_object("model_sampling")
     check_flow(sampling)
@@ -137,7 +137,7 @@ class SanaSampler(io.ComfyNode):
 
         from ..sana_core.samplers import denoise_sigmas
 
-        from .model import add_pag
+        from .patches import add_pag
 
         dit = sana_dit(model, "SanaSampler")
         latent = latent_image["samples"]
@@ -184,7 +184,7 @@ class SanaPAG(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, scale: float, layers: str) -> io.NodeOutput:
-        from .model import add_pag
+        from .patches import add_pag
 
         sana_dit(model, "SanaPAG")
         return io.NodeOutput(add_pag(model, scale, parse_layers(layers, "layers")) if scale > 0 else model)

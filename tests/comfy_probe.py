@@ -79,9 +79,9 @@ want = torch.cat([extra["attention_mask"], other[0][1]["attention_mask"]], dim=-
 facts["concat_mask_equal"] = bool(torch.equal(got["attention_mask"].cond.long(), want.long()))
 
 # -- a foreign ControlNet is refused before sampling
-model_module = importlib.import_module(f"{spec.name}.nodes.model")
+patches = importlib.import_module(f"{spec.name}.nodes.patches")
 try:
-    model_module.check_controls({"positive": [{"control": comfy.controlnet.ControlNet(torch.nn.Linear(2, 2))}]})
+    patches.check_controls({"positive": [{"control": comfy.controlnet.ControlNet(torch.nn.Linear(2, 2))}]})
     facts["foreign_controlnet"] = None
 except ValueError as e:
     facts["foreign_controlnet"] = str(e)
