@@ -492,7 +492,9 @@ def plan_jobs(images: list[dict[str, Any]], args: argparse.Namespace) -> list[tu
 
 def check_plan(jobs: list[tuple[dict, list[dict]]], args: argparse.Namespace) -> None:
     """Everything that can be checked before a model is loaded: sizes, input images (readable), ControlNet
-    flags that fit together, mask without image, strength without image."""
+    flags that fit together, mask without image, strength without image, and model files (LoRAs first): each a
+    file or folder that exists or a Hugging Face repo id, as `hub.resolve` takes them."""
+    from . import hub
     from .spec import LATENT_FACTOR
 
     n = len(args.controlnet or ())
@@ -527,6 +529,12 @@ def check_plan(jobs: list[tuple[dict, list[dict]]], args: argparse.Namespace) ->
                 where = f"prompt {recs[0]['name']!r}: " if side in recs[0] else ""
                 raise ValueError(f"{where}--{side} {v} must be a positive multiple of {LATENT_FACTOR} (the DC-AE "
                                  f"compresses {LATENT_FACTOR}x; or --resolution_binning): use {lo} or {hi}")
+    refs = [*[("lora", parse_lora(t)[0]) for t in args.lora or ()], *[("controlnet", c) for c in args.controlnet or ()],
+            ("dit", args.dit), ("vae", args.vae), ("text_encoder", args.text_encoder), ("model", args.model)]
+    for flag, ref in refs:
+        if ref is not None and not Path(ref).expanduser().exists() and hub.repo_of(ref) is None:
+            raise FileNotFoundError(f"--{flag} {ref}: no such file or folder, and not a Hugging Face repo id "
+                                    "(owner/name)")
 
 
 def check_image_file(path: str, flag: str) -> None:

@@ -350,6 +350,9 @@ def _corrupt_png(path):
     (["--image", "{tmp}/ok.png", "--mask", "{tmp}/corrupt.png"], "--mask {tmp}/corrupt.png: not a readable image"),
     (["--txt_file", "{tmp}/latin1.txt"], "--txt_file {tmp}/latin1.txt: not UTF-8 text"),
     (["--txt_file", "{tmp}/nowhere.txt"], "--txt_file {tmp}/nowhere.txt: no such file"),
+    (["--lora", "{tmp}/gone.safetensors:0.8"], "--lora {tmp}/gone.safetensors: no such file or folder"),
+    (["--vae", "./no_dcae"], "--vae ./no_dcae: no such file or folder, and not a Hugging Face repo id"),
+    ([], "--model {tmp}/no_model: no such file or folder"),
 ])
 def test_mistakes_are_one_line_before_loading(tmp_path, capsys, flags, match):
     """Each mistake: exit code 2 and one line naming the flag and what was expected, before any model is loaded
