@@ -201,9 +201,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("guidance_scale", "CFG scale (Sprint: embedded guidance) (default: the model's, 4.5)", type=finite,
            record=True, setting="guidance_scale", aliases=("cfg_scale",)),
     Option("pag_scale", "perturbed-attention guidance scale; 0 (default) turns PAG off", type=non_negative,
-           default=0.0, record=True, setting="pag_guidance_scale", deprecated=("pag_guidance_scale",)),
+           default=0.0, record=True, setting="pag_scale", deprecated=("pag_guidance_scale",)),
     Option("pag_layers", "blocks whose self-attention PAG perturbs (default: the model's, 8)", type=block_index,
-           nargs="+", record=True, setting="pag_layers", aliases=("pag_applied_layers",)),
+           nargs="+", record=True, setting="pag_applied_layers", aliases=("pag_applied_layers",)),
     Option("sampler", "flow_dpmpp_2m, flow_euler or scm (NVlabs: flow_dpm-solver = flow_dpmpp_2m) (default: the "
            "model's; scm for Sprint)", type=sampler_name, record=True, setting="sampler", aliases=("sampling_algo",)),
     Option("flow_shift", "timestep shift (default: the model's, its scheduler's flow_shift)", type=finite,
@@ -602,15 +602,12 @@ def device_for_rank(device: str | None) -> str | None:
 
 
 def pipe_arguments(settings: dict[str, Any], control: dict[str, Any]) -> dict[str, Any]:
-    """A job's settings as `SanaPipeline.__call__` arguments (input images loaded at the job's size)."""
-    from .pipeline import load_image
-
+    """A job's settings as `SanaPipeline.__call__` arguments (input images as paths: the pipeline reads them at
+    the job's size)."""
     kw = {BY_NAME[k].setting: v for k, v in settings.items() if BY_NAME[k].setting and v is not None}
     image, mask = settings["image"], settings["mask"]
     if image:
-        size = (settings["width"], settings["height"])
-        kw |= {"image": load_image(image, *size), "strength": settings["strength"],
-               "mask_image": load_image(mask, *size, mask=True) if mask else None}
+        kw |= {"image": image, "strength": settings["strength"], "mask_image": mask or None}
     if settings["control_image"]:
         given = settings["control_image"]
         kw |= {"control_image": list(given) if len(given) > 1 else given[0], **control}
@@ -628,7 +625,8 @@ def main(argv: list[str] | None = None) -> int:
         args.dtype = next(name for name, dtype in DTYPES.items() if dtype == chosen)
     from tqdm.auto import tqdm
 
-    from .pipeline import SanaPipeline, save_images
+    from .images import save_images
+    from .pipeline import SanaPipeline
     from .previews import save_previews
 
     try:
@@ -647,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
         jobs = plan_jobs(images, args)
         check_plan(jobs, args)
         pipe = SanaPipeline.from_pretrained(args.model, dit=args.dit, vae=args.vae, text_encoder=args.text_encoder,
-                                            dtype=DTYPES[args.dtype], device=device_for_rank(args.device),
+                                            torch_dtype=DTYPES[args.dtype], device=device_for_rank(args.device),
                                             use_pe=args.use_pe, offload="blocks" if args.offload_blocks else args.offload,
                                             compile=args.compile or False,
                                             variant=args.variant, controlnet=args.controlnet or None)

@@ -35,19 +35,19 @@ def release(folder, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def plain(folder):
-    return SanaPipeline.from_pretrained(folder, dtype=torch.float32, device="cpu")
+    return SanaPipeline.from_pretrained(folder, torch_dtype=torch.float32, device="cpu")
 
 
 @pytest.fixture(scope="module")
 def controlled(folder, release):
-    return SanaPipeline.from_pretrained(folder, controlnet=release, dtype=torch.float32, device="cpu")
+    return SanaPipeline.from_pretrained(folder, controlnet=release, torch_dtype=torch.float32, device="cpu")
 
 
 def test_matches_sana_controlnet_pipeline(folder, scribble, tmp_path):
     from diffusers import SanaControlNetModel, SanaControlNetPipeline
 
     from sana_core.dit import SanaDiT
-    cfg = SanaPipeline.from_pretrained(folder, dtype=torch.float32, device="cpu").dit.cfg
+    cfg = SanaPipeline.from_pretrained(folder, torch_dtype=torch.float32, device="cpu").dit.cfg
     assert isinstance(cfg, type(SanaDiT(cfg).cfg)) and cfg.depth == 8
     net = randomize_(SanaControlNetModel(
         num_attention_heads=cfg.self_heads, attention_head_dim=cfg.self_head_dim, num_layers=7,
@@ -55,7 +55,8 @@ def test_matches_sana_controlnet_pipeline(folder, scribble, tmp_path):
         cross_attention_dim=cfg.width, caption_channels=cfg.caption_channels, mlp_ratio=cfg.mlp_ratio), 23)
     net.save_pretrained(tmp_path / "controlnet")
     ref = SanaControlNetPipeline.from_pretrained(folder, controlnet=net.eval(), torch_dtype=torch.float32)
-    ours = SanaPipeline.from_pretrained(folder, controlnet=tmp_path / "controlnet", dtype=torch.float32, device="cpu")
+    ours = SanaPipeline.from_pretrained(folder, controlnet=tmp_path / "controlnet", torch_dtype=torch.float32,
+                                        device="cpu")
     assert ours.controlnets[0].order == "diffusers"
     kw = dict(num_inference_steps=20, guidance_scale=4.5, **SIZE)
     for output_type in ("latent", "pt"):
@@ -72,7 +73,8 @@ def test_matches_sana_controlnet_pipeline(folder, scribble, tmp_path):
 
 def test_release_file_is_the_dit_and_the_controlnet_read_once(folder, release, controlled, plain, scribble):
     from sana_core.checkpoints.files import read_keys
-    both = SanaPipeline.from_pretrained(folder, dit=release, controlnet=release, dtype=torch.float32, device="cpu")
+    both = SanaPipeline.from_pretrained(folder, dit=release, controlnet=release, torch_dtype=torch.float32,
+                                        device="cpu")
     params = sum(1 for _ in both.dit.parameters()) + sum(1 for _ in both.controlnets[0].parameters())
     assert params == len(read_keys(release))  # every tensor of the file once, none twice
     assert both.controlnets[0].order == "nvlabs"
@@ -85,8 +87,8 @@ def test_release_file_is_the_dit_and_the_controlnet_read_once(folder, release, c
 
 def test_strength_and_step_range(controlled, plain, scribble):
     kw = dict(num_inference_steps=6, seed=4, output_type="latent", progress=False, **SIZE)
-    base = plain(PROMPTS, pag_guidance_scale=1.5, pag_layers=[3], **kw)
-    run = lambda **c: controlled(PROMPTS, control_image=scribble, pag_guidance_scale=1.5, pag_layers=[3], **c, **kw)
+    base = plain(PROMPTS, pag_scale=1.5, pag_applied_layers=[3], **kw)
+    run = lambda **c: controlled(PROMPTS, control_image=scribble, pag_scale=1.5, pag_applied_layers=[3], **c, **kw)
     full = run()
     assert torch.equal(run(controlnet_conditioning_scale=0.0), base)
     assert torch.equal(run(control_guidance_end=0.0), base)          # acts on no step
@@ -98,7 +100,7 @@ def test_strength_and_step_range(controlled, plain, scribble):
 
 
 def test_two_controlnets_add_up(folder, release, controlled, scribble):
-    twice = SanaPipeline.from_pretrained(folder, controlnet=[release, release], dtype=torch.float32, device="cpu")
+    twice = SanaPipeline.from_pretrained(folder, controlnet=[release, release], torch_dtype=torch.float32, device="cpu")
     kw = dict(num_inference_steps=4, seed=6, output_type="latent", progress=False, **SIZE)
     one = controlled(PROMPTS[0], control_image=scribble, **kw)
     two = twice(PROMPTS[0], control_image=[scribble, scribble], controlnet_conditioning_scale=[0.5, 0.5], **kw)
@@ -107,12 +109,13 @@ def test_two_controlnets_add_up(folder, release, controlled, scribble):
 
 def test_control_image_is_resized_and_cropped(controlled, scribble):
     """Any size: resized (bicubic) to cover and centre-cropped; a tensor, a path and a PIL image agree."""
-    from sana_core.pipeline import control_pixels
+    from sana_core.images import load_image
+
     big = scribble.resize((384, 384))
-    px = control_pixels(big, 128, 192)
+    px = load_image(big, height=128, width=192)
     assert px.shape == (1, 3, 128, 192) and 0 <= px.min() and px.max() <= 1
     t = torch.from_numpy(np.asarray(big, np.float32) / 255).permute(2, 0, 1)
-    torch.testing.assert_close(control_pixels(t, 128, 192), px)
+    torch.testing.assert_close(load_image(t, height=128, width=192), px)
 
 
 def test_bad_control_inputs(controlled, plain, scribble, tmp_path):
@@ -121,12 +124,14 @@ def test_bad_control_inputs(controlled, plain, scribble, tmp_path):
     kw = dict(num_inference_steps=2, seed=1, progress=False, **SIZE)
     with pytest.raises(ValueError, match="notes.txt.*not a readable image"):
         controlled(PROMPTS[0], control_image=text, **kw)
-    with pytest.raises(ValueError, match="control_image: expected a PIL image.*got \\(4, 4\\)"):
+    with pytest.raises(ValueError, match="control_image: expected a PIL image.*got a tensor of shape \\(4, 4\\)"):
         controlled(PROMPTS[0], control_image=torch.zeros(4, 4), **kw)
     with pytest.raises(ValueError, match="give control_image"):
         controlled(PROMPTS[0], **kw)
-    with pytest.raises(ValueError, match="control_image needs a ControlNet"):
+    with pytest.raises(ValueError, match="control_image act on a ControlNet, and this pipeline has none"):
         plain(PROMPTS[0], control_image=scribble, **kw)
+    with pytest.raises(ValueError, match="control_guidance_end act on a ControlNet"):
+        plain(PROMPTS[0], control_guidance_end=0.5, **kw)
     with pytest.raises(ValueError, match="controlnet_conditioning_scale: 2 values for 1 ControlNets"):
         controlled(PROMPTS[0], control_image=scribble, controlnet_conditioning_scale=[1, 1], **kw)
     with pytest.raises(ValueError, match="0 <= start <= end <= 1"):
@@ -174,7 +179,7 @@ def test_cli_controlnet_equals_pipe(folder, release, controlled, scribble, tmp_p
     (["--controlnet", "{release}"], "--control_image: 0 control images for 1 --controlnet"),
     (["--controlnet", "{release}", "--control_image", "{hint}", "--control_scale", "1", "--control_scale", "2"],
      "--control_scale: 2 values for 1 --controlnet"),
-    (["--controlnet", "{release}", "--control_image", "missing.png"], "control image missing.png: no such file"),
+    (["--controlnet", "{release}", "--control_image", "missing.png"], "missing.png: no such file"),
     (["--controlnet", "{release}", "--control_image", "{hint}", "--control_start", "0.9", "--control_end", "0.1"],
      "0 <= start <= end <= 1"),
 ])

@@ -1,4 +1,6 @@
 """Whole generations against diffusers' pipelines on the same tiny folder, seed and settings (fp32, CPU)."""
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -24,7 +26,7 @@ def sprint_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ours(folder):
-    return SanaPipeline.from_pretrained(folder, dtype=torch.float32, device="cpu")
+    return SanaPipeline.from_pretrained(folder, torch_dtype=torch.float32, device="cpu")
 
 
 def _diffusers(cls, folder, **kw):
@@ -69,7 +71,7 @@ def test_pag_matches_sana_pag_pipeline(folder, ours):
     ref = _diffusers(SanaPAGPipeline, folder, pag_applied_layers=["transformer_blocks.1"])
     want = _theirs(ref, "latent", num_inference_steps=6, pag_scale=2.0)
     got = ours(PROMPTS, seed=5, output_type="latent", progress=False, num_inference_steps=6,
-               pag_guidance_scale=2.0, pag_layers=[1], **SIZE)
+               pag_scale=2.0, pag_applied_layers=["transformer_blocks.1"], **SIZE)
     torch.testing.assert_close(got, want, **TOL)
     plain = ours(PROMPTS, seed=5, output_type="latent", progress=False, num_inference_steps=6, **SIZE)
     assert (got - plain).abs().max() > 1e-3  # PAG really changed the result
@@ -85,7 +87,7 @@ def test_sprint_matches_sana_sprint_pipeline(sprint_folder, steps):
     if steps != 2:
         kw["intermediate_timesteps"] = None
     want = ref(**kw, generator=torch.Generator().manual_seed(3), output_type="latent").images
-    ours = SanaPipeline.from_pretrained(sprint_folder, dtype=torch.float32, device="cpu")
+    ours = SanaPipeline.from_pretrained(sprint_folder, torch_dtype=torch.float32, device="cpu")
     assert ours.dit.cfg.guidance_embed
     got = ours(PROMPTS, seed=3, num_inference_steps=steps, guidance_scale=4.5, output_type="latent",
                progress=False, **SIZE)
@@ -113,7 +115,12 @@ def test_num_images_per_prompt_and_callback(ours):
     ({"num_inference_steps": 0}, "num_inference_steps=0 must be at least 1"),
     ({"sampler": "dpmpp_3m"}, "unknown sampler 'dpmpp_3m'; valid: flow_dpmpp_2m, flow_euler, scm"),
     ({"prompt": []}, "prompt is empty"),
-    ({"pag_guidance_scale": 2.0, "pag_layers": [5]}, r"pag_layers \[5\] must be block indices in 0..1"),
+    ({"pag_scale": 2.0, "pag_applied_layers": [5]}, r"pag_layers \[5\] must be block indices in 0..1"),
+    ({"pag_scale": 2.0, "pag_applied_layers": "transformer_blocks.*"}, "regular expressions over layer names"),
+    ({"strength": 0.5}, "strength acts on an image to start from"),
+    ({"controlnet_conditioning_scale": 0.5}, "controlnet_conditioning_scale act on a ControlNet"),
+    ({"num_images_per_prompt": 0}, "num_images_per_prompt=0 must be at least 1"),
+    ({"image": torch.rand(3, 3, 64, 64), "strength": 0.5, "prompt": ["a", "b"]}, r"image: 3 given for 2 prompt"),
 ])
 def test_bad_arguments(ours, kw, match):
     args = {"prompt": "a cat", **SIZE, "progress": False, **kw}
@@ -128,7 +135,7 @@ def test_fp16_overflow_falls_back(folder, caplog):
 
     from sana_core.denoiser import SanaDenoiser
 
-    pipe = SanaPipeline.from_pretrained(folder, dtype=torch.float16, vae_dtype=torch.float32, device="cpu")
+    pipe = SanaPipeline.from_pretrained(folder, torch_dtype=torch.float16, vae_dtype=torch.float32, device="cpu")
     assert pipe.text_encoder.dtype != torch.float16  # Gemma is never run in fp16
     with torch.no_grad():
         pipe.dit.final_layer.linear.weight.mul_(1e5)  # forces an fp16 overflow in the output projection
@@ -156,7 +163,7 @@ def test_separate_files_give_the_same_images(folder, ours, tmp_path):
     vae = write_tiny_dcae(tmp_path / "dc-ae", seed=11 + 2, layout="efficientvit")
     write_tiny_gemma(tmp_path / "gemma", seed=11, single_file=tmp_path / "gemma_2_2b.safetensors")
     pipe = SanaPipeline.from_pretrained(None, dit=dit, vae=vae, text_encoder=tmp_path / "gemma_2_2b.safetensors",
-                                        dtype=torch.float32, device="cpu")
+                                        torch_dtype=torch.float32, device="cpu")
     kw = dict(seed=2, num_inference_steps=3, output_type="pt", progress=False, **SIZE)
     torch.testing.assert_close(pipe("a red fox", **kw), ours("a red fox", **kw), rtol=0, atol=0)
 
@@ -233,11 +240,12 @@ def test_hub_references_and_defaults(monkeypatch, tmp_path):
     import sana_core.pipeline as P
 
     for name in ("load_dit", "load_dcae", "load_text_encoder"):
-        monkeypatch.setattr(P, name, lambda *a, **k: type("Loaded", (), {"cfg": type("Cfg", (), {"scaling_factor": 1.0})})())
+        monkeypatch.setattr(P, name, lambda *a, **k: SimpleNamespace(cfg=SimpleNamespace(scaling_factor=1.0)))
     monkeypatch.setattr(P, "model_spec", lambda *a, **k: None)
     calls.clear()
-    SanaPipeline.from_pretrained(dit=str(tmp_path), model="Efficient-Large-Model/Sana_600M_1024px_diffusers",
-                                 dtype=torch.float16)
+    with pytest.warns(FutureWarning, match="dtype= is deprecated, use torch_dtype="):  # the old name still works
+        SanaPipeline.from_pretrained(dit=str(tmp_path), model="Efficient-Large-Model/Sana_600M_1024px_diffusers",
+                                     dtype=torch.float16)
     repo, allow = calls[0]  # (a second call falls back to full precision: the mock holds no fp16 files)
     assert not any(p.startswith("transformer/") for p in allow) and "vae/*.fp16.safetensors" in allow
     assert "scheduler/*.json" in allow  # the scheduler's flow_shift: the model's default shift
@@ -259,14 +267,62 @@ def test_image_to_image_starts_part_way(ours):
     full = ours("a cat", seed=1, num_inference_steps=4, output_type="latent", progress=False, **SIZE)
     dist = lambda a: ((a - init).norm() / init.norm()).item()  # noqa: E731
     assert dist(light) < 0.1 < dist(out) < dist(full)
-    with pytest.raises(ValueError, match="image has shape"):
-        ours("a cat", image=image[..., :64], strength=0.5, progress=False, **SIZE)
+
+
+
+def test_pictures_in_any_form_and_size(ours, tmp_path):
+    """image= / mask_image= take a path, a PIL image or a tensor of any size (resized to cover and centre-
+    cropped, `images.load_image` / `load_mask`): the same start in each form; a wider picture is cropped."""
+    from PIL import Image
+
+    from sana_core.images import load_image, load_mask
+
+    g = torch.Generator().manual_seed(0)
+    wide = torch.rand(1, 3, 128, 256, generator=g)
+    pil = Image.fromarray((wide[0].permute(1, 2, 0) * 255).round().to(torch.uint8).numpy())
+    pil.save(tmp_path / "wide.png")
+    Image.fromarray(np.full((128, 256), 255, np.uint8)).save(tmp_path / "mask.png")
+    as_tensor = load_image(pil, **SIZE)
+    assert as_tensor.shape == (1, 3, *SIZE.values())
+    torch.testing.assert_close(load_image(tmp_path / "wide.png", **SIZE), as_tensor)
+    assert torch.equal(load_mask(tmp_path / "mask.png", **SIZE), torch.ones(1, *SIZE.values()))
+    run = dict(seed=1, num_inference_steps=2, strength=0.5, output_type="latent", progress=False, **SIZE)
+    want = ours("a cat", image=as_tensor, **run)
+    assert torch.equal(ours("a cat", image=tmp_path / "wide.png", **run), want)
+    assert torch.equal(ours("a cat", image=pil, **run), want)
+    assert torch.equal(ours("a cat", image=pil, mask_image=tmp_path / "mask.png", **run),
+                       ours("a cat", image=pil, mask_image=torch.ones(128, 192), **run))
+
+
+def test_diffusers_names_old_names_and_callbacks(ours):
+    """pag_scale / pag_applied_layers are diffusers' names (the old ones warn and give the same image);
+    everything after the prompt is a keyword; callback_on_step_end gets each step's result as diffusers'."""
+    run = dict(seed=3, num_inference_steps=3, output_type="latent", progress=False, **SIZE)
+    new = ours("a cat", pag_scale=1.5, pag_applied_layers=["transformer_blocks.1"], **run)
+    with pytest.warns(FutureWarning, match="pag_guidance_scale= is deprecated, use pag_scale="):
+        old = ours("a cat", pag_guidance_scale=1.5, pag_layers=[1], **run)
+    assert torch.equal(new, old)
+    with pytest.raises(TypeError):
+        ours("a cat", "a negative")
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['guidance'\]"):
+        ours("a cat", guidance=3.0, **run)
+    seen, x = [], []
+    out = ours("a cat", callback=lambda d: x.append(d["x"]),
+               callback_on_step_end=lambda pipe, i, t, kw: seen.append((pipe, i, float(t), kw["latents"])) or kw,
+               **run)
+    from sana_core.samplers import flow_sigmas
+
+    want_t = [float(ours.dit.timestep(s.reshape(1))) for s in flow_sigmas(3)[:3]]  # int(1000 sigma): 999, 856, 599
+    assert [s[:3] for s in seen] == [(ours, i, t) for i, t in enumerate(want_t)] and want_t[0] == 999
+    assert all(torch.equal(s[3], x[i + 1]) for i, s in enumerate(seen[:2])) and torch.equal(seen[2][3], out)
+    with pytest.raises(ValueError, match="callback_on_step_end returned new latents"):
+        ours("a cat", callback_on_step_end=lambda pipe, i, t, kw: {"latents": kw["latents"] * 2}, **run)
 
 
 def test_fp16_dcae_overflow_falls_back_to_bf16(folder, caplog):
     import logging
 
-    pipe = SanaPipeline.from_pretrained(folder, dtype=torch.float32, vae_dtype=torch.float16, device="cpu")
+    pipe = SanaPipeline.from_pretrained(folder, torch_dtype=torch.float32, vae_dtype=torch.float16, device="cpu")
     with torch.no_grad():
         pipe.vae.decoder.conv_in.weight.mul_(1e4)  # overflows fp16 activations
         latents = torch.randn(1, 32, 4, 6, generator=torch.Generator().manual_seed(0))
@@ -283,7 +339,7 @@ def test_fp16_dcae_overflow_falls_back_to_bf16(folder, caplog):
 def test_compiled_dit_gives_the_eager_result(folder, ours, caplog):
     import logging
 
-    pipe = SanaPipeline.from_pretrained(folder, dtype=torch.float32, device="cpu", compile=True)
+    pipe = SanaPipeline.from_pretrained(folder, torch_dtype=torch.float32, device="cpu", compile=True)
     kw = dict(seed=4, num_inference_steps=2, output_type="latent", progress=False, **SIZE)
     with caplog.at_level(logging.INFO):
         got = pipe("a red fox", **kw)
@@ -295,7 +351,7 @@ def test_offload_gives_the_same_images_and_caps_the_decode(folder, ours, monkeyp
     """offload=True: the same images; a decode needing more than OFFLOAD_DECODE_BYTES runs in tiles."""
     import sana_core.pipeline as pipeline
 
-    pipe = SanaPipeline.from_pretrained(folder, dtype=torch.float32, device="cpu", offload=True)
+    pipe = SanaPipeline.from_pretrained(folder, torch_dtype=torch.float32, device="cpu", offload=True)
     kw = dict(seed=3, num_inference_steps=2, progress=False, height=320, width=320)
     latents = ours("a lighthouse at dusk", output_type="latent", **kw)
     torch.testing.assert_close(pipe("a lighthouse at dusk", output_type="latent", **kw), latents, rtol=0, atol=0)
@@ -315,7 +371,7 @@ def test_compile_modes_reach_torch_compile(folder, monkeypatch):
     seen, steps = [], []
     monkeypatch.setattr(torch, "compile", lambda model, **kw: seen.append(kw) or model)
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: steps.append(1))
-    parts = pipeline.SanaPipeline.from_pretrained(folder, dtype=torch.float32, device="cpu")
+    parts = pipeline.SanaPipeline.from_pretrained(folder, torch_dtype=torch.float32, device="cpu")
     for compile, mode in ((True, None), ("reduce-overhead", "reduce-overhead"), ("max-autotune", "max-autotune")):
         pipe = SanaPipeline(parts.dit, parts.vae, parts.text_encoder, device="cpu", compile=compile)
         assert seen[-1] == {"dynamic": False, "mode": mode}
@@ -330,7 +386,7 @@ def test_nan_in_float32_is_an_error_after_sampling(folder):
     """bf16/fp32 outputs are checked once, after the last step (no host sync per step); NaN is an error."""
     from sana_core.denoiser import SanaDenoiser, sample
 
-    pipe = SanaPipeline.from_pretrained(folder, dtype=torch.float32, device="cpu")
+    pipe = SanaPipeline.from_pretrained(folder, torch_dtype=torch.float32, device="cpu")
     cond, uncond = pipe.encode_prompt(["a cat"], [""])
     with torch.no_grad():
         pipe.dit.final_layer.linear.bias[0] = float("nan")
@@ -392,7 +448,7 @@ def test_sprint_times_reach_the_schedule(monkeypatch, sprint_folder):
     from sana_core import denoiser
     from sana_core.samplers import scm_sigmas
 
-    pipe = SanaPipeline.from_pretrained(sprint_folder, dtype=torch.float32, device="cpu")
+    pipe = SanaPipeline.from_pretrained(sprint_folder, torch_dtype=torch.float32, device="cpu")
     seen = []
     real = denoiser.denoise_sigmas
     monkeypatch.setattr(denoiser, "denoise_sigmas", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])

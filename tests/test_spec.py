@@ -27,7 +27,7 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipe(folder):
-    return SanaPipeline.from_pretrained(folder, dtype=torch.float32, device="cpu")
+    return SanaPipeline.from_pretrained(folder, torch_dtype=torch.float32, device="cpu")
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -68,7 +68,7 @@ def test_the_pipeline_reads_the_folders_shift(folder, tmp_path, monkeypatch):
     original = config.read_text()
     config.write_text(json.dumps({**json.loads(original), "flow_shift": 5.0}))
     try:
-        pipe = SanaPipeline.from_pretrained(folder, dtype=torch.float32, device="cpu")
+        pipe = SanaPipeline.from_pretrained(folder, torch_dtype=torch.float32, device="cpu")
     finally:
         config.write_text(original)
     assert pipe.spec.shift == 5.0 and pipe.spec.latent_scale == pipe.vae.cfg.scaling_factor
@@ -105,7 +105,7 @@ def test_pipe_prompt_on_sprint_is_diffusers_default_call(sprint_folder):
     ref = SanaSprintPipeline.from_pretrained(sprint_folder, torch_dtype=torch.float32)
     ref.set_progress_bar_config(disable=True)
     want = ref("a red fox", generator=torch.Generator().manual_seed(3), output_type="latent").images
-    ours = SanaPipeline.from_pretrained(sprint_folder, dtype=torch.float32, device="cpu")
+    ours = SanaPipeline.from_pretrained(sprint_folder, torch_dtype=torch.float32, device="cpu")
     assert (ours.spec.steps, ours.spec.sampler, ours.spec.size) == (SPRINT.steps, "scm", 1024)
     got = ours("a red fox", seed=3, output_type="latent", progress=False)
     assert got.shape == (1, 32, 32, 32)
