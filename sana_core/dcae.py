@@ -8,7 +8,8 @@ Encoder: conv_in -> 6 stages (stage i at 1/2^i of the image; ResBlocks in 0-2, E
 every stage but the last ends in a x2 downsampler) -> conv_out + a channel-averaging shortcut. The decoder
 mirrors it: conv_in + a channel-repeating shortcut -> stages 5..0 (each but the last starts with a x2
 upsampler) -> RMSNorm -> act -> conv_out. Every norm is an RMSNorm over channels with weight and bias, eps 1e-5
-(efficientvit "trms2d"). Big images run in overlapping tiles (`DCAE.decode`, `DCAE.encode`).
+(efficientvit "trms2d"). Big images run in overlapping tiles (`DCAE.decode`, `DCAE.encode`; `dcae_tiling`).
+Reading and writing diffusers' config.json: `checkpoints/dcae.py`.
 """
 from __future__ import annotations
 
@@ -21,11 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import precision
+from .dcae_tiling import Progress, peak_activation_bytes, run_pass
+from .spec import LATENT_SCALE
 
 log = logging.getLogger(__name__)
 
-MIN_TILE, MAX_TILE = 256, 2048  # automatic tile sizes in image pixels (bigger tiles gain little, use more memory)
-Progress = Callable[[int, int], None]  # (blocks done, blocks in all): after every block of every tile
 ACTS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"silu": F.silu, "relu": F.relu}
 BLOCKS = ("ResBlock", "EfficientViTBlock")
 _R, _E = "ResBlock", "EfficientViTBlock"
@@ -52,7 +53,7 @@ class DCAEConfig:
     upsample: str = "interpolate"        # "interpolate": nearest x2, 3x3 conv | "pixel_shuffle": conv to 4C, to space
     decoder_act: str = "silu"            # activation inside decoder ResBlocks (encoder ResBlocks and GLUMBConvs: SiLU)
     decoder_out_act: str = "relu"        # activation between the decoder's last RMSNorm and conv_out
-    scaling_factor: float = 0.41407      # DiT latent = raw latent * scaling_factor
+    scaling_factor: float = LATENT_SCALE  # DiT latent = raw latent * scaling_factor
 
     def __post_init__(self):
         n = len(self.encoder_widths)
@@ -76,59 +77,6 @@ class DCAEConfig:
     def factor(self) -> int:
         """Spatial compression (32)."""
         return 2 ** (len(self.encoder_widths) - 1)
-
-    @classmethod
-    def from_diffusers(cls, config: dict) -> DCAEConfig:
-        """Read a diffusers `AutoencoderDC` config.json; ValueError for options no Sana DC-AE uses."""
-        n = len(config["encoder_block_out_channels"])
-
-        def stages(key: str, default: Any = None) -> tuple:  # per-stage values; a string means all stages
-            v = config[key] if default is None else config.get(key, default)
-            return (v,) * n if isinstance(v, str) else tuple(tuple(s) if isinstance(s, list) else s for s in v)
-
-        norms, acts = set(stages("decoder_norm_types", "rms_norm")), set(stages("decoder_act_fns", "silu"))
-        if norms != {"rms_norm"} or len(acts) != 1:
-            raise ValueError(f"decoder_norm_types {sorted(norms)} / decoder_act_fns {sorted(acts)}: only RMSNorm and "
-                             "one activation for all stages are supported (as in every Sana DC-AE)")
-        if not (config.get("encoder_out_shortcut", True) and config.get("decoder_in_shortcut", True)):
-            raise ValueError("encoder_out_shortcut / decoder_in_shortcut = false is not supported (Sana uses both)")
-        enc_blocks, dec_blocks = stages("encoder_block_types"), stages("decoder_block_types")
-        return cls(
-            in_channels=config["in_channels"], latent_channels=config["latent_channels"],
-            encoder_widths=stages("encoder_block_out_channels"), encoder_depths=stages("encoder_layers_per_block"),
-            encoder_blocks=enc_blocks, encoder_scales=_scales(enc_blocks, stages("encoder_qkv_multiscales")),
-            decoder_widths=stages("decoder_block_out_channels"), decoder_depths=stages("decoder_layers_per_block"),
-            decoder_blocks=dec_blocks, decoder_scales=_scales(dec_blocks, stages("decoder_qkv_multiscales")),
-            attention_head_dim=config.get("attention_head_dim", 32),
-            downsample="pixel_unshuffle" if config["downsample_block_type"] == "pixel_unshuffle" else "Conv",
-            upsample="interpolate" if config["upsample_block_type"] == "interpolate" else "pixel_shuffle",
-            decoder_act=acts.pop(), decoder_out_act=config.get("decoder_conv_act_fn", "relu"),
-            scaling_factor=config.get("scaling_factor", 1.0))
-
-    def to_diffusers(self) -> dict:
-        """The config.json diffusers writes for this DC-AE."""
-        n = len(self.encoder_widths)
-        return {
-            "_class_name": "AutoencoderDC", "_diffusers_version": "0.32.0",
-            "in_channels": self.in_channels, "latent_channels": self.latent_channels,
-            "attention_head_dim": self.attention_head_dim,
-            "encoder_block_types": list(self.encoder_blocks), "decoder_block_types": list(self.decoder_blocks),
-            "encoder_block_out_channels": list(self.encoder_widths),
-            "decoder_block_out_channels": list(self.decoder_widths),
-            "encoder_layers_per_block": list(self.encoder_depths),
-            "decoder_layers_per_block": list(self.decoder_depths),
-            "encoder_qkv_multiscales": [list(s) for s in self.encoder_scales],
-            "decoder_qkv_multiscales": [list(s) for s in self.decoder_scales],
-            "upsample_block_type": self.upsample, "downsample_block_type": self.downsample,
-            "decoder_norm_types": ["rms_norm"] * n, "decoder_act_fns": [self.decoder_act] * n,
-            "encoder_out_shortcut": True, "decoder_in_shortcut": True,
-            "decoder_conv_act_fn": self.decoder_out_act, "scaling_factor": self.scaling_factor,
-        }
-
-
-def _scales(blocks: tuple[str, ...], scales: tuple) -> tuple[tuple[int, ...], ...]:
-    """Multi-scale kernel sizes, kept only for EfficientViT stages (ResBlocks have none)."""
-    return tuple(tuple(s) if b == _E else () for b, s in zip(blocks, scales))
 
 
 _SANA = DCAEConfig()
@@ -352,65 +300,6 @@ class Decoder(nn.Module):
         return self.conv_out(self.act(self.norm_out(h)))
 
 
-def peak_activation_bytes(widths: tuple[int, ...], depths: tuple[int, ...], pixels: int, dtype: torch.dtype) -> int:
-    """Rough peak activation memory of one untiled encoder or decoder pass over `pixels` image pixels.
-
-    Stage i holds widths[i] channels on pixels / 4^i positions; the peak is about 7 such tensors at the busiest
-    stage (calibrated on the Sana 1.0 decoder in bf16: 26.7 GiB measured at 4096x4096 px, 28 GiB estimated).
-    """
-    per_pixel = max(w / 4**i for i, (w, d) in enumerate(zip(widths, depths)) if d)
-    return int(7 * per_pixel * pixels * torch.finfo(dtype).bits // 8)
-
-
-def tile_plan(length: int, tile: int, overlap: int) -> tuple[int, list[int]]:
-    """Fewest tiles of at most `tile` covering [0, length) with neighbours sharing >= `overlap`, made as small
-    as that count allows (so the tiles overlap no more than needed). Returns (tile length, starts)."""
-    if length <= tile:
-        return length, [0]
-    n = -(-(length - overlap) // (tile - overlap))  # ceil: tiles needed at a stride of tile - overlap
-    size = -(-(length + (n - 1) * overlap) // n)    # <= tile; consecutive starts differ by <= size - overlap
-    return size, [i * (length - size) // (n - 1) for i in range(n)]
-
-
-def _ramp(n: int, ramp: int, start: bool, end: bool, device: torch.device) -> torch.Tensor:
-    """(n,) blending weights: 1 inside, rising/falling linearly over `ramp` samples on the shared sides."""
-    i = torch.arange(n, device=device, dtype=torch.float32) + 0.5
-    w = torch.ones(n, device=device)
-    if ramp and start:
-        w = torch.minimum(w, i / ramp)
-    if ramp and end:
-        w = torch.minimum(w, (n - i) / ramp)
-    return w
-
-
-def tiled_apply(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, tile: int, overlap: int,
-                scale_in: int, scale_out: int) -> torch.Tensor:
-    """Run `fn` on overlapping tiles of x and blend the outputs with linear ramps (weights normalised).
-
-    Sizes are in latent pixels: x has `scale_in` pixels per latent pixel (32 for images, 1 for latents) and
-    fn's output `scale_out`. Tiles are at most `tile` latent pixels wide (see `tile_plan`), neighbours share
-    >= `overlap`, and each output tile fades over `overlap * scale_out` pixels on its shared sides. Returns fn's
-    full-size output.
-    """
-    B, _, H, W = x.shape
-    gh, gw = H // scale_in, W // scale_in
-    (th, rows_at), (tw, cols_at) = tile_plan(gh, tile, overlap), tile_plan(gw, tile, overlap)
-    out = weight = None
-    for y in rows_at:
-        for x0 in cols_at:
-            t = fn(x[:, :, y * scale_in:(y + th) * scale_in, x0 * scale_in:(x0 + tw) * scale_in])
-            if out is None:
-                out = torch.zeros(B, t.shape[1], gh * scale_out, gw * scale_out, device=t.device)
-                weight = torch.zeros(gh * scale_out, gw * scale_out, device=t.device)
-            r = overlap * scale_out
-            m = (_ramp(th * scale_out, r, y > 0, y + th < gh, t.device)[:, None]
-                 * _ramp(tw * scale_out, r, x0 > 0, x0 + tw < gw, t.device))
-            rows, cols = slice(y * scale_out, (y + th) * scale_out), slice(x0 * scale_out, (x0 + tw) * scale_out)
-            out[:, :, rows, cols] += t.float() * m
-            weight[rows, cols] += m
-    return (out / weight).to(t.dtype)
-
-
 class DCAE(nn.Module):
     """The autoencoder. `encoder=False` builds a decoder-only model (for decoder-only weight files)."""
 
@@ -478,69 +367,13 @@ class DCAE(nn.Module):
 
     def _run(self, x: torch.Tensor, tiled: bool | None, tile_size: int | None, overlap: int | None,
              max_memory: int | None, progress: Progress | None, decode: bool) -> torch.Tensor:
-        f = self.cfg.factor
-        net, scale_in, scale_out = (self.decoder, 1, f) if decode else (self.encoder, f, 1)  # pixels per latent
-        blocks = sum(len(stage) for stage in (net.up_blocks if decode else net.down_blocks))
-        counter = _Counter(progress, blocks)
+        """The encoder or decoder on x, whole or in tiles (`dcae_tiling.run_pass`)."""
+        net = self.decoder if decode else self.encoder
         x = x.contiguous(memory_format=torch.channels_last)  # as the weights are stored (see load_dcae)
-        budget = free_memory(x.device) if max_memory is None else min(max_memory, free_memory(x.device))
-        automatic = tile_size is None
-        if automatic:  # the largest tile that fits
-            tile_size = next((t for t in range(MAX_TILE, MIN_TILE, -f)
-                              if self._activation_bytes(x.shape[0], t * t, x.dtype, decode) <= budget), MIN_TILE)
-        quarter = min(256, tile_size // 4) // f * f
-        overlap = quarter if overlap is None else min(overlap, quarter) if automatic else overlap
-        if tile_size % f or overlap % f or not 0 <= overlap < tile_size:
-            raise ValueError(f"DC-AE tiling: tile_size {tile_size} and overlap {overlap} must be multiples of {f} "
-                             "with 0 <= overlap < tile_size")
-
-        def whole() -> torch.Tensor:
-            counter.start(1)
-            return net(x, counter.tick)
-
-        if tiled is None:
-            untiled = self.memory_needed(x.shape, x.dtype, decode)
-            tiled = untiled > budget
-            if tiled:
-                log.info("DC-AE: ~%.1f GiB needed untiled, %.1f GiB allowed: %d px tiles", untiled / 2**30,
-                         budget / 2**30, tile_size)
-            else:
-                try:
-                    return whole()
-                except torch.OutOfMemoryError:
-                    log.warning("DC-AE: out of memory on %s; retrying in %d px tiles", tuple(x.shape), tile_size)
-                    _release(x.device)
-                tiled = True
-        if not tiled:
-            return whole()
-        while True:
-            try:
-                tile, lap = tile_size // f, overlap // f
-                H, W = x.shape[-2] // scale_in, x.shape[-1] // scale_in
-                counter.start(len(tile_plan(H, tile, lap)[1]) * len(tile_plan(W, tile, lap)[1]))
-                return tiled_apply(lambda t: net(t, counter.tick), x, tile, lap, scale_in, scale_out)
-            except torch.OutOfMemoryError:
-                if tile_size <= MIN_TILE:
-                    raise
-                _release(x.device)
-                tile_size = max(MIN_TILE, tile_size // 2 // f * f)
-                overlap = min(overlap, tile_size // 4 // f * f)
-                log.warning("DC-AE: out of memory in tiles; retrying in %d px tiles", tile_size)
-
-
-class _Counter:
-    """Counts blocks over the passes of one encode/decode and reports them to a `Progress` callback."""
-
-    def __init__(self, progress: Progress | None, blocks_per_pass: int):
-        self.progress, self.per_pass, self.done, self.total = progress, blocks_per_pass, 0, 0
-
-    def start(self, passes: int) -> None:
-        self.done, self.total = 0, passes * self.per_pass
-
-    def tick(self) -> None:
-        self.done += 1
-        if self.progress is not None:
-            self.progress(self.done, self.total)
+        blocks = sum(len(stage) for stage in (net.up_blocks if decode else net.down_blocks))
+        return run_pass(net, x, factor=self.cfg.factor, decode=decode,
+                        blocks=blocks, estimate=lambda px: self._activation_bytes(x.shape[0], px, x.dtype, decode),
+                        tiled=tiled, tile_size=tile_size, overlap=overlap, max_memory=max_memory, progress=progress)
 
 
 def run_finite(vae: DCAE, op: str, x: torch.Tensor, **options: Any) -> torch.Tensor:
@@ -548,24 +381,3 @@ def run_finite(vae: DCAE, op: str, x: torch.Tensor, **options: Any) -> torch.Ten
     DC-AE that overflows is widened with a warning and the pass repeated; inf/NaN otherwise is an error."""
     return precision.run_finite(lambda: getattr(vae, op)(x.to(vae.compute_dtype), **options), vae,
                                 f"{vae.source}: the DC-AE {op}r")
-
-
-def free_memory(device: torch.device) -> int:
-    """Bytes a pass may allocate on `device`: CUDA's free memory plus PyTorch's cached blocks; on Apple GPUs
-    the recommended working set less what is allocated; on the CPU the kernel's MemAvailable (Linux; elsewhere
-    unlimited)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    if device.type == "mps":
-        return torch.mps.recommended_max_memory() - torch.mps.current_allocated_memory()
-    try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
-        return 2**62
-
-
-def _release(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.empty_cache()

@@ -103,7 +103,7 @@ def write_tiny_dcae(folder: str | Path, seed: int = 0, layout: str = "diffusers"
 
     from safetensors.torch import save_file
 
-    from .checkpoints.dcae import to_efficientvit
+    from .checkpoints.dcae import diffusers_config, to_efficientvit
     from .dcae import DCAE
 
     if layout not in ("diffusers", "efficientvit"):
@@ -113,7 +113,7 @@ def write_tiny_dcae(folder: str | Path, seed: int = 0, layout: str = "diffusers"
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     if layout == "diffusers":
-        (folder / "config.json").write_text(json.dumps(cfg.to_diffusers(), indent=2))
+        (folder / "config.json").write_text(json.dumps(diffusers_config(cfg), indent=2))
         save_file(sd, folder / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
     else:
         save_file(to_efficientvit(sd, cfg), folder / "model.safetensors", metadata={"format": "pt"})

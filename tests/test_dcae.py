@@ -12,9 +12,12 @@ from diffusers.loaders.single_file_utils import convert_autoencoder_dc_checkpoin
 from safetensors.torch import load_file, save_file
 
 import sana_core.dcae as dcae
+import sana_core.dcae_tiling as tiling
 from sana_core.checkpoints import CheckpointError
-from sana_core.checkpoints.dcae import from_efficientvit, infer_config, load_dcae, to_efficientvit
-from sana_core.dcae import DCAE, VARIANTS, DCAEConfig, peak_activation_bytes, tiled_apply
+from sana_core.checkpoints.dcae import (config_from_diffusers, diffusers_config, from_efficientvit, infer_config,
+                                        load_dcae, to_efficientvit)
+from sana_core.dcae import DCAE, VARIANTS
+from sana_core.dcae_tiling import peak_activation_bytes, tiled_apply
 from sana_core.tiny import randomize_, tiny_dcae_config, write_tiny_dcae
 
 FULL, LITE = "dc-ae-f32c32-sana-1.0", "dc-ae-lite-f32c32-sana-1.1"
@@ -118,7 +121,7 @@ def test_real_configs_detected_from_shapes(variant):
 
 @pytest.mark.parametrize("variant,config", [(FULL, SANA_1_0_CONFIG), (LITE, LITE_CONFIG)])
 def test_real_parameter_counts_match_diffusers(variant, config):
-    assert DCAEConfig.from_diffusers(config) == VARIANTS[variant]
+    assert config_from_diffusers(config) == VARIANTS[variant]
     with torch.device("meta"):
         ours = DCAE(VARIANTS[variant])
         ref = AutoencoderDC(**{k: v for k, v in config.items() if not k.startswith("_")})
@@ -132,7 +135,7 @@ def test_real_parameter_counts_match_diffusers(variant, config):
 
 def test_diffusers_config_round_trip():
     for v in VARIANTS:
-        assert DCAEConfig.from_diffusers(VARIANTS[v].to_diffusers()) == VARIANTS[v]
+        assert config_from_diffusers(diffusers_config(VARIANTS[v])) == VARIANTS[v]
 
 
 def test_tiled_apply_blends_exactly_for_pointwise_maps():
@@ -176,13 +179,13 @@ def test_tiled_close_to_untiled(tiny):
 
 def test_tile_plan_uses_fewest_smallest_tiles():
     for length, tile, overlap in ((128, 48, 8), (128, 32, 8), (64, 48, 8), (100, 33, 5), (7, 4, 2), (5, 8, 2)):
-        size, starts = dcae.tile_plan(length, tile, overlap)
+        size, starts = tiling.tile_plan(length, tile, overlap)
         n = len(starts)
         assert size <= tile and starts[0] == 0 and starts[-1] + size == length            # inside, covers the ends
         assert all(0 < b - a <= size - overlap for a, b in zip(starts, starts[1:]))     # no gap, shares >= overlap
         assert n == 1 or (n - 1) * (tile - overlap) + tile < length + tile - overlap      # n - 1 tiles would not do
         assert n == 1 or n * (size - 1) - (n - 1) * overlap < length                      # one px smaller would not
-    assert dcae.tile_plan(128, 48, 8) == (48, [0, 40, 80])  # 4096 px in 1536 px tiles sharing 256 px: 9 tiles
+    assert tiling.tile_plan(128, 48, 8) == (48, [0, 40, 80])  # 4096 px in 1536 px tiles sharing 256 px: 9 tiles
 
 
 def test_tiling_auto_forced_and_small_inputs(tiny, monkeypatch, caplog):
@@ -201,13 +204,13 @@ def test_tiling_auto_forced_and_small_inputs(tiny, monkeypatch, caplog):
         assert torch.equal(tiny.encode(img, tile_size=64, overlap=32, max_memory=need - 1),
                            tiny.encode(img, tiled=True, tile_size=64, overlap=32))
         assert torch.equal(tiny.encode(img, tile_size=64, overlap=32, max_memory=need), tiny.encoder(img))
-        monkeypatch.setattr(dcae, "free_memory", lambda device: need - 1)  # the device's free memory decides too
+        monkeypatch.setattr(tiling, "free_memory", lambda device: need - 1)  # the device's free memory decides too
         assert torch.equal(tiny.decode(z, tile_size=64, overlap=32), forced)
         # default tile: the largest (<= 2048 px) whose estimate fits the memory
         widths, depths = tiny.cfg.decoder_widths, tiny.cfg.decoder_depths
         fits = lambda px: peak_activation_bytes(widths, depths, px * px, z.dtype)
-        monkeypatch.setattr(dcae, "free_memory", lambda device: fits(96))
-        monkeypatch.setattr(dcae, "MIN_TILE", 32)
+        monkeypatch.setattr(tiling, "free_memory", lambda device: fits(96))
+        monkeypatch.setattr(tiling, "MIN_TILE", 32)
         with caplog.at_level("INFO", logger="sana_core.dcae"):
             assert torch.equal(tiny.decode(z), tiny.decode(z, tiled=True, tile_size=96, overlap=0))
         assert "96 px tiles" in caplog.text
@@ -218,15 +221,15 @@ def test_tiling_auto_forced_and_small_inputs(tiny, monkeypatch, caplog):
 
 
 def test_free_memory_and_estimates(monkeypatch):
-    assert 2**20 < dcae.free_memory(torch.device("cpu")) < 2**50  # MemAvailable here
+    assert 2**20 < tiling.free_memory(torch.device("cpu")) < 2**50  # MemAvailable here
     cuda = SimpleNamespace(type="cuda")
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (6 * 2**30, 80 * 2**30))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: 3 * 2**30)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: 1 * 2**30)
-    assert dcae.free_memory(cuda) == 8 * 2**30  # 6 free + (3 reserved - 1 allocated)
+    assert tiling.free_memory(cuda) == 8 * 2**30  # 6 free + (3 reserved - 1 allocated)
     monkeypatch.setattr(torch.mps, "recommended_max_memory", lambda: 12 * 2**30)
     monkeypatch.setattr(torch.mps, "current_allocated_memory", lambda: 5 * 2**30)
-    assert dcae.free_memory(SimpleNamespace(type="mps")) == 7 * 2**30
+    assert tiling.free_memory(SimpleNamespace(type="mps")) == 7 * 2**30
     c = VARIANTS[FULL]  # documented bf16 peaks of an untiled Sana decode: 7.1 GiB at 2048 px, 26.7 GiB at 4096 px
     for side, gib in ((2048, 7.1), (4096, 26.7)):
         est = peak_activation_bytes(c.decoder_widths, c.decoder_depths, side * side, torch.bfloat16) / 2**30
@@ -249,7 +252,7 @@ def test_oom_falls_back_to_tiles(tiny, monkeypatch):
 
         monkeypatch.setattr(tiny.decoder, "forward", forward)
         assert torch.equal(tiny.decode(z, tile_size=64, overlap=32), tiled)
-        monkeypatch.setattr(dcae, "MIN_TILE", 64)
+        monkeypatch.setattr(tiling, "MIN_TILE", 64)
         assert torch.equal(tiny.decode(z, tiled=True, tile_size=128, overlap=32), halved)  # tiles OOM: halved
 
         def tiny_forward(h, tick=lambda: None):  # nothing bigger than 1x1 fits: 1x1 tiles cost too much
@@ -348,7 +351,7 @@ def test_real_size_bf16_decode_error_no_larger_than_diffusers():
     cfg = VARIANTS["dc-ae-f32c32-sana-1.1"]
     ours = randomize_(DCAE(cfg), seed=1).eval()
     with torch.device("meta"):
-        ref = AutoencoderDC(**{k: v for k, v in cfg.to_diffusers().items() if not k.startswith("_")})
+        ref = AutoencoderDC(**{k: v for k, v in diffusers_config(cfg).items() if not k.startswith("_")})
     ref.load_state_dict(ours.state_dict(), assign=True)
     z = torch.randn(1, 32, 8, 8, generator=torch.Generator().manual_seed(1))
     rel = lambda a, b: ((a.float() - b).norm() / b.norm()).item()

@@ -15,13 +15,66 @@ from typing import Any
 
 import torch
 
-from ..dcae import DCAE, VARIANTS, DCAEConfig
+from ..dcae import BLOCKS, DCAE, VARIANTS, DCAEConfig
 from .files import (CheckpointError, PathLike, describe_keys, find_weights_file, load_strict,
                     read_json, read_state_dict, strip_prefixes)
 
 log = logging.getLogger(__name__)
 
 DIFFUSERS_ANCHOR, EFFICIENTVIT_ANCHOR = "decoder.conv_in.weight", "decoder.project_in.main.conv.weight"
+
+def config_from_diffusers(config: dict) -> DCAEConfig:
+    """Read a diffusers `AutoencoderDC` config.json; ValueError for options no Sana DC-AE uses."""
+    n = len(config["encoder_block_out_channels"])
+
+    def stages(key: str, default: Any = None) -> tuple:  # per-stage values; a string means all stages
+        v = config[key] if default is None else config.get(key, default)
+        return (v,) * n if isinstance(v, str) else tuple(tuple(s) if isinstance(s, list) else s for s in v)
+
+    norms, acts = set(stages("decoder_norm_types", "rms_norm")), set(stages("decoder_act_fns", "silu"))
+    if norms != {"rms_norm"} or len(acts) != 1:
+        raise ValueError(f"decoder_norm_types {sorted(norms)} / decoder_act_fns {sorted(acts)}: only RMSNorm and "
+                         "one activation for all stages are supported (as in every Sana DC-AE)")
+    if not (config.get("encoder_out_shortcut", True) and config.get("decoder_in_shortcut", True)):
+        raise ValueError("encoder_out_shortcut / decoder_in_shortcut = false is not supported (Sana uses both)")
+    enc_blocks, dec_blocks = stages("encoder_block_types"), stages("decoder_block_types")
+    return DCAEConfig(
+        in_channels=config["in_channels"], latent_channels=config["latent_channels"],
+        encoder_widths=stages("encoder_block_out_channels"), encoder_depths=stages("encoder_layers_per_block"),
+        encoder_blocks=enc_blocks, encoder_scales=_scales(enc_blocks, stages("encoder_qkv_multiscales")),
+        decoder_widths=stages("decoder_block_out_channels"), decoder_depths=stages("decoder_layers_per_block"),
+        decoder_blocks=dec_blocks, decoder_scales=_scales(dec_blocks, stages("decoder_qkv_multiscales")),
+        attention_head_dim=config.get("attention_head_dim", 32),
+        downsample="pixel_unshuffle" if config["downsample_block_type"] == "pixel_unshuffle" else "Conv",
+        upsample="interpolate" if config["upsample_block_type"] == "interpolate" else "pixel_shuffle",
+        decoder_act=acts.pop(), decoder_out_act=config.get("decoder_conv_act_fn", "relu"),
+        scaling_factor=config.get("scaling_factor", 1.0))
+
+def diffusers_config(cfg: DCAEConfig) -> dict:
+    """The config.json diffusers writes for this DC-AE."""
+    n = len(cfg.encoder_widths)
+    return {
+        "_class_name": "AutoencoderDC", "_diffusers_version": "0.32.0",
+        "in_channels": cfg.in_channels, "latent_channels": cfg.latent_channels,
+        "attention_head_dim": cfg.attention_head_dim,
+        "encoder_block_types": list(cfg.encoder_blocks), "decoder_block_types": list(cfg.decoder_blocks),
+        "encoder_block_out_channels": list(cfg.encoder_widths),
+        "decoder_block_out_channels": list(cfg.decoder_widths),
+        "encoder_layers_per_block": list(cfg.encoder_depths),
+        "decoder_layers_per_block": list(cfg.decoder_depths),
+        "encoder_qkv_multiscales": [list(s) for s in cfg.encoder_scales],
+        "decoder_qkv_multiscales": [list(s) for s in cfg.decoder_scales],
+        "upsample_block_type": cfg.upsample, "downsample_block_type": cfg.downsample,
+        "decoder_norm_types": ["rms_norm"] * n, "decoder_act_fns": [cfg.decoder_act] * n,
+        "encoder_out_shortcut": True, "decoder_in_shortcut": True,
+        "decoder_conv_act_fn": cfg.decoder_out_act, "scaling_factor": cfg.scaling_factor,
+    }
+
+
+def _scales(blocks: tuple[str, ...], scales: tuple) -> tuple[tuple[int, ...], ...]:
+    """Multi-scale kernel sizes, kept only for EfficientViT stages (ResBlocks have none)."""
+    return tuple(tuple(s) if b == BLOCKS[1] else () for b, s in zip(blocks, scales))
+
 
 #: efficientvit -> ours, applied in order to every key (ResidualBlock `main` and OpSequential `op_list` wrappers
 #: go; so does the ConvLayer `.conv` around each nn.Conv2d, except in resamplers where diffusers keeps one).
@@ -217,7 +270,7 @@ def load_dcae(path: PathLike, dtype: torch.dtype = torch.float32, device: torch.
         sd = from_efficientvit(sd)
     if config is not None and config.get("_class_name") == "AutoencoderDC":
         try:
-            cfg = DCAEConfig.from_diffusers(config)
+            cfg = config_from_diffusers(config)
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"{file.parent / 'config.json'}: unusable AutoencoderDC config "
                                   f"({type(e).__name__}: {e})") from e
