@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from peak import PeakTensors  # noqa: E402
 
 from sana_core.dit import VARIANTS, SanaDiT, activation_bytes  # noqa: E402
+from sana_core.precision import DTYPES  # noqa: E402
 
 MODELS = {"0.6b": "sana-0.6b", "1.6b": "sana-1.6b"}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def measure(cfg, px: int, batch: int, dtype: torch.dtype, device: str) -> int:

@@ -60,8 +60,10 @@ def main() -> None:
     p = parser(__doc__)
     p.add_argument("--steps", type=int, help="default: 20 (Sana), 1 (Sprint)")
     args = p.parse_args()
+    from sana_core import precision
+
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    text_encoder = gemma(device, torch.bfloat16 if dtype == torch.float16 else dtype, args.tiny)
+    text_encoder = gemma(device, precision.text_encoder_dtype(dtype, device), args.tiny)
     vae = dcae_pair(device, dtype, args.tiny)
     rows = [row for model in args.model for row in bench_model(model, args, text_encoder, vae)]
     report(f"end to end ({args.device}, {args.dtype})", rows, args.json)

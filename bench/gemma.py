@@ -20,10 +20,11 @@ def main() -> None:
     args = parser(__doc__).parse_args()
     from diffusers import SanaPipeline as Diffusers
 
+    from sana_core import precision
     from sana_core.text_encoder import SanaTextEncoder
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    model, tokenizer = gemma(device, torch.bfloat16 if dtype == torch.float16 else dtype, args.tiny)
+    model, tokenizer = gemma(device, precision.text_encoder_dtype(dtype, device), args.tiny)
     ours = SanaTextEncoder(model, tokenizer)
     theirs = Diffusers(tokenizer=tokenizer, text_encoder=model, vae=None, transformer=None, scheduler=None)
 

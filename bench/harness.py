@@ -31,9 +31,9 @@ from sana_core.checkpoints.dit import diffusers_config, nvlabs_to_diffusers
 from sana_core.dcae import DCAE, DCAEConfig
 from sana_core.dcae import VARIANTS as DCAE_VARIANTS
 from sana_core.dit import VARIANTS, DiTConfig, SanaDiT
+from sana_core.precision import DTYPES
 from sana_core.tiny import randomize_, tiny_dcae_config, tiny_dit_config
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MODELS = {"0.6b": "sana-0.6b", "1.6b": "sana-1.6b", "sprint-0.6b": "sana-sprint-0.6b",
           "sprint-1.6b": "sana-sprint-1.6b"}
 PROMPT = "a cyberpunk cat with a neon sign that says Sana, highly detailed, cinematic lighting"

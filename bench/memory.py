@@ -27,6 +27,7 @@ from harness import DTYPES, PROMPT, _rss_kib, dcae_config, dit_config, environme
 
 def child(model: str, size: int, args) -> dict:
     """One generation in this process; returns the peak memory and the time it took."""
+    from sana_core import precision
     from sana_core.dcae import DCAE
     from sana_core.dit import SanaDiT
     from sana_core.pipeline import SanaPipeline
@@ -34,7 +35,7 @@ def child(model: str, size: int, args) -> dict:
     from sana_core.tiny import randomize_
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    te_dtype = torch.bfloat16 if dtype == torch.float16 else dtype
+    te_dtype = precision.text_encoder_dtype(dtype, device)
     text_model, tokenizer = gemma(torch.device("cpu"), te_dtype, args.tiny)  # the pipeline places the models
     dit = randomize_(SanaDiT(dit_config(model, args.tiny), dtype=dtype), seed=0).eval()
     vae = randomize_(DCAE(dcae_config(args.tiny), encoder=False), seed=1).eval()

@@ -9,10 +9,11 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
+from ..sana_core import precision
 from .files import model_folders, resolve
 
 CATEGORY = "Sana"
-DTYPES = {"default": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = {"default": None, **precision.DTYPES}  # the dtype options of the loaders
 #: Subfolders of a diffusers pipeline folder that hold another component (not offered to a loader of this one).
 COMPONENTS = ("transformer", "text_encoder", "vae", "tokenizer", "scheduler")
 

@@ -31,6 +31,7 @@ from ..checkpoints.dit import load_dit
 from ..checkpoints.files import read_state_dict
 from ..checkpoints.gemma import load_text_encoder
 from ..dit import SanaBlock, SanaDiT
+from ..precision import DTYPES
 from ..spec import SANA, model_spec
 from . import data
 from .config import TrainConfig, dump
@@ -41,7 +42,6 @@ from .recipe import drop_captions, flow_loss, sample_u, sigmas_from_u
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install -r requirements-train.txt"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def require(module: str) -> Any:
