@@ -14,6 +14,7 @@ from . import precision
 from .controlnet import Control
 from .dit import SanaDiT
 from .samplers import Generators, cfg, default_noise_sampler, denoise_sigmas, flow_denoised, get_sampler, pag
+from .spec import SANA
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +63,9 @@ class SanaDenoiser:
     dit: SanaDiT
     cond: TextCondition
     uncond: TextCondition | None = None
-    guidance_scale: float = 4.5
+    guidance_scale: float = SANA.guidance_scale
     pag_scale: float = 0.0
-    pag_layers: tuple[int, ...] = (8,)
+    pag_layers: tuple[int, ...] = SANA.pag_layers
     truncate_timesteps: bool = True
     cudagraph_steps: bool = False
     controls: Sequence[Control] = ()
@@ -195,8 +196,8 @@ def latent_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return torch.nn.functional.interpolate(mask, size=size, mode="bilinear").clamp(0, 1)
 
 
-def sample(denoiser: SanaDenoiser, noise: torch.Tensor, sampler: str = "flow_dpmpp_2m", steps: int = 20,
-           shift: float = 3.0, denoise: float = 1.0, init: torch.Tensor | None = None,
+def sample(denoiser: SanaDenoiser, noise: torch.Tensor, sampler: str = SANA.sampler, steps: int = SANA.steps,
+           shift: float = SANA.shift, denoise: float = 1.0, init: torch.Tensor | None = None,
            generator: Generators = None, callback: Any = None, progress: bool = True,
            mask: torch.Tensor | None = None, **scm_times: float) -> torch.Tensor:
     """Run a sampler on the denoiser -> x0 (B, 32, h, w), in the DiT's (scaled) latent space.
