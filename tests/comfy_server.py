@@ -53,10 +53,10 @@ def start_setup() -> None:
         return
     dest = ROOT / ".comfyui"
     dest.mkdir(exist_ok=True)
-    log = dest / "setup.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(["bash", str(snapshot / "setup.sh"), str(dest), str(dest / "venv")], stdout=out,
-                                stderr=subprocess.STDOUT, cwd=ROOT)
+    log = dest / f"setup{os.environ.get('PYTEST_XDIST_WORKER', '')}.log"
+    with open(log, "w") as out:  # one build at a time (xdist workers each start one; the later ones reuse it)
+        proc = subprocess.Popen(["flock", str(dest / "setup.lock"), "bash", str(snapshot / "setup.sh"), str(dest),
+                                 str(dest / "venv")], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
     _setup = (proc, log)
 
 

@@ -1,8 +1,18 @@
-"""Shared test helpers, and the real ComfyUI of the host suite (`test_comfyui_*.py`, see comfy_server.py)."""
+"""Shared test helpers, and the real ComfyUI of the host suite (`test_comfyui_*.py`, see comfy_server.py).
+
+The suite runs on pytest-xdist workers (pyproject's addopts): each worker computes on its share of the cores
+(OMP_NUM_THREADS, inherited by the CLI and ComfyUI processes the tests start, so they compute as the tests do),
+and the host suite is one xdist group: one worker, one ComfyUI server, beside the unit tests.
+"""
+import os
 from types import SimpleNamespace
 
 import pytest
-import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # before torch is imported
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
+import torch  # noqa: E402
 
 
 @pytest.fixture
@@ -23,13 +33,16 @@ def recording_ops():
     return SimpleNamespace(Linear=Linear, Conv2d=Conv2d), made
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the group marks
 def pytest_collection_modifyitems(config, items):
-    """The host suite runs last, so that a ComfyUI build from the snapshot (started here, in the background)
-    overlaps the unit tests."""
+    """The host suite is one xdist group and runs last, so that a ComfyUI build from the snapshot (started here,
+    in the background) overlaps the unit tests."""
     host = [item for item in items if item.path.name.startswith("test_comfyui")]
     if host:
         import comfy_server
 
+        for item in host:
+            item.add_marker(pytest.mark.xdist_group("comfyui"))
         items[:] = [item for item in items if item not in host] + host
         if not config.option.collectonly:
             comfy_server.start_setup()
