@@ -133,3 +133,34 @@ def test_defaults_are_the_specs(pipe, monkeypatch):
     assert (calls["sampler"], calls["steps"], calls["shift"]) == (SANA.sampler, SANA.steps, SANA.shift)
     assert (d.guidance_scale, d.pag_scale, d.pag_layers, d.truncate_timesteps) == (4.5, 0.0, (8,), True)
     assert LATENT_SCALE == pipe.vae.cfg.scaling_factor
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_api_cli_and_nodes_pick_the_same_defaults(variant):
+    """For every variant, what the CLI fills in (`cli.resolve_defaults`) is what the API resolves
+    (`SanaPipeline._settings`): size, steps, sampler, shift, CFG, PAG; the nodes take the shift from the same
+    `model_spec` and their widget defaults from `SANA` (ComfyUI widgets cannot depend on the model: Sprint's steps
+    are set in its workflow)."""
+    from types import SimpleNamespace
+
+    from sana_core import cli
+
+    cfg = VARIANTS[variant]
+    model = SimpleNamespace(spec=model_spec(cfg), dit=SimpleNamespace(cfg=cfg))
+    args = cli.build_parser().parse_args(["--prompt", "a cat"])
+    jobs = cli.plan_jobs(cli.plan_images(cli.read_prompts(args), args), args)
+    cli.resolve_defaults(jobs, model)
+    got = jobs[0][0]
+    unset = dict.fromkeys(("height", "width", "steps", "guidance", "pag_layers", "seed", "sampler", "shift",
+                           "truncate", "max_timesteps", "intermediate_timesteps", "strength", "image", "mask",
+                           "latents", "chi"))
+    api = SanaPipeline._settings(model, ["a cat"], [""], **unset, pag_scale=0.0, use_chi=True, per_prompt=1,
+                                 binning=False, output_type="pil")
+    assert (got["height"], got["width"], got["steps"], got["sampler"], got["flow_shift"], got["guidance_scale"],
+            got["pag_scale"], tuple(got["pag_layers"])) == (
+        api.height, api.width, api.num_inference_steps, api.sampler, api.shift, api.guidance_scale, api.pag_scale,
+        api.pag_layers)
+    assert api.shift == model_spec(cfg).shift  # the nodes' model sampling (load_sana_model)
+    if "sprint" not in variant:  # SanaSampler / SanaScheduler / SanaPAG widget defaults
+        assert (SANA.steps, SANA.guidance_scale, SANA.pag_layers) == (api.num_inference_steps, api.guidance_scale,
+                                                                      api.pag_layers)
