@@ -7,19 +7,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 
+from .common import CheckpointError, Keep, PathLike
+from .gguf_files import read_gguf, tensor_names
+
 log = logging.getLogger(__name__)
-
-PathLike = str | os.PathLike
-Keep = Callable[[str], bool] | None  # which raw keys of a file to read (None: all)
-
-class CheckpointError(ValueError):
-    """A weight file that cannot be used: unreadable, truncated, or not the model that was expected."""
 
 
 #: Key fragments of the models that end up in the wrong loader, first match wins (for error messages).
@@ -155,8 +151,6 @@ def read_state_dict(path: PathLike, dtype: torch.dtype | None = None, keep: Keep
     if name.endswith((".pth", ".pt", ".ckpt", ".bin")):
         return _load_pickle(path, dtype, keep)
     if name.endswith(".gguf"):  # quantized tensors stay quantized (sana_core.quantized)
-        from .gguf_files import read_gguf
-
         return read_gguf(path, dtype, keep)
     raise CheckpointError(f"{path}: unknown weight file type; expected .safetensors, .pth, .pt, .ckpt, .bin, .gguf "
                           "or a shard .index.json")
@@ -176,8 +170,6 @@ def read_keys(path: PathLike) -> list[str]:
         except (SafetensorError, OSError, RuntimeError, ValueError) as e:
             raise CheckpointError(f"{path}: cannot read this .safetensors file ({e})") from e
     if path.name.lower().endswith(".gguf"):
-        from .gguf_files import tensor_names
-
         return tensor_names(path)
     return list(read_state_dict(path))
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..quantized import FLOAT_TYPES, SUPPORTED, QuantizedTensor, T, raw_shape
-from .files import CheckpointError, Keep, PathLike
+from .common import CheckpointError, Keep, PathLike
 
 log = logging.getLogger(__name__)
 
