@@ -181,7 +181,7 @@ def test_cli_controlnet_equals_pipe(folder, release, controlled, scribble, tmp_p
      "--control_scale: 2 values for 1 --controlnet"),
     (["--controlnet", "{release}", "--control_image", "missing.png"], "missing.png: no such file"),
     (["--controlnet", "{release}", "--control_image", "{hint}", "--control_start", "0.9", "--control_end", "0.1"],
-     "0 <= start <= end <= 1"),
+     "--control_start 0.9 is after --control_end 0.1"),
 ])
 def test_cli_bad_controlnet_flags(folder, release, scribble, tmp_path, capsys, flags, match):
     hint = tmp_path / "h.png"
