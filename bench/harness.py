@@ -54,7 +54,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-TINY_SIZE = 256  # px: the largest image of a --tiny run
+TINY_SIZE = 128  # px: the largest image of a --tiny run
 
 
 def sizes(args: argparse.Namespace) -> list[int]:

@@ -54,9 +54,13 @@ def start_setup() -> None:
     dest = ROOT / ".comfyui"
     dest.mkdir(exist_ok=True)
     log = dest / f"setup{os.environ.get('PYTEST_XDIST_WORKER', '')}.log"
-    with open(log, "w") as out:  # one build at a time (xdist workers each start one; the later ones reuse it)
-        proc = subprocess.Popen(["flock", str(dest / "setup.lock"), "bash", str(snapshot / "setup.sh"), str(dest),
-                                 str(dest / "venv")], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    # one build at a time (xdist workers each start one; the later ones reuse it), then the pack's own runtime
+    # requirements in ComfyUI's venv, as a user installs them
+    build = (f'bash "{snapshot / "setup.sh"}" "{dest}" "{dest / "venv"}" && '
+             f'"{dest / "venv" / "bin" / "pip"}" install -q -r "{ROOT / "requirements.txt"}"')
+    with open(log, "w") as out:
+        proc = subprocess.Popen(["flock", str(dest / "setup.lock"), "bash", "-c", build], stdout=out,
+                                stderr=subprocess.STDOUT, cwd=ROOT)
     _setup = (proc, log)
 
 
@@ -204,10 +208,14 @@ def serve(root: Path):
             proc.kill()
             pytest.fail(f"ComfyUI did not start: {(root / 'comfy.log').read_text()[-3000:]}")
         try:
-            if client.request("GET", "/object_info/SanaSampler")[0] == 200:
-                break
+            code, info = client.request("GET", "/object_info/SanaSampler")
         except OSError:
-            pass
+            code = None
+        if code == 200:
+            if not info:  # the server is up without our nodes: the pack failed to import
+                proc.kill()
+                pytest.fail(f"ComfyUI started without the Sana nodes: {(root / 'comfy.log').read_text()[-3000:]}")
+            break
         time.sleep(0.5)
     client.root, client.sana, client.sprint, client.deep = root, *folders.values()
     client.info = client.request("GET", "/object_info")[1]

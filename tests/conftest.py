@@ -1,18 +1,13 @@
 """Shared test helpers, and the real ComfyUI of the host suite (`test_comfyui_*.py`, see comfy_server.py).
 
-The suite runs on pytest-xdist workers (pyproject's addopts): each worker computes on its share of the cores
-(OMP_NUM_THREADS, inherited by the CLI and ComfyUI processes the tests start, so they compute as the tests do),
-and the host suite is one xdist group: one worker, one ComfyUI server, beside the unit tests.
+The suite runs on pytest-xdist workers (pyproject's addopts); the host suite is one xdist group: one worker,
+one ComfyUI server, beside the unit tests. Threads are left at torch's default everywhere, so the CLI and ComfyUI
+processes the tests start compute as the tests themselves do (bit-equality tests compare them).
 """
-import os
 from types import SimpleNamespace
 
 import pytest
-
-if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):  # before torch is imported
-    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
-
-import torch  # noqa: E402
+import torch
 
 
 @pytest.fixture

@@ -346,14 +346,15 @@ def test_broken_files(files, tmp_path):
 
 
 def test_real_size_bf16_decode_error_no_larger_than_diffusers():
-    """The real Sana DC-AE, random weights, a 256px decode: our bf16 error against our fp32 decode is no larger
-    than diffusers' bf16 error against theirs (measured 0.0163/0.0146/0.0182 vs 0.0166/0.0145/0.0180, 3 seeds)."""
+    """The real Sana DC-AE, random weights, a 64px decode: our bf16 error against our fp32 decode is no larger
+    than diffusers' bf16 error against theirs (measured at 256 px: 0.0163/0.0146/0.0182 vs 0.0166/0.0145/0.0180,
+    3 seeds; the size only sets how many pixels the same per-layer rounding is measured on)."""
     cfg = VARIANTS["dc-ae-f32c32-sana-1.1"]
     ours = randomize_(DCAE(cfg), seed=1).eval()
     with torch.device("meta"):
         ref = AutoencoderDC(**{k: v for k, v in diffusers_config(cfg).items() if not k.startswith("_")})
     ref.load_state_dict(ours.state_dict(), assign=True)
-    z = torch.randn(1, 32, 8, 8, generator=torch.Generator().manual_seed(1))
+    z = torch.randn(1, 32, 2, 2, generator=torch.Generator().manual_seed(1))
     rel = lambda a, b: ((a.float() - b).norm() / b.norm()).item()
     with torch.no_grad():
         exact, exact_ref = ours.decode(z, tiled=False), ref.eval().decode(z).sample

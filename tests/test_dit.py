@@ -133,18 +133,19 @@ def test_sprint_needs_guidance():
 
 
 def test_real_size_06b_bf16_forward_matches_diffusers():
-    """The real 0.6B architecture (28 blocks, width 1152), random weights, bf16 on CPU: ours and diffusers agree,
-    and our bf16 error against an fp32 reference is no larger than diffusers' own."""
+    """The real 0.6B block (width 1152, its heads and MLP), four of them, random weights, bf16 on CPU: ours and
+    diffusers agree, and our bf16 error against an fp32 reference is no larger than diffusers' own. (Four blocks,
+    not 28: bf16 matmuls are emulated on this CPU; the rounding checked is per layer.)"""
     from sana_core.dit import VARIANTS
 
-    cfg = VARIANTS["sana-0.6b"]
+    cfg = replace(VARIANTS["sana-0.6b"], depth=4)
     ours = randomize_(SanaDiT(cfg, dtype=torch.bfloat16), seed=9).eval()
     ref = diffusers_twin(ours).to(torch.bfloat16)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 32, 8, 8, generator=g)  # a 256px image
-    ctx = torch.randn(2, 300, 2304, generator=g)
-    mask = torch.zeros(2, 300, dtype=torch.int64)
-    mask[0, :40], mask[1, :300] = 1, 1
+    ctx = torch.randn(2, 100, 2304, generator=g)  # 100 caption rows (300 in use): the K/V projections dominate
+    mask = torch.zeros(2, 100, dtype=torch.int64)
+    mask[0, :40], mask[1, :100] = 1, 1
     t = torch.tensor([999.0, 250.0])
     with torch.no_grad():
         got = ours(x, t, ctx, mask).float()
