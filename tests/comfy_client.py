@@ -12,7 +12,6 @@ import urllib.error
 import urllib.request
 import uuid
 
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 VIRTUAL = {"Note", "MarkdownNote", "Reroute"}
 
 
@@ -63,23 +62,24 @@ def error_of(entry: dict) -> dict | None:
 
 
 def widget_names(node_def: dict) -> list[tuple[str, int]]:
-    """[(input name, number of stored widget values)] in the order the frontend stores widgets_values."""
-    out = []
-    for group in ("required", "optional"):
-        specs = node_def["input"].get(group, {})
-        for name in node_def.get("input_order", {}).get(group) or list(specs):
-            kind, opts = specs[name][0], (specs[name][1] if len(specs[name]) > 1 else {})
-            if not (isinstance(kind, list) or kind in WIDGET_TYPES) or opts.get("forceInput"):
-                continue
-            n = 1
-            if kind == "INT" and opts.get("control_after_generate", name in ("seed", "noise_seed")):
-                n = 2
-            elif (isinstance(kind, list) or kind == "COMBO") and opts.get("control_after_generate"):
-                n = 3
-            if opts.get("image_upload"):
-                n += 1
-            out.append((name, n))
-    return out
+    """[(input name, number of stored widget values)] in the order the frontend stores widgets_values (the same
+    layout workflows/build.py writes)."""
+    return [(name, n) for name, n, _ in workflow_builder().widget_layout(node_def)]
+
+
+def workflow_builder():
+    """workflows/build.py, the one definition of the widget layout."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if "sana_workflow_build" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("sana_workflow_build",
+                                                      Path(__file__).resolve().parents[1] / "workflows" / "build.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[spec.name] = module
+    return sys.modules["sana_workflow_build"]
 
 
 def to_api(workflow: dict, object_info: dict) -> dict:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from comfy_client import error_of, to_api
+from comfy_client import error_of, to_api, workflow_builder
 from comfy_server import MASKED, ROOT, SMALL, T2I, WORKFLOWS, add, node, prepare, prompt_texts, run_images, save, saved_images, unavailable
 
 
@@ -658,11 +658,7 @@ def test_trained_lora_in_the_node_equals_the_engine(server):
 def test_bundled_workflows_are_built_from_the_node_schemas(server):
     """Every bundled workflow is what workflows/build.py makes from the running host's node schemas (sockets,
     outputs, widget order): a renamed or retyped input fails here. SANA_WRITE_WORKFLOWS=1 rewrites the files."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("sana_workflow_build", ROOT / "workflows" / "build.py")
-    build = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build)
+    build = workflow_builder()
     if os.environ.get("SANA_WRITE_WORKFLOWS"):
         build.write(server.info)
     assert sorted(f"{name}.json" for name in build.WORKFLOWS) == [w.name for w in WORKFLOWS]
