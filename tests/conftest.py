@@ -49,3 +49,22 @@ def server(tmp_path_factory):
     import comfy_server
 
     yield from comfy_server.serve(tmp_path_factory.mktemp("comfy"))
+
+
+_FILE_SECONDS: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    """Sums setup + call + teardown time per test file (reports from xdist workers arrive here too)."""
+    path = report.nodeid.split("::")[0]
+    _FILE_SECONDS[path] = _FILE_SECONDS.get(path, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Test time per file, largest first: the CI time budget's ledger (the sum is CPU-worker time, not wall time)."""
+    if not _FILE_SECONDS:
+        return
+    terminalreporter.section("seconds per test file")
+    for path, seconds in sorted(_FILE_SECONDS.items(), key=lambda kv: -kv[1]):
+        terminalreporter.write_line(f"{seconds:8.1f}  {path}")
+    terminalreporter.write_line(f"{sum(_FILE_SECONDS.values()):8.1f}  (all files, summed over workers)")
