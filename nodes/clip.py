@@ -4,7 +4,8 @@ Sana encodes a positive prompt after its complex human instruction (CHI) and a n
 node does not know which side it will be wired to. So the conditioning carries both: its tensor is the CHI
 encoding (300 tokens, with `attention_mask`), and `SANA_PLAIN` holds the plain encoding, which `SanaModel` uses
 when the conditioning is sampled as a negative (`negative_side`), unless a node changed the tensor since (then
-the changed tensor is used as it is, with a warning).
+the changed tensor is used as it is, with a warning). SanaGemmaTextEncode (role set by hand) carries its one
+encoding on both sides. Core ConditioningAverage / ConditioningConcat combine both sides (`conditioning.install`).
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ import torch
 
 log = logging.getLogger(__name__)
 TOKENS = "sana_gemma"       # the tokenizer output's key: one "token" per prompt, the text itself (Sana reads text)
-SANA_PLAIN = "sana_plain"   # conditioning key: (embeds [1, 300, D], mask [1, 300]) without the instruction
-SANA_CHI = "sana_chi"       # conditioning key: the CHI embeds as encoded, to tell whether a node changed them
+SANA_PLAIN = "sana_plain"   # conditioning key: the negative side (embeds [1, 300, D], mask [1, 300]): plain encoding
+SANA_CHI = "sana_chi"       # conditioning key: the tensor as encoded, to tell whether a node changed it
 WEIGHTED = re.compile(r"\([^()]*:\s*-?[0-9.]+\s*\)")  # ComfyUI's (words:1.2) emphasis
 
 
@@ -103,9 +104,24 @@ def negative_side(kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
     context, mask, plain, chi = (kwargs.get(k) for k in ("cross_attn", "attention_mask", SANA_PLAIN, SANA_CHI))
     if plain is None or context is None:
         return context, mask
-    if context is chi or (context.shape == chi.shape and torch.equal(context.to(chi.device), chi)):
+    if _as_encoded(context, chi):
         return plain
     log.warning("Sana: a negative prompt from a CLIP text node was changed by another node after encoding (e.g. "
-                "ConditioningZeroOut, ConditioningConcat); it is used as changed, so any text in it keeps the complex "
+                "ConditioningZeroOut); it is used as changed, so any text in it keeps the complex "
                 "human instruction that Sana gives positive prompts only")
     return context, mask
+
+
+def encoded_sides(embeds: torch.Tensor, extras: dict) -> tuple[tuple, tuple] | None:
+    """((embeds, mask) as a positive, (embeds, mask) as a negative) of a conditioning entry (tensor, dict) from a
+    Sana text node that no node changed since: embeds (B, T, D), masks (B, T). None for any other entry."""
+    plain, chi, mask = (extras.get(k) for k in (SANA_PLAIN, SANA_CHI, "attention_mask"))
+    if plain is None or mask is None or mask.shape[-1] != embeds.shape[1] or not _as_encoded(embeds, chi):
+        return None
+    return (embeds, mask), plain
+
+
+def _as_encoded(context: torch.Tensor, chi: torch.Tensor | None) -> bool:
+    """Whether a conditioning tensor is still the one its text node encoded (`SANA_CHI`)."""
+    return chi is not None and (context is chi or (context.shape == chi.shape
+                                                   and torch.equal(context.to(chi.device), chi)))

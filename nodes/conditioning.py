@@ -1,6 +1,12 @@
-"""Prompt -> CONDITIONING with Gemma-2 and an explicit role (core CLIPTextEncode works too: see clip.py)."""
+"""Prompt -> CONDITIONING with Gemma-2 and an explicit role (core CLIPTextEncode works too: see clip.py), and core's
+conditioning nodes that combine two prompts' tensors (ConditioningAverage, ConditioningConcat) made to combine
+Sana's attention masks and negative sides too (`install`)."""
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
+import torch
 from comfy_api.latest import io
 
 from .common import CATEGORY
@@ -29,9 +35,71 @@ class SanaGemmaTextEncode(io.ComfyNode):
     def execute(cls, gemma, text: str, role: str, complex_human_instruction: bool = True) -> io.NodeOutput:
         import comfy.model_management as mm
 
-        from .clip import text_encoder
+        from .clip import SANA_CHI, SANA_PLAIN, text_encoder
 
         encoder = text_encoder(gemma, "SanaGemmaTextEncode")
         embeds, mask = encoder.encode([text], use_chi=role == "positive" and complex_human_instruction)
         out = mm.intermediate_device()
-        return io.NodeOutput([[embeds.to(out), {"attention_mask": mask.to(out)}]])
+        embeds, mask = embeds.to(out), mask.to(out)  # the same encoding on both sides: the role is set here
+        return io.NodeOutput([[embeds, {"attention_mask": mask, SANA_PLAIN: (embeds, mask), SANA_CHI: embeds}]])
+
+
+def install() -> None:
+    """Core ConditioningAverage and ConditioningConcat on two Sana text encodings: core's own math on the tensors,
+    and the same combination of their attention masks and of their negative sides (the plain encodings
+    `SanaModel` samples negatives with). An average at strength 1 / 0 is then each prompt (core keeps the first
+    prompt's mask only: at 0 the second prompt's tokens were cut or padding attended), 0.5 the average of their
+    tokens wherever either has one; a concat attends both prompts' tokens as a positive and as a negative.
+    Other conditionings go to core unchanged. Wraps the two node methods once (the same classes on 0.3.64 and
+    0.38)."""
+    import nodes
+
+    for cls, method, masks in ((nodes.ConditioningAverage, "addWeighted", _average_masks),
+                               (nodes.ConditioningConcat, "concat", _concat_masks)):
+        core = getattr(cls, method)
+        if not getattr(core, "sana", False):
+            setattr(cls, method, _with_sana_sides(core, masks))
+
+
+def _with_sana_sides(core: Callable, combine_masks: Callable) -> Callable:
+    """Core's method `core(self, conditioning_to, conditioning_from, **widgets)`, whose entries of two Sana text
+    encodings also get the combined masks (`combine_masks(to_mask, from_mask, tokens, **widgets)`) and negative
+    sides (core's method on the plain encodings)."""
+    from .clip import SANA_CHI, SANA_PLAIN, encoded_sides
+
+    @functools.wraps(core)
+    def method(self, conditioning_to: list, conditioning_from: list, **widgets: object) -> tuple[list]:
+        (out,) = core(self, conditioning_to=conditioning_to, conditioning_from=conditioning_from, **widgets)
+        source = encoded_sides(*conditioning_from[0]) if conditioning_from else None
+        if source is None:
+            return (out,)
+        combined = []
+        for (embeds, extras), (tensor, new) in zip(conditioning_to, out):
+            target = encoded_sides(embeds, extras)
+            if target is not None:
+                (_, to_mask), (to_plain, to_plain_mask) = target
+                (_, from_mask), (from_plain, from_plain_mask) = source
+                ((plain, _),) = core(self, conditioning_to=[[to_plain, {}]], conditioning_from=[[from_plain, {}]],
+                                     **widgets)[0]
+                new = {**new, "attention_mask": combine_masks(to_mask, from_mask, tensor.shape[1], **widgets),
+                       SANA_PLAIN: (plain, combine_masks(to_plain_mask, from_plain_mask, plain.shape[1], **widgets)),
+                       SANA_CHI: tensor}
+            combined.append([tensor, new])
+        return (combined,)
+
+    method.sana = True
+    return method
+
+
+def _average_masks(to: torch.Tensor, source: torch.Tensor, tokens: int,
+                   conditioning_to_strength: float) -> torch.Tensor:
+    """The mask (B, tokens) of core's average s * to + (1 - s) * from (from cut or zero-padded to `tokens`): a
+    token is attended where a prompt with a non-zero weight has one."""
+    source = torch.nn.functional.pad(source[:, :tokens], (0, max(0, tokens - source.shape[1]))).to(to.device)
+    keep = (to.bool() & (conditioning_to_strength > 0)) | (source.bool() & (conditioning_to_strength < 1))
+    return keep.to(to.dtype)
+
+
+def _concat_masks(to: torch.Tensor, source: torch.Tensor, tokens: int) -> torch.Tensor:
+    """The mask (B, tokens) of core's concat [to | from] along the tokens."""
+    return torch.cat([to, source.to(to)], dim=1)

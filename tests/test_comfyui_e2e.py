@@ -717,19 +717,125 @@ def test_model_merge_at_0_and_1_equals_each_model(server):
     assert np.abs(got["ratio_0"] - got["second"]).max() <= 1
 
 
-def test_conditioning_concat_uses_both_prompts(server):
-    """ConditioningConcat of two CLIPTextEncode prompts differs from its first prompt alone (the second one's
-    tokens used to be dropped)."""
-    p = prepare(server, T2I)
-    sampler, vae = node(p, "SanaSampler"), node(p, "SanaDCAELoader")
-    pos = p[sampler]["inputs"]["positive"]
-    other = add(p, "other", "CLIPTextEncode", clip=[node(p, "SanaGemmaLoader"), 0], text="a blue bird on a wire")
-    joined = add(p, "concat", "ConditioningConcat", conditioning_to=pos, conditioning_from=other)
-    latent = add(p, "sample_concat", "SanaSampler", **{**p[sampler]["inputs"], "positive": joined})
-    save(p, "concat", add(p, "decode_concat", "VAEDecode", samples=latent, vae=[vae, 0]))
+def _sampled(p: dict, name: str, **inputs) -> None:
+    """A copy of the prompt's SanaSampler with `inputs` changed, decoded and saved as `name`."""
+    sampler = node(p, "SanaSampler")
+    latent = add(p, f"sample_{name}", "SanaSampler", **{**p[sampler]["inputs"], **inputs})
+    save(p, name, add(p, f"decode_{name}", "VAEDecode", samples=latent, vae=[node(p, "SanaDCAELoader"), 0]))
+
+
+def _engine_image(pipe, steps: int, **kwargs) -> np.ndarray:
+    """The engine's image (H, W, 3) int16 0..255 at the test size, seed 42 (SanaSampler's in `prepare`)."""
+    out = pipe(seed=42, num_inference_steps=steps, width=SMALL[0], height=SMALL[1], output_type="pt", progress=False,
+               **kwargs)
+    return (out[0].permute(1, 2, 0).numpy() * 255).astype(np.int16)
+
+
+def _two_prompts(server, steps: int) -> tuple[dict, dict, dict]:
+    """The text-to-image prompt, its {"positive", "negative"} texts, and a second pair encoded by core
+    CLIPTextEncode (positive) and SanaGemmaTextEncode (negative) of other lengths, as {"pos", "neg"} links."""
+    p = prepare(server, T2I, steps=steps)
+    clip = [node(p, "SanaGemmaLoader"), 0]
+    texts = prompt_texts(p)
+    second = {"positive": "a bird", "negative": "grainy, dull colours, cropped, duplicate, out of frame"}
+    links = {"pos": add(p, "pos_b", "CLIPTextEncode", clip=clip, text=second["positive"]),
+             "neg": add(p, "neg_b", "SanaGemmaTextEncode", gemma=clip, text=second["negative"], role="negative")}
+    return p, {"a": texts, "b": second}, links
+
+
+def test_conditioning_concat_and_average_equal_the_engine_on_both_sides(server):
+    """ConditioningConcat / ConditioningAverage of two Sana prompts mean what they mean for core models, as a
+    positive (complex-human-instruction encodings) and as a negative (plain encodings) alike: concat = the engine
+    given both prompts' tokens (both masks); average at strength 1 / 0 = each prompt's image, at 0.5 = the engine
+    given the averaged tokens, attended wherever either prompt has one (core kept the first prompt's mask only)."""
+    from sana_core.pipeline import SanaPipeline
+
+    p, texts, b = _two_prompts(server, steps=2)
+    sampler = node(p, "SanaSampler")
+    pos, neg = p[sampler]["inputs"]["positive"], p[sampler]["inputs"]["negative"]
+    cat = lambda name, to, source: add(p, name, "ConditioningConcat", conditioning_to=to, conditioning_from=source)
+    avg = lambda name, to, source, s: add(p, name, "ConditioningAverage", conditioning_to=to,
+                                          conditioning_from=source, conditioning_to_strength=s)
+    _sampled(p, "concat", positive=cat("cat_pos", pos, b["pos"]), negative=cat("cat_neg", neg, b["neg"]))
+    _sampled(p, "b", positive=b["pos"], negative=b["neg"])
+    _sampled(p, "at_1", positive=avg("avg_1", pos, b["pos"], 1.0), negative=avg("avg_1n", neg, b["neg"], 1.0))
+    _sampled(p, "at_0", positive=avg("avg_0", pos, b["pos"], 0.0), negative=avg("avg_0n", neg, b["neg"], 0.0))
+    _sampled(p, "half", positive=avg("avg_h", pos, b["pos"], 0.5), negative=avg("avg_hn", neg, b["neg"], 0.5))
     got = run_images(server, p)
-    first = next(v for k, v in got.items() if k != "concat")
-    assert np.abs(got["concat"] - first).mean() > 1
+    a = got[node(p, "SaveImage")]
+    assert np.abs(got["at_1"] - a).max() == 0 and np.abs(got["at_0"] - got["b"]).max() == 0
+    assert np.abs(a - got["b"]).mean() > 5
+    pipe = SanaPipeline.from_pretrained(server.sana, torch_dtype=torch.float32, device="cpu")
+    (ca, ua), (cb, ub) = (pipe.encode_prompt([t["positive"]], [t["negative"]]) for t in texts.values())
+    assert ca.mask.sum() != cb.mask.sum() and ua.mask.sum() != ub.mask.sum()  # the masks matter
+    joined = _engine_image(pipe, 2, prompt_embeds=torch.cat([ca.embeds, cb.embeds], 1),
+                           prompt_attention_mask=torch.cat([ca.mask, cb.mask], 1),
+                           negative_prompt_embeds=torch.cat([ua.embeds, ub.embeds], 1),
+                           negative_prompt_attention_mask=torch.cat([ua.mask, ub.mask], 1))
+    assert np.abs(got["concat"] - joined).max() <= 1
+    averaged = _engine_image(pipe, 2, prompt_embeds=(ca.embeds + cb.embeds) / 2, prompt_attention_mask=ca.mask | cb.mask,
+                             negative_prompt_embeds=(ua.embeds + ub.embeds) / 2,
+                             negative_prompt_attention_mask=ua.mask | ub.mask)
+    assert np.abs(got["half"] - averaged).max() <= 1
+    assert "was changed by another node" not in (server.root / "comfy.log").read_text()
+
+
+def _engine_mixture(pipe, conds: list, weight, steps: int) -> np.ndarray:
+    """The engine's image when each step's prediction is the mean of the CFG predictions of `conds` (the engine's
+    (cond, uncond) pairs) weighted per latent pixel by weight(i, sigma) (a number or (1, 1, h, w)): ComfyUI's
+    meaning of several conditionings on one side (combined, masked, timestep ranges) with one negative."""
+    from unittest import mock
+
+    import sana_core.pipeline as engine
+
+    single = engine.SanaDenoiser
+
+    def mixture(dit, cond, uncond, *args, **kwargs):
+        parts = [single(dit, c, u, *args, **kwargs) for c, u in conds]
+
+        def denoise(x, sigma, **extra):
+            w = [weight(i, float(torch.as_tensor(sigma).reshape(-1)[0])) for i in range(len(parts))]
+            return sum(wi * d(x, sigma, **extra) for wi, d in zip(w, parts)) / sum(w)
+
+        denoise.schedule_controls = lambda sigmas: [d.schedule_controls(sigmas) for d in parts]
+        denoise.check_finite = lambda: [d.check_finite() for d in parts]
+        return denoise
+
+    with mock.patch.object(engine, "SanaDenoiser", mixture):  # the prompt given is replaced by `conds`
+        return _engine_image(pipe, steps, prompt="unused")
+
+
+def test_combined_masked_and_timestep_ranged_prompts_equal_the_engine(server):
+    """ConditioningCombine of two prompts = the mean of their predictions; ConditioningSetMask on each (left half /
+    its InvertMask) = the left half follows prompt A, the rest prompt B; ConditioningSetTimestepRange [0, 0.5] /
+    [0.5, 1] = prompt A on the steps above sigma 0.75 (shift 3), B below: each equals the engine mixing the two
+    prompts' predictions that way."""
+    from sana_core.pipeline import SanaPipeline
+
+    p, texts, b = _two_prompts(server, steps=3)
+    pos = p[node(p, "SanaSampler")]["inputs"]["positive"]
+    combine = lambda name, one, two: add(p, name, "ConditioningCombine", conditioning_1=one, conditioning_2=two)
+    w, h = SMALL
+    left = add(p, "left", "MaskComposite", destination=add(p, "zeros", "SolidMask", value=0.0, width=w, height=h),
+               source=add(p, "ones", "SolidMask", value=1.0, width=w // 2, height=h), x=0, y=0, operation="add")
+    masked = [add(p, f"mask_{i}", "ConditioningSetMask", conditioning=c, mask=m, strength=1.0, set_cond_area="default")
+              for i, (c, m) in enumerate(((pos, left), (b["pos"], add(p, "right", "InvertMask", mask=left))))]
+    ranged = [add(p, f"range_{i}", "ConditioningSetTimestepRange", conditioning=c, start=start, end=end)
+              for i, (c, start, end) in enumerate(((pos, 0.0, 0.5), (b["pos"], 0.5, 1.0)))]
+    _sampled(p, "combined", positive=combine("both", pos, b["pos"]))
+    _sampled(p, "masked", positive=combine("both_masked", *masked))
+    _sampled(p, "ranged", positive=combine("both_ranged", *ranged))
+    got = run_images(server, p)
+    m = torch.zeros(1, 1, h // 32, w // 32)
+    m[..., : w // 64] = 1  # the left half at latent size
+    half = 0.75  # ModelSamplingDiscreteFlow.percent_to_sigma(0.5) at shift 3: 3 t / (1 + 2 t), t = 1 - 0.5
+    pipe = SanaPipeline.from_pretrained(server.sana, torch_dtype=torch.float32, device="cpu")
+    conds = [pipe.encode_prompt([texts[k]["positive"]], [texts["a"]["negative"]]) for k in ("a", "b")]
+    weights = {"combined": lambda i, s: 1.0, "masked": lambda i, s: (m, 1 - m)[i],
+               "ranged": lambda i, s: float(s >= half) if i == 0 else float(s <= half)}
+    for name, weight in weights.items():
+        assert np.abs(got[name] - _engine_mixture(pipe, conds, weight, steps=3)).max() <= 1, name
+        assert np.abs(got[name] - got[node(p, "SaveImage")]).mean() > 5, name  # prompt B acts
 
 
 def test_core_empty_latent_gives_the_size_asked(server):
