@@ -23,7 +23,6 @@ import comfy.supported_models_base
 import torch
 
 from ..sana_core.checkpoints.dit import load_dit
-from ..sana_core.denoiser import trim_padding
 from ..sana_core.dit import SanaDiT, activation_bytes
 from ..sana_core.spec import LATENT_SCALE, SPRINT, model_spec
 from ..sana_core.previews import LATENT_RGB_BIAS, LATENT_RGB_FACTORS
@@ -93,8 +92,6 @@ class ComfySanaDiT(SanaDiT):
         self._call_dtype = x.dtype
         layers = tuple(options.get(PAG_LAYERS, ()))
         pag_batch = torch.ones(x.shape[0], dtype=torch.bool, device=x.device) if layers else None
-        if attention_mask is not None:
-            context, attention_mask = trim_padding(context, attention_mask)
         nets = [c.net for c in control or ()]
         for net in nets:
             net.compute = self.compute_dtype                   # the branch computes as the DiT does
@@ -103,10 +100,11 @@ class ComfySanaDiT(SanaDiT):
                 if hasattr(m, "comfy_cast_weights"):                              # resets it when it unpatches
                     m.comfy_cast_weights = True
         cache, dtype = options.get(TEXT_KV), self.compute_dtype
-        kv = cache.get(self, dtype, context, attention_mask, lambda: self.text_kv(context)) if cache else None
+        kv = cache.get(self, dtype, context, attention_mask,
+                       lambda: self.text_kv(context, attention_mask)) if cache else None
         controls = [replace(c, text_kv=cache.get(c.net, dtype, context, attention_mask,
-                                                 lambda net=c.net: net.text_kv(context, self)) if cache else None)
-                    for c in control or ()]
+                                                 lambda net=c.net: net.text_kv(context, self, attention_mask))
+                            if cache else None) for c in control or ()]
         return super().forward(x.to(self.compute_dtype), timestep, context, attention_mask, guidance, layers,
                                pag_batch, text_kv=kv, controls=controls)
 

@@ -4,14 +4,13 @@ and the checks they make. `model.py` holds the MODEL itself and its loader."""
 from __future__ import annotations
 
 import logging
-from typing import Callable
-
 import comfy.model_patcher
 import comfy.model_sampling
 import comfy.samplers
 import torch
 
 from ..sana_core import precision
+from ..sana_core.denoiser import TextKVCache
 from ..sana_core.dit import SanaDiT
 
 log = logging.getLogger(__name__)
@@ -25,25 +24,6 @@ def check_flow(model_sampling: object) -> None:
         raise ValueError(f"Sana is a flow-matching model, but its model sampling was replaced by "
                          f"{type(model_sampling).__name__} (a ModelSamplingDiscrete/Continuous node?); change the "
                          "shift with ModelSamplingSD3 or ModelSamplingAuraFlow instead")
-
-
-class TextKVCache:
-    """Every block's text keys/values for the captions of one sampling run (ComfyUI re-concatenates the same
-    captions every step), for the DiT and each ControlNet. Keyed by the model and the captions' content; cleared
-    when the run ends, so LoRA or weight changes between runs are never served stale values."""
-
-    def __init__(self, size: int = 8):
-        self.size, self.entries = size, []  # [(model, context, mask, dtype, kv)]
-
-    def get(self, model: torch.nn.Module, dtype: torch.dtype, context: torch.Tensor, mask: torch.Tensor | None,
-            compute: Callable[[], list]) -> list:
-        for o, c, m, d, kv in self.entries:
-            if o is model and d == dtype and c.shape == context.shape and torch.equal(c, context) and (
-                    m is mask or (m is not None and mask is not None and torch.equal(m, mask))):
-                return kv
-        kv = compute()
-        self.entries = [(model, context, mask, dtype, kv)] + self.entries[: self.size - 1]
-        return kv
 
 
 def sana_pure_noise(executor, guider, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .dit import BaseState, DiTConfig, DiTInputs, SanaBlock, SanaDiT, caption_kv
+from .dit import BaseState, DiTConfig, DiTInputs, SanaBlock, SanaDiT, TextGroups, caption_kv
 
 DEPTH = 7  # copied blocks in every released Sana ControlNet
 Order = Literal["nvlabs", "diffusers"]
@@ -92,21 +92,20 @@ class SanaControlNet(DiTInputs):
         owner = dit if self.order == "nvlabs" else self
         return owner.embed_text(context.to(owner.compute_dtype))
 
-    def text_kv(self, context: torch.Tensor, dit: SanaDiT, mask: torch.Tensor | None = None) -> list:
-        """Every copied block's cross-attention keys and values for context (B, T, 2304) (grouped by caption
-        length with a `mask`, as `SanaDiT.text_kv`), to compute once per sampling run and pass as
-        `Control.text_kv`."""
+    def text_kv(self, context: torch.Tensor, dit: SanaDiT, mask: torch.Tensor | None = None) -> list[TextGroups]:
+        """Every copied block's cross-attention keys and values for context (B, T, 2304) and its `mask` (as
+        `SanaDiT.text_kv`), to compute once per sampling run and pass as `Control.text_kv`."""
         return caption_kv([block.copied_block.cross_attn for block in self.controlnet],
                           lambda c: self.embed_caption(c, dit), context, mask)
 
     def residuals(self, hint: torch.Tensor, base: BaseState,
-                  text_kv: list | None = None) -> list[torch.Tensor]:
+                  text_kv: list[TextGroups] | None = None) -> list[torch.Tensor]:
         """hint: (B, 32, H, W) control latent (scaled, as the DiT's latent). Returns one (B, N, C) residual per
         copied block, unscaled; residual k joins the output of base block `first_block + k`."""
         if text_kv is None:
             if base.context is None:
                 raise ValueError("a ControlNet needs the caption (context) or its text keys/values (text_kv)")
-            text_kv = self.text_kv(base.context, base.dit)
+            text_kv = self.text_kv(base.context, base.dit, base.context_mask)
         if self.order == "nvlabs":
             x, t6 = base.block0, base.t6
             c = base.dit.x_embedder.proj(hint.to(x.dtype)).flatten(2).mT         # the base's own patch embedding
@@ -116,7 +115,7 @@ class SanaControlNet(DiTInputs):
             t6 = self.modulation(base.timestep, x.shape[0], x.device)[1]
         out = []
         for i, (block, kv) in enumerate(zip(self.controlnet, text_kv)):
-            c = block.copied_block(x + block.before_proj(c) if i == 0 else c, kv, t6, base.bias, base.hw)
+            c = block.copied_block(x + block.before_proj(c) if i == 0 else c, kv, t6, base.hw)
             out.append(block.after_proj(c))
         return out
 
@@ -133,7 +132,7 @@ class Control:
     scale: float = 1.0
     start: float = 0.0
     end: float = 1.0
-    text_kv: list | None = None
+    text_kv: list[TextGroups] | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.start <= self.end <= 1.0:

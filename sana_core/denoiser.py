@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -31,14 +31,30 @@ class TextCondition:
         return TextCondition(self.embeds.repeat_interleave(n, 0), self.mask.repeat_interleave(n, 0))
 
 
-def trim_padding(embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop the caption rows after the longest prompt when every sample is padded on the right there (our
-    text encoder's layout): the DiT masks them out anyway, so the result is the same with less work.
-    embeds (B, T, D), mask (B, T) -> (B, T', D), (B, T')."""
-    longest = int(mask.sum(1).max())
-    if longest < mask.shape[1] and not mask[:, longest:].any():
-        return embeds[:, :longest], mask[:, :longest]
-    return embeds, mask
+class TextKVCache:
+    """The text keys/values (`SanaDiT.text_kv`, `SanaControlNet.text_kv`) of the captions of one sampling run: they
+    do not change over the steps. Keyed by the model, its compute dtype and the captions and mask (the same
+    tensors, else equal content: ComfyUI concatenates the same captions anew every step); kept for one run only,
+    so a LoRA or weight change between runs never meets stale values. The engine's and the ComfyUI nodes' cache."""
+
+    def __init__(self, size: int = 8):
+        self.size, self.entries = size, []  # [(model, context, mask, dtype, kv)]
+
+    def get(self, model: torch.nn.Module, dtype: torch.dtype, context: torch.Tensor, mask: torch.Tensor | None,
+            compute: Callable[[], list]) -> list:
+        """The cached keys/values of `model` for (context, mask) in `dtype`, else `compute()` stored."""
+        for o, c, m, d, kv in self.entries:
+            if o is model and d == dtype and _same(c, context) and (m is mask or (
+                    m is not None and mask is not None and _same(m, mask))):
+                return kv
+        kv = compute()
+        self.entries = [(model, context, mask, dtype, kv)] + self.entries[: self.size - 1]
+        return kv
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same tensor, or equal ones (without a host sync when they are the same object)."""
+    return a is b or (a.shape == b.shape and a.device == b.device and torch.equal(a, b))
 
 
 @dataclass
@@ -53,9 +69,8 @@ class SanaDenoiser:
     dtypes are checked without a host sync per step, once at the end (`check_finite`).
     `cudagraph_steps`: mark each DiT call as a new step for a DiT compiled with CUDA graphs (a call's outputs
     are not read after the next call, which reuses their memory).
-    The text side is prepared once (first call) and reused every step: each block's text keys/values, the
-    ControlNets' copied blocks' too, grouped by caption length on each caption's real tokens (`dit.TextGroups`):
-    no padding is attended to, and an image is the same bits whatever captions share its batch.
+    The text side is prepared once (first call) and reused every step (`TextKVCache`): each block's text
+    keys/values, the ControlNets' copied blocks' too, each caption on its real tokens (`dit.TextGroups`).
     `controls`: ControlNets acting on every branch of the batch (their hint is repeated for CFG and PAG, as
     NVlabs and diffusers do), each on the steps of its [start, end] fraction (`schedule_controls`).
     """
@@ -70,7 +85,8 @@ class SanaDenoiser:
     cudagraph_steps: bool = False
     controls: Sequence[Control] = ()
     _windows: list[tuple[float, float]] | None = field(default=None, init=False, repr=False)
-    _text: tuple | None = field(default=None, init=False, repr=False)
+    _text: tuple | None = field(default=None, init=False, repr=False)  # (device, (captions, mask)) of the batch
+    _kv: TextKVCache = field(default_factory=TextKVCache, init=False, repr=False)
     _finite: torch.Tensor | None = field(default=None, init=False, repr=False)  # all outputs finite so far
 
     def __post_init__(self) -> None:
@@ -86,14 +102,18 @@ class SanaDenoiser:
     def use_cfg(self) -> bool:
         return not self.sprint and self.uncond is not None and self.guidance_scale > 1.0
 
-    def prepare_text(self, device: torch.device) -> tuple[torch.Tensor, list, list]:
+    def text_kv(self, device: torch.device) -> tuple[torch.Tensor, list, list]:
         """(mask (nB, T), per-block text K/V, per-ControlNet per-block text K/V) for the batch
-        [cond | uncond | cond (PAG)], grouped by caption length (see the class docstring)."""
-        branches = [self.cond] + ([self.uncond] if self.use_cfg else []) + ([self.cond] if self.pag_scale > 0 else [])
-        embeds = torch.cat([c.embeds for c in branches]).to(device)
-        mask = torch.cat([c.mask for c in branches]).to(device)
-        return (mask, self.dit.text_kv(embeds, mask),
-                [c.net.text_kv(embeds, self.dit, mask) for c in self.controls])
+        [cond | uncond | cond (PAG)], from the run's `TextKVCache`."""
+        if self._text is None or self._text[0] != device:
+            branches = [self.cond] + ([self.uncond] if self.use_cfg else []) + ([self.cond] * (self.pag_scale > 0))
+            self._text = device, (torch.cat([c.embeds for c in branches]).to(device),
+                                  torch.cat([c.mask for c in branches]).to(device))
+        embeds, mask = self._text[1]
+        dtype = self.dit.compute_dtype
+        return (mask, self._kv.get(self.dit, dtype, embeds, mask, lambda: self.dit.text_kv(embeds, mask)),
+                [self._kv.get(c.net, dtype, embeds, mask, lambda net=c.net: net.text_kv(embeds, self.dit, mask))
+                 for c in self.controls])
 
     def schedule_controls(self, sigmas: torch.Tensor) -> None:
         """Turn each ControlNet's [start, end] fraction of the steps into the sigmas it acts at, for the schedule
@@ -144,10 +164,7 @@ class SanaDenoiser:
     def _velocity(self, x: torch.Tensor, sigma: torch.Tensor, n: int) -> torch.Tensor:
         """One DiT call on the n branches of x (B, 32, h, w) -> v (n*B, 32, h, w) fp32."""
         B = x.shape[0]
-        key = (x.device, self.dit.compute_dtype)
-        if self._text is None or self._text[0] != key:
-            self._text = key, self.prepare_text(x.device)
-        mask, kv, control_kv = self._text[1]
+        mask, kv, control_kv = self.text_kv(x.device)
         controls = self._active(float(sigma[0]), n, control_kv) if self.controls else ()
         pag_batch = None
         if self.pag_scale > 0:

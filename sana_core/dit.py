@@ -211,49 +211,56 @@ class LinearSelfAttention(nn.Module):
 
 @dataclass
 class TextGroups:
-    """One cross-attention's text keys/values for captions of different lengths, each on its real tokens only:
-    the samples `rows[g]` (a list of indices into the batch) share a caption length T_g and their keys/values
-    `keys[g]`, `values[g]` (G, heads, T_g, d). No padding is attended to, so an image does not depend on the
-    other captions of its batch (a padded batch sums its softmax in an order set by its longest caption)."""
+    """One cross-attention's text keys/values, each caption on its real tokens only: the samples `rows[g]` (a
+    slice or index list into the batch) share a caption length T_g and their keys/values `keys[g]`,
+    `values[g]` (G, heads, T_g, d). Attending only real tokens is the masked softmax of NVlabs and diffusers
+    (padding biased by -10000 underflows to exactly 0 weight) without computing on the padding, and masks with
+    holes (ConditioningConcat's: two prompts, each followed by its padding) need nothing of their own."""
 
-    rows: list[list[int]]
+    rows: list[slice | list[int]]
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
 
 
-TextKV = tuple[torch.Tensor, torch.Tensor] | TextGroups  # one cross-attention's text keys/values
-
-
 def caption_kv(attns: Sequence["CrossAttention"], embed: Any, context: torch.Tensor,
-               mask: torch.Tensor | None = None) -> list:
-    """The text keys/values of the cross-attentions `attns` for captions (B, T, 2304), `embed` mapping them to
-    (B, T, C). Without `mask`: dense (k, v) pairs over all T rows (the caller passes the padding bias). With a
-    right-padded `mask` (B, T): `TextGroups`, each caption projected alone on its real tokens (a product over a
-    few rows rounds by their number: alone, a caption's keys are the same bits in any batch)."""
-    if mask is None:
-        y = embed(context)
-        return [a.kv(y) for a in attns]
-    lengths = [int(n) for n in mask.sum(1)]
-    if any(not bool(mask[i, :n].all()) for i, n in enumerate(lengths)):
-        raise ValueError("caption masks must be right-padded (real tokens first) to group captions by length")
+               mask: torch.Tensor | None = None) -> list[TextGroups]:
+    """The text keys/values (`TextGroups`) of the cross-attentions `attns` for captions (B, T, 2304) with `mask`
+    (B, T), 1 for real tokens (None: all real); `embed` maps captions (1, L, 2304) -> (1, L, C).
+
+    Every distinct caption's real tokens are projected once (a caption repeated in the batch, as CFG's negative
+    or PAG's copy, is one), packed into one sequence, then split and grouped by length. A caption without any
+    real token attends to all of its T rows, as a masked softmax whose bias shifts every row alike."""
+    B, T = context.shape[:2]
+    keep = torch.ones(B, T, dtype=torch.bool, device=context.device) if mask is None else mask.bool()
+    captions = [context[i][m] if bool(m.any()) else context[i] for i, m in enumerate(keep)]  # (T_i, 2304) each
+    distinct: list[int] = []   # samples whose caption is the first of its kind
+    first = []                 # per sample: that sample
+    for i, c in enumerate(captions):
+        j = next((j for j in distinct if captions[j].shape == c.shape and torch.equal(captions[j], c)), None)
+        if j is None:
+            distinct.append(j := i)
+        first.append(distinct.index(j))
+    lengths = [captions[i].shape[0] for i in distinct]
+    y = embed(torch.cat([captions[i] for i in distinct])[None])  # (1, sum T_i, C)
     rows: dict[int, list[int]] = {}
-    for i, n in enumerate(lengths):
-        rows.setdefault(max(n, 1), []).append(i)
-    per_sample: dict[int, list] = {}  # a caption repeated in the batch (CFG negatives, PAG's copy) projected once
-    for i, n in enumerate(lengths):
-        same = next((j for j in per_sample if lengths[j] == n and torch.equal(context[j, :n], context[i, :n])), None)
-        per_sample[i] = per_sample[same] if same is not None else [a.kv(embed(context[i:i + 1, :max(n, 1)]))
-                                                                   for a in attns]
+    for i, j in enumerate(first):
+        rows.setdefault(lengths[j], []).append(i)
     groups = []
-    for a in range(len(attns)):
-        kv = [(torch.cat([per_sample[i][a][0] for i in r]), torch.cat([per_sample[i][a][1] for i in r]))
-              for r in rows.values()]
-        groups.append(TextGroups(list(rows.values()), [k for k, _ in kv], [v for _, v in kv]))
+    for a in attns:
+        k, v = (t.split(lengths, dim=2) for t in a.kv(y))   # per distinct caption (1, heads, T_i, d)
+        groups.append(TextGroups([_rows(r) for r in rows.values()],
+                                 [torch.cat([k[first[i]] for i in r]) for r in rows.values()],
+                                 [torch.cat([v[first[i]] for i in r]) for r in rows.values()]))
     return groups
 
 
+def _rows(rows: list[int]) -> slice | list[int]:
+    """Batch rows as a slice when consecutive (a view of q, no copy), else the index list."""
+    return slice(rows[0], rows[-1] + 1) if rows == list(range(rows[0], rows[-1] + 1)) else rows
+
+
 class CrossAttention(nn.Module):
-    """Softmax attention from image tokens to text tokens, with the text padding mask as an additive bias."""
+    """Softmax attention from image tokens to each sample's caption tokens (`TextGroups`)."""
 
     def __init__(self, cfg: DiTConfig, ops: Any, dtype: torch.dtype | None = None, device: Any = None):
         super().__init__()
@@ -274,20 +281,19 @@ class CrossAttention(nn.Module):
             k = self.k_norm(k)
         return tuple(t.reshape(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (k, v))
 
-    def forward(self, x: torch.Tensor, kv: TextKV, bias: torch.Tensor | None) -> torch.Tensor:
-        """x: (B, N, C) image tokens; kv: `kv(y)` with bias (B, 1, 1, T) additive or None, or `TextGroups`
-        (each caption on its own real tokens: bias unused)."""
+    def forward(self, x: torch.Tensor, kv: TextGroups) -> torch.Tensor:
+        """x: (B, N, C) image tokens; kv: the text keys/values of the batch's captions (`caption_kv`)."""
         B, N, C = x.shape
         q = self.q_linear(x)
         if hasattr(self, "q_norm"):
             q = self.q_norm(q)
         q = q.reshape(B, N, self.heads, C // self.heads).transpose(1, 2)
-        if isinstance(kv, TextGroups):
+        if len(kv.rows) == 1 and kv.rows[0] == slice(0, B):  # one caption length: the whole batch at once
+            out = F.scaled_dot_product_attention(q, kv.keys[0], kv.values[0])  # (B, heads, N, d)
+        else:
             out = torch.empty_like(q)
             for rows, k, v in zip(kv.rows, kv.keys, kv.values):
                 out[rows] = F.scaled_dot_product_attention(q[rows], k, v)
-        else:
-            out = F.scaled_dot_product_attention(q, *kv, attn_mask=bias)  # (B, heads, N, d)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
 
@@ -318,14 +324,14 @@ class SanaBlock(nn.Module):
         self.cross_attn = CrossAttention(cfg, ops, dtype, device)
         self.mlp = GLUMBConv(cfg.width, cfg.mlp_hidden, ops, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], t6: torch.Tensor,
-                bias: torch.Tensor | None, hw: tuple[int, int], identity: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: TextGroups, t6: torch.Tensor, hw: tuple[int, int],
+                identity: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, N, C); kv: this block's text keys/values; t6: (B, 6, C) modulation from `t_block`, with 1 already
         added to the two scales (rows 1 and 4), once for all blocks."""
         mod = self.scale_shift_table.to(t6)[None] + t6               # (B, 6, C)
         shift_sa, scale1_sa, gate_sa, shift_ff, scale1_ff, gate_ff = mod.to(x.dtype).chunk(6, dim=1)
         x = torch.addcmul(x, gate_sa, self.attn(_modulate(x, shift_sa, scale1_sa), identity))  # x + gate * attn
-        x = x + self.cross_attn(x, kv, bias)
+        x = x + self.cross_attn(x, kv)
         return torch.addcmul(x, gate_ff, self.mlp(_modulate(x, shift_ff, scale1_ff), hw))
 
 
@@ -380,12 +386,7 @@ class DiTInputs(nn.Module):
         if x.shape[-2] % p or x.shape[-1] % p:
             raise ValueError(f"latent size {tuple(x.shape[-2:])} is not a multiple of the patch size {p}")
         dtype = self.compute_dtype
-        x = x.to(dtype)
-        if x.shape[0] == 1 and x.device.type == "cpu":  # ATen convolves one small CPU latent with its own kernel
-            tokens = self.x_embedder.proj(x.expand(2, -1, -1, -1))[:1]  # (slow_conv2d), as a batch: same rounding
-        else:
-            tokens = self.x_embedder.proj(x)
-        tokens = tokens.flatten(2).mT.contiguous()
+        tokens = self.x_embedder.proj(x.to(dtype)).flatten(2).mT.contiguous()
         if self.cfg.use_pe:
             tokens = (tokens.float() + self.pos_embed(x.shape[-2] // p, x.shape[-1] // p, x.device)[None]).to(dtype)
         return tokens
@@ -393,22 +394,16 @@ class DiTInputs(nn.Module):
     def modulation(self, timestep: torch.Tensor, batch: int, device: torch.device,
                    guidance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """timestep (B,) or scalar -> t (B, C) for the final layer and t6 (B, 6, C) for the blocks, with 1
-        already added to the two scales (rows 1 and 4), once for all blocks.
-
-        These MLPs have a row per sample; they run on a multiple of 4 rows (zero rows added): MKL multiplies fewer
-        rows a thread with other kernels, which round otherwise, so a sample's t would depend on its batch."""
+        already added to the two scales (rows 1 and 4), once for all blocks."""
         dtype = self.compute_dtype
-        rows = -(-batch // 4) * 4
-        timestep = F.pad(torch.as_tensor(timestep, device=device).reshape(-1).expand(batch), (0, rows - batch))
-        t = self.t_embedder(timestep, dtype)                                     # (rows, C)
+        t = self.t_embedder(torch.as_tensor(timestep, device=device).reshape(-1).expand(batch), dtype)  # (B, C)
         if self.cfg.guidance_embed:
             if guidance is None:
                 raise ValueError("this Sana-Sprint model needs `guidance` (the guidance scale) in forward()")
-            guidance = torch.as_tensor(guidance, device=device).reshape(-1).expand(batch)
-            t = t + self.cfg_embedder(F.pad(guidance, (0, rows - batch)), dtype)
-        t6 = self.t_block(t).unflatten(1, (6, -1))                              # (rows, 6, C)
+            t = t + self.cfg_embedder(torch.as_tensor(guidance, device=device).reshape(-1).expand(batch), dtype)
+        t6 = self.t_block(t).unflatten(1, (6, -1))                              # (B, 6, C)
         t6[:, 1::3] += 1
-        return t[:batch], t6[:batch]
+        return t, t6
 
     def embed_text(self, context: torch.Tensor) -> torch.Tensor:
         """Caption projection + RMSNorm: (B, T, 2304) -> (B, T, C)."""
@@ -419,17 +414,17 @@ class DiTInputs(nn.Module):
 class BaseState:
     """What a ControlNet (a `BlockResiduals`) reads of one base DiT forward: the DiT, its latent (B, 32, H, W) and timestep (B,) or
     scalar (as `SanaDiT.forward` got it), the output of base block 0 (B, N, C), the modulation t6 (B, 6, C), the
-    caption bias (B, 1, 1, T) or None, the token grid (h, w) and the Gemma states (B, T, 2304) (None when only
-    cached keys/values are at hand)."""
+    token grid (h, w), the Gemma states (B, T, 2304) (None when only cached keys/values are at hand) and their
+    mask (B, T) or None."""
 
     dit: SanaDiT
     latent: torch.Tensor
     timestep: torch.Tensor
     block0: torch.Tensor
     t6: torch.Tensor
-    bias: torch.Tensor | None
     hw: tuple[int, int]
     context: torch.Tensor | None
+    context_mask: torch.Tensor | None = None
 
 
 class BlockResiduals(Protocol):
@@ -482,10 +477,10 @@ class SanaDiT(DiTInputs):
         SanaSprintPipeline does."""
         return torch.full((batch,), float(scale), dtype=torch.float32, device=device) * self.cfg.guidance_embeds_scale
 
-    def text_kv(self, context: torch.Tensor, mask: torch.Tensor | None = None) -> list:
-        """Every block's cross-attention keys and values for context (B, T, 2304) (`caption_kv`: with the
-        right-padded `mask` (B, T), grouped by caption length on the real tokens only). They do not change over
-        the sampling steps, so a sampler computes them once and passes them to `forward` as `text_kv`."""
+    def text_kv(self, context: torch.Tensor, mask: torch.Tensor | None = None) -> list[TextGroups]:
+        """Every block's cross-attention keys and values for context (B, T, 2304) and its `mask` (B, T), 1 for
+        real tokens (`caption_kv`). They do not change over the sampling steps, so a sampler computes them once
+        (`TextKVCache`) and passes them to `forward` as `text_kv`."""
         embed = lambda c: self.embed_text(c.to(self.compute_dtype))  # noqa: E731
         return caption_kv([block.cross_attn for block in self.blocks], embed, context, mask)
 
@@ -498,7 +493,7 @@ class SanaDiT(DiTInputs):
         guidance: torch.Tensor | None = None,
         pag_layers: Iterable[int] = (),
         pag_batch: torch.Tensor | None = None,
-        text_kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        text_kv: list[TextGroups] | None = None,
         controls: Sequence[BlockResiduals] = (),
     ) -> torch.Tensor:
         """Velocity prediction.
@@ -508,27 +503,24 @@ class SanaDiT(DiTInputs):
         context: (B, T, 2304) Gemma states; context_mask: (B, T), 1 for real tokens, 0 for padding
         (each sample its own); guidance: (B,) Sprint guidance embedding input (scale * `guidance_embeds_scale`);
         pag_layers / pag_batch: blocks and (B,) bool samples whose self-attention is the identity (PAG);
-        text_kv: `text_kv(context)` computed earlier (context is then unused but by ControlNets);
+        text_kv: `text_kv(context, context_mask)` computed earlier (context is then unused but by ControlNets);
         controls: `BlockResiduals` (ControlNets' `controlnet.Control`), each adding its strength-scaled residuals to
         the outputs of base blocks in its own order (`SanaControlNet.order`), summed; their step ranges are the
         sampler's business.
         Returns v: (B, 32, H, W) in x's dtype.
         """
-        cfg, dtype = self.cfg, self.compute_dtype
+        cfg = self.cfg
         B, _, H, W = x.shape
         p = cfg.patch_size
         h, w = H // p, W // p
         tokens = self.embed_latent(x)                                            # (B, N, C)
         t, t6 = self.modulation(timestep, B, x.device, guidance)                # (B, C), (B, 6, C)
-        kv = text_kv if text_kv is not None else self.text_kv(context)          # per block 2 x (B, heads, T, d)
-        bias = None
-        if context_mask is not None:
-            bias = ((1 - context_mask.to(dtype)) * -10000.0)[:, None, None, :]  # (B, 1, 1, T)
+        kv = text_kv if text_kv is not None else self.text_kv(context, context_mask)  # per block `TextGroups`
         pag, residuals = set(pag_layers), {}
         for i, block in enumerate(self.blocks):
-            tokens = block(tokens, kv[i], t6, bias, (h, w), pag_batch if i in pag else None)
+            tokens = block(tokens, kv[i], t6, (h, w), pag_batch if i in pag else None)
             if i == 0 and controls:
-                base = BaseState(self, x, timestep, tokens, t6, bias, (h, w), context)
+                base = BaseState(self, x, timestep, tokens, t6, (h, w), context, context_mask)
                 for control in controls:
                     for k, r in control.block_residuals(base).items():
                         residuals[k] = residuals[k] + r if k in residuals else r

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sana_core.controlnet import Control, SanaControlNet
-from sana_core.dit import VARIANTS, DiTConfig, SanaDiT
+from sana_core.dit import VARIANTS, DiTConfig, SanaDiT, caption_kv
 
 CFG = DiTConfig(depth=9, width=64, cross_heads=2, caption_channels=48)
 
@@ -40,19 +40,18 @@ def reference(dit: SanaDiT, net: SanaControlNet, x, hint, t, ctx, mask, scale=1.
     t0 = dit.t_embedder(t, x.dtype)
     t6 = dit.t_block(t0).unflatten(1, (6, -1))
     t6[:, 1::3] += 1
-    y = dit.embed_text(ctx)
-    bias = ((1 - mask.float()) * -10000.0)[:, None, None, :]
+    kv = lambda block: caption_kv([block.cross_attn], dit.embed_text, ctx, mask)[0]  # noqa: E731 (test_dit checks it)
     blocks, copies = dit.blocks, net.controlnet
-    tokens = blocks[0](tokens, blocks[0].cross_attn.kv(y), t6, bias, (H, W))
+    tokens = blocks[0](tokens, kv(blocks[0]), t6, (H, W))
     ci = None
     for i in range(1, len(copies) + 1):
         copy = copies[i - 1]
         inp = tokens + copies[0].before_proj(c) if i == 1 else ci
-        ci = copy.copied_block(inp, copy.copied_block.cross_attn.kv(y), t6, bias, (H, W))
+        ci = copy.copied_block(inp, kv(copy.copied_block), t6, (H, W))
         skip = copy.after_proj(ci) * scale
-        tokens = blocks[i](tokens + skip, blocks[i].cross_attn.kv(y), t6, bias, (H, W))
+        tokens = blocks[i](tokens + skip, kv(blocks[i]), t6, (H, W))
     for block in blocks[len(copies) + 1:]:
-        tokens = block(tokens, block.cross_attn.kv(y), t6, bias, (H, W))
+        tokens = block(tokens, kv(block), t6, (H, W))
     out = dit.final_layer(tokens, t0)
     return out.reshape(B, H, W, 1, 1, -1).permute(0, 5, 1, 3, 2, 4).reshape(B, -1, H, W)
 
@@ -117,7 +116,7 @@ def test_mismatches_are_errors(models):
         with pytest.raises(ValueError, match=r"diffusers order\) adds to base blocks up to 7, but the DiT has 7"):
             SanaControlNet(CFG, "diffusers").check_base(replace(CFG, depth=7))
         with pytest.raises(ValueError, match="needs the caption"):
-            dit(x, t, None, mask, text_kv=dit.text_kv(ctx), controls=[Control(net, hint)])
+            dit(x, t, None, mask, text_kv=dit.text_kv(ctx, mask), controls=[Control(net, hint)])
 
 
 @pytest.mark.parametrize("variant", ["sana-0.6b", "sana-1.6b"])
@@ -167,8 +166,8 @@ def test_diffusers_order_matches_diffusers(tmp_path):
                        controlnet_block_samples=tuple(samples)).sample
         base = dit(x, t, ctx, mask)
         # cached text keys/values (as the sampler passes them) give the same result
-        cached = dit(x, t, None, mask, text_kv=dit.text_kv(ctx),
-                     controls=[Control(net, hint, 0.8, text_kv=net.text_kv(ctx, dit))])
+        cached = dit(x, t, None, mask, text_kv=dit.text_kv(ctx, mask),
+                     controls=[Control(net, hint, 0.8, text_kv=net.text_kv(ctx, dit, mask))])
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cached, got, rtol=1e-6, atol=1e-6)
     assert (got - base).abs().max() > 1e-2

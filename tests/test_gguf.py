@@ -147,7 +147,7 @@ def test_q8_image_is_within_2_of_255_of_the_bf16_image(files):
     images in 1/255 units (printed; measured 0.54 for Q8_0 and 6.4 for Q4_K)."""
     from sana_core.pipeline import SanaPipeline
 
-    pipe = SanaPipeline.from_pretrained(files["folder"], dtype=torch.float32, device="cpu")
+    pipe = SanaPipeline.from_pretrained(files["folder"], torch_dtype=torch.float32, device="cpu")
     cond, uncond = pipe.encode_prompt(["a red fox in the snow"], [""])  # once for the three DiTs
     images = {}
     for t in ("BF16", "Q8_0", "Q4_K"):
@@ -302,5 +302,5 @@ def test_api_and_cli_generate_from_gguf_dit_and_gguf_gemma(files, gemma, tmp_pat
                 "--seed", "7", "--output_dir", str(tmp_path / "out")]) == 0
     (png,) = (tmp_path / "out").glob("*.png")
     assert np.array_equal(np.asarray(Image.open(png)), np.asarray(image))
-    plain = SanaPipeline.from_pretrained(folder, dtype=torch.float32, device="cpu")("a red fox", **kw)[0]
+    plain = SanaPipeline.from_pretrained(folder, torch_dtype=torch.float32, device="cpu")("a red fox", **kw)[0]
     assert np.abs(np.asarray(image, np.int16) - np.asarray(plain, np.int16)).mean() < 8

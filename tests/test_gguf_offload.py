@@ -98,8 +98,8 @@ def test_pipeline_and_cli_with_block_offload_equal_no_offload(folder, tmp_path):
     from sana_core.pipeline import SanaPipeline
 
     kw = dict(height=64, width=64, num_inference_steps=2, seed=1, output_type="pt", progress=False)
-    want = SanaPipeline.from_pretrained(folder, dtype=torch.float32, device="cpu")("a red fox", **kw)
-    pipe = SanaPipeline.from_pretrained(folder, dtype=torch.float32, device="cpu", offload="blocks")
+    want = SanaPipeline.from_pretrained(folder, torch_dtype=torch.float32, device="cpu")("a red fox", **kw)
+    pipe = SanaPipeline.from_pretrained(folder, torch_dtype=torch.float32, device="cpu", offload="blocks")
     assert pipe.blocks is not None and len(pipe.blocks.params) == 3
     assert torch.equal(pipe("a red fox", **kw), want)
     with pytest.raises(ValueError, match="offload='layers'"):

@@ -24,7 +24,7 @@ def files(tmp_path_factory):
 
 def test_api_callback_gets_previews_on_request(files):
     folder, decoder = files
-    pipe = SanaPipeline.from_pretrained(folder, dtype=torch.float32, device="cpu")
+    pipe = SanaPipeline.from_pretrained(folder, torch_dtype=torch.float32, device="cpu")
     seen = []
     pipe("a red fox", seed=1, callback=seen.append, preview_every=2, progress=False, **SMALL)
     assert [("preview" in s) for s in seen] == [False, True, False]

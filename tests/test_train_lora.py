@@ -76,8 +76,8 @@ def test_saved_lora_same_image_in_diffusers_and_ours(tmp_path):
     from diffusers import SanaPipeline as Ref
 
     folder = write_tiny_pipeline(tmp_path / "sana", seed=11)
-    ours = SanaPipeline.from_pretrained(folder, dtype=torch.float32, device="cpu")
-    trained = SanaPipeline.from_pretrained(folder, dtype=torch.float32, device="cpu").dit
+    ours = SanaPipeline.from_pretrained(folder, torch_dtype=torch.float32, device="cpu")
+    trained = SanaPipeline.from_pretrained(folder, torch_dtype=torch.float32, device="cpu").dit
     _train_like(add_lora(trained, rank=4, alpha=8.0, seed=3), seed=9)
     path = save_lora(trained, tmp_path / "lora")
     plain = ours(["a cat sleeping"], seed=5, num_inference_steps=6, height=64, width=96, output_type="pt",
