@@ -14,6 +14,11 @@ import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE.parent))  # the sampling defaults of sana_core.spec (a standalone module)
+
+from sana_core.spec import SANA, SPRINT  # noqa: E402
+
+APP_PAG_SCALE = 2.0  # NVlabs' Gradio apps' PAG scale (the API's and CLI's PAG is off unless asked)
 DIT = "Sana_1600M_1024px_BF16_diffusers/"
 GEMMA = "gemma-2-2b-it/"
 DCAE = "dc-ae-f32c32-sana-1.1-diffusers/"
@@ -169,8 +174,9 @@ def text_to_image_4k(info: dict) -> Graph:
 
 def sprint(info: dict) -> Graph:
     g = Graph(info)
-    image = _generate(g, dit="Sana_Sprint_1.6B_1024px_diffusers/", widgets=_sampler(steps=2, sampler="scm"),
-                      title="Sana Sampler (Sprint, 2 steps)", encoder="SanaGemmaTextEncode")
+    image = _generate(g, dit="Sana_Sprint_1.6B_1024px_diffusers/",
+                      widgets=_sampler(steps=SPRINT.steps, sampler=SPRINT.sampler),
+                      title=f"Sana Sampler (Sprint, {SPRINT.steps} steps)", encoder="SanaGemmaTextEncode")
     g.add("SaveImage", {"filename_prefix": "Sana_Sprint"}, 4, 0, images=image)
     return g
 
@@ -203,9 +209,10 @@ def ksampler(info: dict) -> Graph:
     """Core nodes around a Sana MODEL: CLIPTextEncode, SanaPAG -> KSampler, and core VAEDecode on the DC-AE."""
     g = Graph(info)
     model, pos, neg, dcae = _front(g)
-    pag = g.add("SanaPAG", {"scale": 2.0}, 1, 3, model=model)
+    pag = g.add("SanaPAG", {"scale": APP_PAG_SCALE}, 1, 3, model=model)
     latent = g.add("SanaEmptyLatentImage", {"width": 1024, "height": 1024}, 1, 2)
-    out = g.add("KSampler", {"seed": 42, "steps": 20, "cfg": 4.5, "sampler_name": "euler", "scheduler": "simple"},
+    out = g.add("KSampler", {"seed": 42, "steps": SANA.steps, "cfg": SANA.guidance_scale, "sampler_name": "euler",
+                             "scheduler": "simple"},
                 2, 0, "KSampler (core)", model=pag, positive=pos, negative=neg, latent_image=latent)
     image = g.add("VAEDecode", {}, 3, 0, samples=out, vae=dcae)
     g.add("SaveImage", {"filename_prefix": "Sana_KSampler"}, 4, 0, images=image)
@@ -238,9 +245,9 @@ def custom_sampler(info: dict) -> Graph:
     model, pos, neg, dcae = _front(g)
     latent = g.add("SanaEmptyLatentImage", {"width": 1024, "height": 1024}, 1, 2)
     noise = g.add("RandomNoise", {"noise_seed": 42}, 1, 3)
-    guider = g.add("CFGGuider", {"cfg": 4.5}, 2, 1, model=model, positive=pos, negative=neg)
+    guider = g.add("CFGGuider", {"cfg": SANA.guidance_scale}, 2, 1, model=model, positive=pos, negative=neg)
     sampler = g.add("SanaSamplerSelect", {}, 2, 2)
-    sigmas = g.add("SanaScheduler", {"steps": 20}, 2, 3, model=model)
+    sigmas = g.add("SanaScheduler", {"steps": SANA.steps}, 2, 3, model=model)
     out = g.add("SamplerCustomAdvanced", {}, 3, 0, noise=noise, guider=guider, sampler=sampler, sigmas=sigmas,
                 latent_image=latent)
     image = g.add("SanaDCAEDecode", {"tile_size": 0}, 4, 0, samples=(out, 0), dcae=dcae)
@@ -252,7 +259,7 @@ def controlnet_scribble(info: dict) -> Graph:
     """NVlabs' HED ControlNet: the released .pth is the DiT (SanaCheckpointLoader) and the ControlNet
     (SanaControlNetLoader); core Canny makes a line hint from a photo (comfyui_controlnet_aux's Fake Scribble /
     HED preprocessors match NVlabs' training data better), core Apply ControlNet encodes it with the DC-AE. The
-    sampler settings are NVlabs' ControlNet app defaults (CFG 4.5, PAG 2.0, 20 steps, shift 3)."""
+    sampler settings are NVlabs' ControlNet app defaults (Sana's CFG, steps and shift, PAG `APP_PAG_SCALE`)."""
     g = Graph(info)
     release = "Sana_600M_1024px_ControlNet_HED.pth"
     model, pos, neg, dcae = _front(g, dit=release, prompt="a fairytale castle on a hill at sunset, watercolor",
@@ -267,7 +274,7 @@ def controlnet_scribble(info: dict) -> Graph:
     applied = g.add("ControlNetApplyAdvanced", {"strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}, 2, 2,
                     positive=pos, negative=neg, control_net=net, image=hint, vae=dcae)
     latent = g.add("SanaEmptyLatentImage", {"width": 1024, "height": 1024}, 1, 2)
-    out = g.add("SanaSampler", _sampler(pag_scale=2.0, shift=3.0), 3, 0, model=model, positive=(applied, 0),
+    out = g.add("SanaSampler", _sampler(pag_scale=APP_PAG_SCALE, shift=SANA.shift), 3, 0, model=model, positive=(applied, 0),
                 negative=(applied, 1), latent_image=latent)
     image = g.add("VAEDecode", {}, 4, 0, samples=out, vae=dcae)
     g.add("SaveImage", {"filename_prefix": "Sana_ControlNet"}, 5, 0, images=image)
