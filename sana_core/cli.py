@@ -35,6 +35,7 @@ from typing import Any, Callable
 import torch
 
 from .precision import DTYPES, default_device, default_dtype
+from .spec import LATENT_FACTOR, SANA, SPRINT
 
 log = logging.getLogger("sana_core.cli")
 
@@ -196,13 +197,14 @@ OPTIONS: tuple[Option, ...] = (
            setting="height"),
     Option("width", "pixels, a multiple of 32 (default: the model's size)", type=whole, record=True,
            setting="width"),
-    Option("steps", "sampling steps (default: the model's, 20; Sprint 2)", type=positive_int, record=True,
+    Option("steps", f"sampling steps (default: the model's, {SANA.steps}; Sprint {SPRINT.steps})", type=positive_int, record=True,
            setting="num_inference_steps", aliases=("num_inference_steps", "step")),
-    Option("guidance_scale", "CFG scale (Sprint: embedded guidance) (default: the model's, 4.5)", type=finite,
+    Option("guidance_scale", f"CFG scale (Sprint: embedded guidance) (default: the model's, {SANA.guidance_scale})", type=finite,
            record=True, setting="guidance_scale", aliases=("cfg_scale",)),
     Option("pag_scale", "perturbed-attention guidance scale; 0 (default) turns PAG off", type=non_negative,
            default=0.0, record=True, setting="pag_scale", deprecated=("pag_guidance_scale",)),
-    Option("pag_layers", "blocks whose self-attention PAG perturbs (default: the model's, 8)", type=block_index,
+    Option("pag_layers", "blocks whose self-attention PAG perturbs (default: the model's, "
+           f"{' '.join(map(str, SANA.pag_layers))})", type=block_index,
            nargs="+", record=True, setting="pag_applied_layers", aliases=("pag_applied_layers",)),
     Option("sampler", "flow_dpmpp_2m, flow_euler or scm (NVlabs: flow_dpm-solver = flow_dpmpp_2m) (default: the "
            "model's; scm for Sprint)", type=sampler_name, record=True, setting="sampler", aliases=("sampling_algo",)),
@@ -495,7 +497,6 @@ def check_plan(jobs: list[tuple[dict, list[dict]]], args: argparse.Namespace) ->
     flags that fit together, mask without image, strength without image, and model files (LoRAs first): each a
     file or folder that exists or a Hugging Face repo id, as `hub.resolve` takes them."""
     from . import hub
-    from .spec import LATENT_FACTOR
 
     n = len(args.controlnet or ())
     scales = args.control_scale or []
