@@ -102,7 +102,7 @@ class SanaDenoiser:
     def use_cfg(self) -> bool:
         return not self.sprint and self.uncond is not None and self.guidance_scale > 1.0
 
-    def text_kv(self, device: torch.device) -> tuple[torch.Tensor, list, list]:
+    def text_side(self, device: torch.device) -> tuple[torch.Tensor, list, list]:
         """(mask (nB, T), per-block text K/V, per-ControlNet per-block text K/V) for the batch
         [cond | uncond | cond (PAG)], from the run's `TextKVCache`."""
         if self._text is None or self._text[0] != device:
@@ -164,7 +164,7 @@ class SanaDenoiser:
     def _velocity(self, x: torch.Tensor, sigma: torch.Tensor, n: int) -> torch.Tensor:
         """One DiT call on the n branches of x (B, 32, h, w) -> v (n*B, 32, h, w) fp32."""
         B = x.shape[0]
-        mask, kv, control_kv = self.text_kv(x.device)
+        mask, kv, control_kv = self.text_side(x.device)
         controls = self._active(float(sigma[0]), n, control_kv) if self.controls else ()
         pag_batch = None
         if self.pag_scale > 0:
