@@ -4,6 +4,7 @@ Sana's attention masks and negative sides too (`install`)."""
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -67,8 +68,12 @@ def _with_sana_sides(core: Callable, combine_masks: Callable) -> Callable:
     sides (core's method on the plain encodings)."""
     from .clip import SANA_CHI, SANA_PLAIN, encoded_sides
 
+    signature = inspect.signature(core)
+
     @functools.wraps(core)
-    def method(self, conditioning_to: list, conditioning_from: list, **widgets: object) -> tuple[list]:
+    def method(*args: object, **kwargs: object) -> tuple[list]:
+        widgets = signature.bind(*args, **kwargs).arguments  # as called by ComfyUI (keywords) or another pack
+        self, conditioning_to, conditioning_from = (widgets.pop(k) for k in list(widgets)[:3])
         (out,) = core(self, conditioning_to=conditioning_to, conditioning_from=conditioning_from, **widgets)
         source = encoded_sides(*conditioning_from[0]) if conditioning_from else None
         if source is None:
