@@ -17,12 +17,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import DTYPES, dcae_pair, measure, parser, report, sizes  # noqa: E402
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__)
     p.add_argument("--tiled", action="store_true", help="compare tiled decodes")
     p.add_argument("--tile-size", type=int, help="our tile size in pixels (default: the largest that fits)")
     p.add_argument("--max-memory", type=float, help="GiB our decode may use (default: the free memory)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     pair = dcae_pair(device, dtype, args.tiny)
     if args.tiled:

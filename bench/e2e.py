@@ -56,10 +56,10 @@ def bench_model(model: str, args, text_encoder: tuple, vae) -> list[dict]:
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__)
     p.add_argument("--steps", type=int, help="default: 20 (Sana), 1 (Sprint)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     from sana_core import precision
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]

@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import DTYPES, PROMPT, gemma, measure, parser, report  # noqa: E402
 
 
-def main() -> None:
-    args = parser(__doc__).parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parser(__doc__).parse_args(argv)
     from diffusers import SanaPipeline as Diffusers
 
     from sana_core import precision

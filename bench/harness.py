@@ -15,6 +15,7 @@ with only our models resident come from `bench/memory.py`.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import statistics
@@ -139,14 +140,22 @@ def dcae_pair(device: torch.device, dtype: torch.dtype, tiny: bool = False) -> P
     return Pair(ours.to(device, memory_format=torch.channels_last), theirs.eval().to(device, dtype))
 
 
+@functools.cache
+def _tiny_gemma_folder() -> Path:
+    """The tiny Gemma folder (its tokenizer is every run's; its config the --tiny model's), written once per
+    process: training its sentencepiece model is the slow part."""
+    from sana_core.tiny import write_tiny_gemma
+
+    return write_tiny_gemma(Path(tempfile.mkdtemp()) / "gemma")
+
+
 def gemma(device: torch.device, dtype: torch.dtype, tiny: bool = False):
     """(real-size random Gemma2Model, or the tiny one; the tiny Gemma tokenizer)."""
     from transformers import AutoConfig, AutoTokenizer, Gemma2Config, Gemma2Model
 
     from sana_core.checkpoints.gemma import GEMMA2_2B
-    from sana_core.tiny import write_tiny_gemma
 
-    folder = write_tiny_gemma(Path(tempfile.mkdtemp()) / "gemma")
+    folder = _tiny_gemma_folder()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     config = AutoConfig.from_pretrained(folder) if tiny else Gemma2Config(**GEMMA2_2B)
     config._attn_implementation = "eager"

@@ -54,12 +54,12 @@ def child(model: str, size: int, args) -> dict:
             "seconds": time.perf_counter() - t0, **peak}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = parser(__doc__)
     p.add_argument("--steps", type=int, help="default: 20 (Sana), 1 (Sprint); memory does not depend on it")
     p.add_argument("--offload", action="store_true", help="SanaPipeline(offload=True)")
     p.add_argument("--child", nargs=2, metavar=("MODEL", "SIZE"), help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child[0], int(args.child[1]), args)))
         return

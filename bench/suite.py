@@ -1,5 +1,8 @@
-"""Every benchmark the speed issue asks for, one after another, each in its own process; writes the JSON of
-each and a Markdown summary (the README's speed tables) to --out.
+"""Every benchmark the speed issue asks for, one after another, each in its own process (so that no entry's
+memory peak or compiled state carries into the next); writes the JSON of each and a Markdown summary (the
+README's speed tables) to --out. With --tiny (a smoke test of the list) every entry runs in this one process,
+through its script's `main(argv)`: the timings mean nothing there and one import of torch/diffusers/transformers
+serves them all (bench/memory.py still measures each case in a process of its own).
 
     python bench/suite.py --device cuda --out bench/results/h100        (about 15 min on an H100)
     python bench/suite.py --device cpu --out bench/results/cpu          (the CPU subset, about 1 h on 2 cores)
@@ -8,6 +11,7 @@ each and a Markdown summary (the README's speed tables) to --out.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import subprocess
 import sys
@@ -85,10 +89,13 @@ def main() -> None:
         if args.tiny:  # a smoke test of the list: no compiling (tested against eager in test_pipeline), 2 steps
             extra = [a for i, a in enumerate(extra) if "--compile" not in extra[max(0, i - 1):i + 1]]
             extra += ["--tiny", "--runs", "1", "--warmup", "0", *(["--steps", "2"] if script == "e2e.py" else [])]
-        cmd = [sys.executable, str(HERE / script), *extra, "--device", args.device, "--json", str(out / f"{name}.json")]
-        print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
+        argv = [*extra, "--device", args.device, "--json", str(out / f"{name}.json")]
+        print(f"== {name}: {script} {' '.join(argv)}", flush=True)
         t0 = time.perf_counter()
-        subprocess.run(cmd, check=True)
+        if args.tiny:
+            importlib.import_module(Path(script).stem).main(argv)
+        else:
+            subprocess.run([sys.executable, str(HERE / script), *argv], check=True)
         print(f"   ({time.perf_counter() - t0:.0f} s)", flush=True)
         results[name] = json.loads((out / f"{name}.json").read_text())
     (out / "summary.md").write_text(markdown(results))
