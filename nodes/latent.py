@@ -8,6 +8,7 @@ from comfy_api.latest import io
 from ..sana_core.resolutions import presets
 
 from .common import CATEGORY, check_widgets
+from .latent_sizes import RATIO, RATIO_KEY
 
 PRESETS = {"custom": None, **presets()}
 TILING = {"auto": None, "on": True, "off": False}  # the widget's choices -> DCAE's `tiled` argument
@@ -97,7 +98,7 @@ class SanaEmptyLatentImage(io.ComfyNode):
 
         width, height = PRESETS[preset] or (width, height)
         samples = torch.zeros(batch_size, 32, height // 32, width // 32, device=mm.intermediate_device())
-        return io.NodeOutput({"samples": samples})
+        return io.NodeOutput({"samples": samples, RATIO_KEY: RATIO})
 
 
 class SanaDCAEDecode(io.ComfyNode):
@@ -149,4 +150,4 @@ class SanaDCAEEncode(io.ComfyNode):
     @classmethod
     def execute(cls, pixels: torch.Tensor, dcae, tiling: str) -> io.NodeOutput:
         vae = sana_vae(dcae, "SanaDCAEEncode")
-        return io.NodeOutput({"samples": vae.encode(pixels, tiled=TILING[tiling])})
+        return io.NodeOutput({"samples": vae.encode(pixels, tiled=TILING[tiling]), RATIO_KEY: RATIO})

@@ -848,6 +848,52 @@ def test_core_empty_latent_gives_the_size_asked(server):
     assert image.shape[:2] == (SMALL[1], SMALL[0])
 
 
+def test_core_pixel_size_latent_nodes_give_the_size_asked_on_sana_latents(server):
+    """LatentUpscale, LatentCrop, LatentComposite and LatentCompositeMasked (sizes and offsets in pixels, divided by
+    8 in core) on Sana latents (1/32): the size and place asked, for latents from our nodes (which carry
+    `downscale_ratio_spacial`) and from core's VAEEncode (which does not); a size that is no multiple of 32 is
+    rounded down with a console warning naming the node; a 1/8 latent is left to core."""
+    vae = ["vae", 0]
+    p = {"vae": {"class_type": "SanaDCAELoader", "inputs": {"vae_name": "sana_e2e_tiny/", "dtype": "fp32"}}}
+    source = add(p, "source", "VAEEncode", pixels=add(p, "load", "LoadImage", image="example.png"), vae=vae)
+    empty = lambda name, w, h: add(p, name, "SanaEmptyLatentImage", width=w, height=h, batch_size=1)
+    upscale = lambda name, samples, w, h: add(p, name, "LatentUpscale", samples=samples, upscale_method="bilinear",
+                                              width=w, height=h, crop="disabled")
+    latents = {  # name -> (output, latent (h, w) expected)
+        "source": (source, (SMALL[1] // 32, SMALL[0] // 32)),
+        "up": (upscale("up", source, 384, 256), (8, 12)),
+        "up_height_only": (upscale("up_h", source, 0, 256), (8, 12)),
+        "up_rounded": (upscale("up_r", empty("square", 256, 256), 400, 256), (8, 12)),
+        "up_least": (upscale("up_l", ["square", 0], 128, 256), (8, 8)),  # core's least: 8 latent pixels
+        "crop": (add(p, "crop", "LatentCrop", samples=empty("big", 512, 512), width=128, height=64, x=64, y=32),
+                 (2, 4)),
+        "composite": (add(p, "comp", "LatentComposite", samples_to=["square", 0], samples_from=source, x=64, y=32,
+                          feather=0), (8, 8)),
+        "masked": (add(p, "comp_m", "LatentCompositeMasked", destination=["square", 0], source=source, x=64, y=96,
+                       resize_source=False), (8, 8)),
+        "eighth": (upscale("up_8", add(p, "e8", "EmptyLatentImage", width=64, height=64, batch_size=1), 128, 128),
+                   (16, 16)),
+    }
+    for name, (link, _) in latents.items():
+        add(p, f"latent_{name}", "SaveLatent", samples=link, filename_prefix=f"e2e_sizes_{name}")
+    save(p, "decoded", add(p, "decode", "VAEDecode", samples=latents["up"][0], vae=vae))
+    got = run_images(server, p)
+    assert got["decoded"].shape[:2] == (256, 384)
+    z = {name: _latest_latent(server, f"e2e_sizes_{name}") for name in latents}
+    for name, (_, size) in latents.items():
+        assert tuple(z[name].shape[-2:]) == size, name
+    placed = torch.zeros_like(z["composite"])
+    placed[..., 1:5, 2:8] = z["source"]  # x 64 px, y 32 px: latent column 2, row 1
+    assert torch.equal(z["composite"], placed)
+    placed = torch.zeros_like(z["masked"])
+    placed[..., 3:7, 2:8] = z["source"]  # y 96 px: row 3
+    assert torch.equal(z["masked"], placed)
+    console = (server.root / "comfy.log").read_text()
+    assert "LatentUpscale: width=400 on a Sana latent (1/32 of the image) becomes 384 px" in console
+    assert "LatentUpscale: width=128 on a Sana latent (1/32 of the image) becomes 256 px: core's node makes at " \
+           "least 8 latent pixels" in console
+
+
 def test_a_non_number_is_refused_by_core_naming_the_field(server):
     """Core converts and range-checks the widgets our validation does not name: a text in an INT is core's
     error on that field, not a crash in our validation; our own errors are not repeated under every input."""
