@@ -427,22 +427,31 @@ def test_pag_under_any_sampler_equals_the_engine(server):
     assert error and "cannot apply to Sana's blocks" in error["exception_message"]
 
 
-def test_timestep_ranges_and_areas_are_honoured(server):
-    """ConditioningSetTimestepRange and ConditioningSetArea change SanaSampler's image (they used to be dropped),
-    and SanaSampler equals SamplerCustomAdvanced on the same combined conditioning."""
-    plain = next(iter(run_images(server, prepare(server, T2I)).values()))
-    for kind, extra in (("ConditioningSetTimestepRange", {"start": 0.0, "end": 0.5}),
-                        ("ConditioningSetArea", {"width": 96, "height": 64, "x": 0, "y": 0, "strength": 1.0})):
-        p = prepare(server, T2I)
-        sampler = node(p, "SanaSampler")
-        pos = p[sampler]["inputs"]["positive"]
-        other = add(p, "other", "CLIPTextEncode", clip=[node(p, "SanaGemmaLoader"), 0],
-                     text="a completely different prompt")
-        part = add(p, "part", kind, conditioning=other, **extra)
-        p[sampler]["inputs"]["positive"] = add(p, "combined", "ConditioningCombine", conditioning_1=pos,
-                                                conditioning_2=part)
-        got = next(iter(run_images(server, p).values()))
-        assert np.abs(got - plain).mean() > 1, kind
+def test_area_conditioning_acts_on_its_area(server):
+    """ConditioningSetArea in pixels (moved to Sana's 1/32 grid) and ConditioningSetAreaPercentage on the same
+    area give the same image; in one step (the x0 of the first prediction) the latent outside the area is the
+    first prompt's alone and inside it the second prompt acts."""
+    p = prepare(server, T2I, steps=1)
+    sampler = node(p, "SanaSampler")
+    pos = p[sampler]["inputs"]["positive"]
+    other = add(p, "other", "CLIPTextEncode", clip=[node(p, "SanaGemmaLoader"), 0], text="a completely different prompt")
+    w, h = SMALL
+    areas = {"pixels": add(p, "area_px", "ConditioningSetArea", conditioning=other, width=w // 2, height=h, x=0, y=0,
+                           strength=1.0),
+             "percent": add(p, "area_pc", "ConditioningSetAreaPercentage", conditioning=other, width=0.5, height=1.0,
+                            x=0.0, y=0.0, strength=1.0)}
+    latents = {"plain": [sampler, 0]}
+    for name, area in areas.items():
+        combined = add(p, f"both_{name}", "ConditioningCombine", conditioning_1=pos, conditioning_2=area)
+        latents[name] = add(p, f"sample_{name}", "SanaSampler", **{**p[sampler]["inputs"], "positive": combined})
+    for name, link in latents.items():
+        add(p, f"latent_{name}", "SaveLatent", samples=link, filename_prefix=f"e2e_area_{name}")
+    run_images(server, p)
+    z = {name: _latest_latent(server, f"e2e_area_{name}") for name in latents}
+    assert torch.allclose(z["pixels"], z["percent"], atol=1e-5)
+    half = w // 64  # the area's latent columns
+    assert torch.allclose(z["pixels"][..., half:], z["plain"][..., half:], atol=1e-4)
+    assert (z["pixels"][..., :half] - z["plain"][..., :half]).abs().mean() > 0.5
 
 
 @pytest.mark.parametrize("field,value,kind", [("cfg", float("nan"), "SanaSampler"), ("shift", float("inf"), "SanaSampler"),
