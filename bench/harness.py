@@ -140,8 +140,12 @@ def dcae_pair(device: torch.device, dtype: torch.dtype, tiny: bool = False) -> P
     return Pair(ours.to(device, memory_format=torch.channels_last), theirs.eval().to(device, dtype))
 
 
+TINY_GEMMA_HEAD_DIM = 32  # sana_core.tiny's Gemma keeps Gemma-2's 256 for the single-file loader, unused here;
+# at 256 its eager bf16 attention over the ~1000 tokens of a CHI prompt took a third of the --tiny suite
+
+
 @functools.cache
-def _tiny_gemma_folder() -> Path:
+def tiny_gemma_folder() -> Path:
     """The tiny Gemma folder (its tokenizer is every run's; its config the --tiny model's), written once per
     process: training its sentencepiece model is the slow part."""
     from sana_core.tiny import write_tiny_gemma
@@ -149,15 +153,20 @@ def _tiny_gemma_folder() -> Path:
     return write_tiny_gemma(Path(tempfile.mkdtemp()) / "gemma")
 
 
-def gemma(device: torch.device, dtype: torch.dtype, tiny: bool = False):
-    """(real-size random Gemma2Model, or the tiny one; the tiny Gemma tokenizer)."""
+def gemma(device: torch.device, dtype: torch.dtype, tiny: bool = False, folder: str | Path | None = None):
+    """(real-size random Gemma2Model, or the tiny one with head_dim TINY_GEMMA_HEAD_DIM; the tiny Gemma
+    tokenizer), read from `folder` (a `tiny_gemma_folder()`; default: this process's)."""
     from transformers import AutoConfig, AutoTokenizer, Gemma2Config, Gemma2Model
 
     from sana_core.checkpoints.gemma import GEMMA2_2B
 
-    folder = _tiny_gemma_folder()
+    folder = folder or tiny_gemma_folder()
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    config = AutoConfig.from_pretrained(folder) if tiny else Gemma2Config(**GEMMA2_2B)
+    if tiny:
+        config = AutoConfig.from_pretrained(folder)
+        config.head_dim = TINY_GEMMA_HEAD_DIM
+    else:
+        config = Gemma2Config(**GEMMA2_2B)
     config._attn_implementation = "eager"
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype if dtype != torch.float16 else torch.bfloat16)
