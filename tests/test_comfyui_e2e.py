@@ -428,6 +428,24 @@ def test_pag_under_any_sampler_equals_the_engine(server):
     assert error and "cannot apply to Sana's blocks" in error["exception_message"]
 
 
+@pytest.mark.parametrize("kind,widgets", [
+    ("SelfAttentionGuidance", {"scale": 0.5, "blur_sigma": 2.0}),
+    ("HyperTile", {"tile_size": 256, "swap_size": 2, "max_depth": 0, "scale_depth": False}),
+    ("TomePatchModel", {"ratio": 0.3}),
+    ("PatchModelAddDownscale", {"block_number": 3, "downscale_factor": 2.0, "start_percent": 0.0, "end_percent": 0.35,
+                                "downscale_after_skip": True, "downscale_method": "bicubic",
+                                "upscale_method": "bicubic"}),
+])
+def test_unet_block_patches_are_refused_naming_sana_pag(server, kind, widgets):
+    """Core's UNet attention/block patch nodes on a Sana model: an error naming Sana's blocks and SanaPAG (their
+    patches would not be applied)."""
+    p = prepare(server, T2I, steps=1)
+    sampler = node(p, "SanaSampler")
+    p[sampler]["inputs"]["model"] = add(p, "patch", kind, model=p[sampler]["inputs"]["model"], **widgets)
+    error = error_of(server.run(p))
+    assert error and "cannot apply to Sana's blocks (use SanaPAG" in error["exception_message"], error
+
+
 def test_area_conditioning_acts_on_its_area(server):
     """ConditioningSetArea in pixels (moved to Sana's 1/32 grid) and ConditioningSetAreaPercentage on the same
     area give the same image; in one step (the x0 of the first prediction) the latent outside the area is the
