@@ -171,6 +171,10 @@ class SanaModel(comfy.model_base.BaseModel):
         if cfg.guidance_embed:  # Sprint: the scale of a FluxGuidance node or SanaSampler, else Sprint's default
             scale = kwargs.get("guidance", SPRINT.guidance_scale)
             out["guidance"] = comfy.conds.CONDRegular(self.diffusion_model.guidance(scale, 1))
+        elif kwargs.get("guidance") is not None:
+            log.warning("Sana: the conditioning carries a guidance %s (FluxGuidance), but this Sana model has no "
+                        "guidance embedder (only Sana-Sprint has one), so it is not used: set the sampler's cfg "
+                        "instead", kwargs["guidance"])
         return out
 
 
@@ -213,7 +217,9 @@ def load_sana_model(path: str | Path, weight_dtype: str = "default",
 
         dtype, compute, ops, patcher_class = compute or dtype, None, GGUFComfyOps, GGUFModelPatcher
     dit = patchable(load_dit(path, dtype=dtype, ops=ops, model_class=ComfySanaDiT, use_pe=use_pe))
-    config = SanaModelConfig({"disable_unet_model_creation": True})  # the DiT is built and loaded above
+    # the DiT is built and loaded above; model_channels (its width) lets core's FreeU nodes reach the clear refusal
+    # of UNet block patches in ComfySanaDiT.forward instead of a KeyError of their own
+    config = SanaModelConfig({"disable_unet_model_creation": True, "model_channels": dit.cfg.width})
     config.manual_cast_dtype = compute
     spec = model_spec(dit.cfg, path)  # the engine's defaults: the same shift for every image size
     multiplier = float(dit.timestep(torch.ones(1), truncate=False))  # the DiT's timestep per unit sigma

@@ -435,6 +435,8 @@ def test_pag_under_any_sampler_equals_the_engine(server):
     ("PatchModelAddDownscale", {"block_number": 3, "downscale_factor": 2.0, "start_percent": 0.0, "end_percent": 0.35,
                                 "downscale_after_skip": True, "downscale_method": "bicubic",
                                 "upscale_method": "bicubic"}),
+    ("FreeU", {"b1": 1.1, "b2": 1.2, "s1": 0.9, "s2": 0.2}),
+    ("FreeU_V2", {"b1": 1.3, "b2": 1.4, "s1": 0.9, "s2": 0.2}),
 ])
 def test_unet_block_patches_are_refused_naming_sana_pag(server, kind, widgets):
     """Core's UNet attention/block patch nodes on a Sana model: an error naming Sana's blocks and SanaPAG (their
@@ -492,6 +494,17 @@ def test_long_prompt_says_it_was_cut(server):
     p[encoder]["inputs"]["text"] = " ".join(f"word{i}" for i in range(400))
     assert server.run(p)["status"]["status_str"] == "success"
     assert "is longer than Sana reads (max_length 300 tokens)" in (server.root / "comfy.log").read_text()
+
+
+def test_flux_guidance_on_a_model_without_guidance_embedder_warns(server):
+    """FluxGuidance on a (non-Sprint) Sana model cannot act (no guidance embedder): the console says so."""
+    p = prepare(server, T2I, steps=1)
+    sampler = node(p, "SanaSampler")
+    p[sampler]["inputs"]["positive"] = add(p, "flux", "FluxGuidance", conditioning=p[sampler]["inputs"]["positive"],
+                                           guidance=3.5)
+    assert server.run(p)["status"]["status_str"] == "success"
+    assert "carries a guidance 3.5 (FluxGuidance), but this Sana model has no guidance embedder" in (
+        server.root / "comfy.log").read_text()
 
 
 def test_fp8_storage_runs_and_matches_fp32(server):
