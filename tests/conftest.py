@@ -1,13 +1,22 @@
 """Shared test helpers, and the real ComfyUI of the host suite (`test_comfyui_*.py`, see comfy_server.py).
 
 The suite runs on pytest-xdist workers (pyproject's addopts); the host suite is one xdist group: one worker,
-one ComfyUI server, beside the unit tests. Threads are left at torch's default everywhere, so the CLI and ComfyUI
-processes the tests start compute as the tests themselves do (bit-equality tests compare them).
+one ComfyUI server, beside the unit tests. Each worker computes on its share of the cores (OMP_NUM_THREADS, set
+before torch starts its threads and inherited by the CLI and ComfyUI processes the tests start, so that they
+compute as the tests themselves do: bit-equality tests compare them; CPU kernels split sums by thread count).
+Two workers of two threads on 2 cores wait on each other at every small op: tests/test_dcae.py took 240 s that
+way under load, 30 s on one thread.
 """
+import os
 from types import SimpleNamespace
 
 import pytest
 import torch
+
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # this worker too, whenever torch was imported
 
 
 @pytest.fixture
