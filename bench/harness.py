@@ -145,22 +145,22 @@ TINY_GEMMA_HEAD_DIM = 32  # sana_core.tiny's Gemma keeps Gemma-2's 256 for the s
 
 
 @functools.cache
-def tiny_gemma_folder() -> Path:
-    """The tiny Gemma folder (its tokenizer is every run's; its config the --tiny model's), written once per
-    process: training its sentencepiece model is the slow part."""
+def _tiny_gemma_folder() -> Path:
+    """The tiny Gemma folder (its tokenizer is every run's; its config the --tiny model's): one temporary folder
+    per process, not one per model built."""
     from sana_core.tiny import write_tiny_gemma
 
     return write_tiny_gemma(Path(tempfile.mkdtemp()) / "gemma")
 
 
-def gemma(device: torch.device, dtype: torch.dtype, tiny: bool = False, folder: str | Path | None = None):
+def gemma(device: torch.device, dtype: torch.dtype, tiny: bool = False):
     """(real-size random Gemma2Model, or the tiny one with head_dim TINY_GEMMA_HEAD_DIM; the tiny Gemma
-    tokenizer), read from `folder` (a `tiny_gemma_folder()`; default: this process's)."""
+    tokenizer)."""
     from transformers import AutoConfig, AutoTokenizer, Gemma2Config, Gemma2Model
 
     from sana_core.checkpoints.gemma import GEMMA2_2B
 
-    folder = folder or tiny_gemma_folder()
+    folder = _tiny_gemma_folder()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tiny:
         config = AutoConfig.from_pretrained(folder)

@@ -22,8 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import (DTYPES, PROMPT, _rss_kib, dcae_config, dit_config, environment, gemma, parser,  # noqa: E402
-                     sizes, tiny_gemma_folder)
+from harness import DTYPES, PROMPT, _rss_kib, dcae_config, dit_config, environment, gemma, parser, sizes  # noqa: E402
 
 
 def child(model: str, size: int, args) -> dict:
@@ -37,8 +36,7 @@ def child(model: str, size: int, args) -> dict:
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     te_dtype = precision.text_encoder_dtype(dtype, device)
-    # on the CPU: the pipeline places the models
-    text_model, tokenizer = gemma(torch.device("cpu"), te_dtype, args.tiny, args.gemma_folder)
+    text_model, tokenizer = gemma(torch.device("cpu"), te_dtype, args.tiny)  # the pipeline places the models
     dit = randomize_(SanaDiT(dit_config(model, args.tiny), dtype=dtype), seed=0).eval()
     vae = randomize_(DCAE(dcae_config(args.tiny), encoder=False), seed=1).eval()
     vae = vae.to(dtype, memory_format=torch.channels_last)
@@ -61,14 +59,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, help="default: 20 (Sana), 1 (Sprint); memory does not depend on it")
     p.add_argument("--offload", action="store_true", help="SanaPipeline(offload=True)")
     p.add_argument("--child", nargs=2, metavar=("MODEL", "SIZE"), help=argparse.SUPPRESS)
-    p.add_argument("--gemma-folder", help=argparse.SUPPRESS)  # the parent's tiny_gemma_folder(), for the children
     args = p.parse_args(argv)
     if args.child:
         print(json.dumps(child(args.child[0], int(args.child[1]), args)))
         return
     rows = []
     passed = ["--device", args.device, "--dtype", args.dtype, *["--tiny"] * args.tiny, *["--offload"] * args.offload,
-              *(["--steps", str(args.steps)] if args.steps else []), "--gemma-folder", str(tiny_gemma_folder())]
+              *(["--steps", str(args.steps)] if args.steps else [])]
     for model in args.model:
         for size in sizes(args):
             out = subprocess.run([sys.executable, __file__, *passed, "--child", model, str(size)],
