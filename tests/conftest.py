@@ -1,9 +1,9 @@
 """Shared test helpers, and the real ComfyUI of the host suite (`test_comfyui_*.py`, see comfy_server.py).
 
 The suite runs on pytest-xdist workers (pyproject's addopts); the host suite is one xdist group: one worker,
-one ComfyUI server, beside the unit tests. Each worker computes on its share of the cores (OMP_NUM_THREADS, set
-before torch starts its threads and inherited by the CLI and ComfyUI processes the tests start, so that they
-compute as the tests themselves do: bit-equality tests compare them; CPU kernels split sums by thread count).
+one ComfyUI server, beside the unit tests. Each worker computes on its share of the cores: torch.set_num_threads
+here, and OMP_NUM_THREADS for the CLI and ComfyUI processes the tests start, so that they compute as the tests
+themselves do (bit-equality tests compare them; CPU kernels split sums by thread count).
 Two workers of two threads on 2 cores wait on each other at every small op: tests/test_dcae.py took 240 s that
 way under load, 30 s on one thread.
 """
