@@ -111,7 +111,7 @@ def _pipe_png(pipe, prompt: str, seed: int, **kw) -> np.ndarray:
 
 
 @pytest.mark.parametrize("steps", [1, 2, 4])
-def test_sprint_from_the_cli_equals_pipe_and_diffusers(tmp_path, capsys, steps):
+def test_sprint_from_the_cli_equals_pipe_and_diffusers(sprint_folder, tmp_path, capsys, steps):
     """Each CLI image = pipe(prompt, seed=s) = diffusers' SanaSprintPipeline with generator=manual_seed(s), for
     every prompt of a file, whatever the batch size (the SCM re-noising continues each image's own generator)."""
     import torch
@@ -119,7 +119,7 @@ def test_sprint_from_the_cli_equals_pipe_and_diffusers(tmp_path, capsys, steps):
 
     from sana_core.pipeline import SanaPipeline
 
-    folder = str(write_tiny_pipeline(tmp_path / "sprint", seed=5, sprint=True))
+    folder = sprint_folder
     prompts = tmp_path / "p.txt"
     prompts.write_text("a fox\nan old lighthouse\na bowl of ramen\n")
     runs = {}
