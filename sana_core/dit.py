@@ -228,30 +228,40 @@ def caption_kv(attns: Sequence["CrossAttention"], embed: Any, context: torch.Ten
     (B, T), 1 for real tokens (None: all real); `embed` maps captions (1, L, 2304) -> (1, L, C).
 
     Every distinct caption's real tokens are projected once (a caption repeated in the batch, as CFG's negative
-    or PAG's copy, is one), packed into one sequence, then split and grouped by length. A caption without any
-    real token attends to all of its T rows, as a masked softmax whose bias shifts every row alike."""
-    B, T = context.shape[:2]
-    keep = torch.ones(B, T, dtype=torch.bool, device=context.device) if mask is None else mask.bool()
-    captions = [context[i][m] if bool(m.any()) else context[i] for i, m in enumerate(keep)]  # (T_i, 2304) each
-    distinct: list[int] = []   # samples whose caption is the first of its kind
-    first = []                 # per sample: that sample
-    for i, c in enumerate(captions):
-        j = next((j for j in distinct if captions[j].shape == c.shape and torch.equal(captions[j], c)), None)
+    or PAG's copy, is one), then the batch's rows are grouped by caption length. A caption without any real
+    token attends to all of its T rows, as a masked softmax whose bias shifts every row alike."""
+    captions = [_real_tokens(c, None if mask is None else mask[i].bool()) for i, c in enumerate(context)]
+    distinct: list[torch.Tensor] = []  # the batch's distinct captions (T_i, 2304)
+    first = []                         # per sample: its caption's index in `distinct`
+    for c in captions:
+        j = next((j for j, d in enumerate(distinct) if d.shape == c.shape and torch.equal(d, c)), None)
         if j is None:
-            distinct.append(j := i)
-        first.append(distinct.index(j))
-    lengths = [captions[i].shape[0] for i in distinct]
-    y = embed(torch.cat([captions[i] for i in distinct])[None])  # (1, sum T_i, C)
+            j, _ = len(distinct), distinct.append(c)
+        first.append(j)
+    ys = [embed(c[None]) for c in distinct]                      # (1, T_i, C) each
     rows: dict[int, list[int]] = {}
     for i, j in enumerate(first):
-        rows.setdefault(lengths[j], []).append(i)
+        rows.setdefault(distinct[j].shape[0], []).append(i)
     groups = []
     for a in attns:
-        k, v = (t.split(lengths, dim=2) for t in a.kv(y))   # per distinct caption (1, heads, T_i, d)
+        kv = [a.kv(y) for y in ys]                               # per distinct caption 2 x (1, heads, T_i, d)
         groups.append(TextGroups([_rows(r) for r in rows.values()],
-                                 [torch.cat([k[first[i]] for i in r]) for r in rows.values()],
-                                 [torch.cat([v[first[i]] for i in r]) for r in rows.values()]))
+                                 [_cat([kv[first[i]][0] for i in r]) for r in rows.values()],
+                                 [_cat([kv[first[i]][1] for i in r]) for r in rows.values()]))
     return groups
+
+
+def _real_tokens(caption: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """A caption's real rows: (T, D) -> (T_i, D), a view when they come first (right padding), else a copy; all T
+    rows when none is real."""
+    n = caption.shape[0] if keep is None else int(keep.sum())
+    if n == 0 or n == caption.shape[0] or bool(keep[:n].all()):
+        return caption[:n or None]
+    return caption[keep]
+
+
+def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _rows(rows: list[int]) -> slice | list[int]:

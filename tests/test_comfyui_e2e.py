@@ -95,7 +95,7 @@ def test_sana_sampler_equals_engine_and_custom_advanced(server):
     got = saved_images(server, server.run(prompt))
     got_custom = saved_images(server, server.run(custom))
     (engine_png,), (custom_png,) = got.values(), got_custom.values()
-    pipe = SanaPipeline.from_pretrained(server.sana, dtype=torch.float32, device="cpu")
+    pipe = SanaPipeline.from_pretrained(server.sana, torch_dtype=torch.float32, device="cpu")
     texts = prompt_texts(prompt)
     want = pipe(texts["positive"], negative_prompt=texts["negative"], seed=42, num_inference_steps=4,
                 width=SMALL[0], height=SMALL[1], output_type="pt", progress=False)
@@ -414,7 +414,7 @@ def test_pag_under_any_sampler_equals_the_engine(server):
     got = run_images(server, p)
     ours = next(v for k, v in got.items() if k != "custom")
     assert np.abs(ours - got["custom"]).max() <= 1
-    pipe = SanaPipeline.from_pretrained(server.sana, dtype=torch.float32, device="cpu")
+    pipe = SanaPipeline.from_pretrained(server.sana, torch_dtype=torch.float32, device="cpu")
     texts = prompt_texts(p)
     want = pipe(texts["positive"], negative_prompt=texts["negative"], seed=42, num_inference_steps=3, width=SMALL[0],
                 height=SMALL[1], pag_guidance_scale=2.0, pag_layers=(1,), output_type="pt", progress=False)
@@ -577,7 +577,7 @@ def test_apply_controlnet_under_sana_sampler_equals_the_engine(server):
     p = _control_prompt(server)
     (got,) = saved_images(server, server.run(p)).values()
     release = server.root / "models" / "controlnet" / "sana_e2e_ControlNet_HED.pth"
-    pipe = SanaPipeline.from_pretrained(server.deep, dit=release, controlnet=release, dtype=torch.float32,
+    pipe = SanaPipeline.from_pretrained(server.deep, dit=release, controlnet=release, torch_dtype=torch.float32,
                                         device="cpu")
     texts = prompt_texts(p)
     hint = Image.open(server.root / "input" / "sana_e2e_scribble.png")
@@ -687,7 +687,7 @@ def test_trained_lora_in_the_node_equals_the_engine(server):
                 lora_name="sana_e2e_trained_lora.safetensors", strength=0.8)
     p[sampler]["inputs"]["model"] = lora
     (got,) = saved_images(server, server.run(p)).values()
-    pipe = SanaPipeline.from_pretrained(server.sana, dtype=torch.float32, device="cpu")
+    pipe = SanaPipeline.from_pretrained(server.sana, torch_dtype=torch.float32, device="cpu")
     pipe.load_lora(server.root / "models" / "loras" / "sana_e2e_trained_lora.safetensors", 0.8)
     texts = prompt_texts(p)
     want = pipe(texts["positive"], negative_prompt=texts["negative"], seed=42, num_inference_steps=3, width=SMALL[0],
