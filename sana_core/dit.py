@@ -228,8 +228,9 @@ def caption_kv(attns: Sequence["CrossAttention"], embed: Any, context: torch.Ten
     (B, T), 1 for real tokens (None: all real); `embed` maps captions (1, L, 2304) -> (1, L, C).
 
     Every distinct caption's real tokens are projected once (a caption repeated in the batch, as CFG's negative
-    or PAG's copy, is one), then the batch's rows are grouped by caption length. A caption without any real
-    token attends to all of its T rows, as a masked softmax whose bias shifts every row alike."""
+    or PAG's copy, is one; one projection call per layer over all of them), then the batch's rows are grouped by
+    caption length. A caption without any real token attends to all of its T rows, as a masked softmax whose
+    bias shifts every row alike."""
     captions = [_real_tokens(c, None if mask is None else mask[i].bool()) for i, c in enumerate(context)]
     distinct: list[torch.Tensor] = []  # the batch's distinct captions (T_i, 2304)
     first = []                         # per sample: its caption's index in `distinct`
@@ -238,13 +239,14 @@ def caption_kv(attns: Sequence["CrossAttention"], embed: Any, context: torch.Ten
         if j is None:
             j, _ = len(distinct), distinct.append(c)
         first.append(j)
-    ys = [embed(c[None]) for c in distinct]                      # (1, T_i, C) each
+    lengths = [c.shape[0] for c in distinct]
+    y = _cat([embed(c[None]) for c in distinct], dim=1)         # (1, sum T_i, C): one projection call per block
     rows: dict[int, list[int]] = {}
     for i, j in enumerate(first):
-        rows.setdefault(distinct[j].shape[0], []).append(i)
+        rows.setdefault(lengths[j], []).append(i)
     groups = []
     for a in attns:
-        kv = [a.kv(y) for y in ys]                               # per distinct caption 2 x (1, heads, T_i, d)
+        kv = list(zip(*(t.split(lengths, dim=2) for t in a.kv(y))))  # per distinct caption 2 x (1, heads, T_i, d)
         groups.append(TextGroups([_rows(r) for r in rows.values()],
                                  [_cat([kv[first[i]][0] for i in r]) for r in rows.values()],
                                  [_cat([kv[first[i]][1] for i in r]) for r in rows.values()]))
@@ -260,8 +262,8 @@ def _real_tokens(caption: torch.Tensor, keep: torch.Tensor | None) -> torch.Tens
     return caption[keep]
 
 
-def _cat(parts: list[torch.Tensor]) -> torch.Tensor:
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+def _cat(parts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
 
 
 def _rows(rows: list[int]) -> slice | list[int]:
