@@ -4,6 +4,7 @@ and the checks they make. `model.py` holds the MODEL itself and its loader."""
 from __future__ import annotations
 
 import logging
+
 import comfy.model_patcher
 import comfy.model_sampling
 import comfy.samplers

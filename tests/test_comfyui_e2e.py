@@ -455,7 +455,8 @@ def test_area_conditioning_acts_on_its_area(server):
     p = prepare(server, T2I, steps=1)
     sampler = node(p, "SanaSampler")
     pos = p[sampler]["inputs"]["positive"]
-    other = add(p, "other", "CLIPTextEncode", clip=[node(p, "SanaGemmaLoader"), 0], text="a completely different prompt")
+    other = add(p, "other", "CLIPTextEncode", clip=[node(p, "SanaGemmaLoader"), 0],
+                text="a completely different prompt")
     w, h = SMALL
     areas = {"pixels": add(p, "area_px", "ConditioningSetArea", conditioning=other, width=w // 2, height=h, x=0, y=0,
                            strength=1.0),
@@ -826,7 +827,8 @@ def test_conditioning_concat_and_average_equal_the_engine_on_both_sides(server):
                            negative_prompt_attention_mask=torch.cat([ua.mask, ub.mask], 1))
     torch.testing.assert_close(got["concat"], joined, atol=1e-3, rtol=0)  # latents of std ~8
     averaged = _engine_latent(pipe, 2, prompt_embeds=(ca.embeds + cb.embeds) / 2,
-                              prompt_attention_mask=ca.mask | cb.mask, negative_prompt_embeds=(ua.embeds + ub.embeds) / 2,
+                              prompt_attention_mask=ca.mask | cb.mask,
+                              negative_prompt_embeds=(ua.embeds + ub.embeds) / 2,
                               negative_prompt_attention_mask=ua.mask | ub.mask)
     torch.testing.assert_close(got["half"], averaged, atol=1e-3, rtol=0)
     assert "was changed by another node" not in (server.root / "comfy.log").read_text()

@@ -172,8 +172,8 @@ def test_caption_attention_matches_diffusers_masks_with_holes_repeats_and_batche
     """Each caption attends to its real tokens only, projected once per distinct caption (`caption_kv`): the
     same as diffusers' padded batch with the mask as a bias, for masks with holes (ConditioningConcat: two
     prompts, each followed by its padding), a caption repeated in the batch (CFG's negative) and an all-padding
-    mask (every row biased alike: all rows attended); precomputed keys/values equal the forward's own, and a sample alone gives its
-    output in a batch of other captions."""
+    mask (every row biased alike: all rows attended); precomputed keys/values equal the forward's own, and a
+    sample alone gives its output in a batch of other captions."""
     ours = randomize_(SanaDiT(TINY), seed=6).eval()
     ref = diffusers_twin(ours)
     x, t, ctx, _ = inputs(TINY, B=4, H=4, W=4, T=8)

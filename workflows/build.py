@@ -274,8 +274,8 @@ def controlnet_scribble(info: dict) -> Graph:
     applied = g.add("ControlNetApplyAdvanced", {"strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}, 2, 2,
                     positive=pos, negative=neg, control_net=net, image=hint, vae=dcae)
     latent = g.add("SanaEmptyLatentImage", {"width": 1024, "height": 1024}, 1, 2)
-    out = g.add("SanaSampler", _sampler(pag_scale=APP_PAG_SCALE, shift=SANA.shift), 3, 0, model=model, positive=(applied, 0),
-                negative=(applied, 1), latent_image=latent)
+    out = g.add("SanaSampler", _sampler(pag_scale=APP_PAG_SCALE, shift=SANA.shift), 3, 0, model=model,
+                positive=(applied, 0), negative=(applied, 1), latent_image=latent)
     image = g.add("VAEDecode", {}, 4, 0, samples=out, vae=dcae)
     g.add("SaveImage", {"filename_prefix": "Sana_ControlNet"}, 5, 0, images=image)
     return g
