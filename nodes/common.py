@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import comfy.model_management as mm
 import comfy.model_patcher
@@ -112,3 +113,15 @@ def check_widgets(node: type[io.ComfyNode], values: dict) -> bool | str:
         if high is not None and value > high:
             return f"{name}: {value} is above the maximum {high}"
     return True
+
+
+def wrap_once(owner: object, name: str, wrap: Callable[[Callable], Callable]) -> None:
+    """Replace core's `owner.<name>` (a module function or a node class's method) by `wrap(core's)`, once: an
+    attribute that is already our wrapper (the pack installed twice) is left as it is. How the pack patches
+    core where core has no hook (LoRA key map, previewer, latent sizes, conditioning combines)."""
+    core = getattr(owner, name)
+    if getattr(core, "sana", False):
+        return
+    wrapper = wrap(core)
+    wrapper.sana = True
+    setattr(owner, name, wrapper)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 from comfy_api.latest import io
 
-from .common import CATEGORY
+from .common import CATEGORY, wrap_once
 
 ROLES = ("positive", "negative")
 
@@ -57,9 +57,7 @@ def install() -> None:
 
     for cls, method, masks in ((nodes.ConditioningAverage, "addWeighted", _average_masks),
                                (nodes.ConditioningConcat, "concat", _concat_masks)):
-        core = getattr(cls, method)
-        if not getattr(core, "sana", False):
-            setattr(cls, method, _with_sana_sides(core, masks))
+        wrap_once(cls, method, functools.partial(_with_sana_sides, combine_masks=masks))
 
 
 def _with_sana_sides(core: Callable, combine_masks: Callable) -> Callable:
@@ -92,7 +90,6 @@ def _with_sana_sides(core: Callable, combine_masks: Callable) -> Callable:
             combined.append([tensor, new])
         return (combined,)
 
-    method.sana = True
     return method
 
 

@@ -2,13 +2,15 @@
 options (core VAEDecode/VAEEncode work on our VAE too)."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from comfy_api.latest import io
 
 from ..sana_core.resolutions import presets
 
-from .common import CATEGORY, check_widgets
-from .latent_sizes import RATIO, RATIO_KEY
+from .common import CATEGORY, check_widgets, wrap_once
+from .latent_sizes import CORE, RATIO, RATIO_KEY
 
 PRESETS = {"custom": None, **presets()}
 TILING = {"auto": None, "on": True, "off": False}  # the widget's choices -> DCAE's `tiled` argument
@@ -26,32 +28,34 @@ def install() -> None:
     an empty latent to the model's `spacial_downscale_ratio`); 0.3.64's `fix_empty_latent_channels` only repeats
     channels, which made 4x the size asked. Wraps that function once, on such cores only."""
     import inspect
-    import logging
 
     import comfy.sample
 
-    from .model import SanaLatentFormat
+    if RATIO_KEY not in inspect.signature(comfy.sample.fix_empty_latent_channels).parameters:  # newer cores resize
+        wrap_once(comfy.sample, "fix_empty_latent_channels", _sana_sized_empty)
 
-    core = comfy.sample.fix_empty_latent_channels
-    if getattr(core, "sana", False) or "downscale_ratio_spacial" in inspect.signature(core).parameters:
-        return
+
+def _sana_sized_empty(core: Callable) -> Callable:
+    """0.3.64's `fix_empty_latent_channels` giving a Sana model the Sana latent of an empty 1/8 latent's size."""
+    import logging
+
+    from .model import SanaLatentFormat
 
     def fix_empty_latent_channels(model, latent_image, *args, **kwargs):
         fmt = model.get_model_object("latent_format")
         if (isinstance(fmt, SanaLatentFormat) and latent_image.ndim == 4
                 and latent_image.shape[1] != fmt.latent_channels and torch.count_nonzero(latent_image) == 0):
             b, c, h, w = latent_image.shape
-            if c not in EIGHTH_SCALE_CHANNELS or h * 8 % 32 or w * 8 % 32:
+            if c not in EIGHTH_SCALE_CHANNELS or h * CORE % RATIO or w * CORE % RATIO:
                 raise ValueError(f"the empty latent ({c} channels, {w}x{h}) is not one Sana can take: use "
                                  "SanaEmptyLatentImage (or EmptyLatentImage with a width and height that are "
                                  "multiples of 32)")
             logging.getLogger(__name__).info("Sana: an empty %d-channel latent of %dx%d px becomes a Sana latent "
-                                             "of the same size", c, w * 8, h * 8)
-            latent_image = latent_image.new_zeros(b, fmt.latent_channels, h * 8 // 32, w * 8 // 32)
+                                             "of the same size", c, w * CORE, h * CORE)
+            latent_image = latent_image.new_zeros(b, fmt.latent_channels, h * CORE // RATIO, w * CORE // RATIO)
         return core(model, latent_image, *args, **kwargs)
 
-    fix_empty_latent_channels.sana = True
-    comfy.sample.fix_empty_latent_channels = fix_empty_latent_channels
+    return fix_empty_latent_channels
 
 
 def sana_vae(vae, node: str):

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import torch
 
+from .common import wrap_once
 from .model import SanaLatentFormat
 
 log = logging.getLogger(__name__)
@@ -71,13 +72,13 @@ def install() -> None:
         if core is None:
             log.warning("Sana: core's %s has changed (no %s method); it is left as it is: on a Sana latent it makes "
                         "4x the size asked, use LatentUpscaleBy", node, getattr(cls, "FUNCTION", None))
-        elif not getattr(core, "sana", False):
-            setattr(cls, cls.FUNCTION, _sized(core, node, latents, sizes, least))
+        else:
+            wrap_once(cls, cls.FUNCTION, functools.partial(_sized, node=node, latents=latents, sizes=sizes,
+                                                           least=least))
     masked = nodes.NODE_CLASS_MAPPINGS.get("LatentCompositeMasked")
     module = sys.modules.get(getattr(masked, "__module__", ""))
-    if module is not None and callable(getattr(module, "composite", None)) and not getattr(module.composite, "sana",
-                                                                                             False):
-        module.composite = _masked_composite(module.composite)
+    if module is not None and callable(getattr(module, "composite", None)):
+        wrap_once(module, "composite", _masked_composite)
 
 
 def _sized(core: Callable, node: str, latents: tuple[str, ...], sizes: tuple[str, ...], least: int) -> Callable:
@@ -95,7 +96,6 @@ def _sized(core: Callable, node: str, latents: tuple[str, ...], sizes: tuple[str
                                                         least if name in ("width", "height") else 0)
         return core(*bound.args, **bound.kwargs)
 
-    method.sana = True
     return method
 
 
@@ -113,5 +113,4 @@ def _masked_composite(core: Callable) -> Callable:
                 bound.arguments[name] = core_pixels("LatentCompositeMasked", name, bound.arguments[name])
         return core(*bound.args, **bound.kwargs)
 
-    composite.sana = True
     return composite

@@ -8,10 +8,14 @@ weights), the one SanaLoraLoader uses; other models get core's map unchanged.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import comfy.lora
 
 from ..sana_core.checkpoints.dit import lora_key_map
 from ..sana_core.dit import SanaDiT
+
+from .common import wrap_once
 
 
 def sana_key_map(model: object) -> dict:
@@ -22,14 +26,13 @@ def sana_key_map(model: object) -> dict:
 
 def install() -> None:
     """Wrap core's `model_lora_keys_unet` (once) so that its LoRA loaders read Sana LoRAs."""
-    core = comfy.lora.model_lora_keys_unet
-    if getattr(core, "sana", False):
-        return
+    wrap_once(comfy.lora, "model_lora_keys_unet", _with_sana_keys)
 
+
+def _with_sana_keys(core: Callable) -> Callable:
     def model_lora_keys_unet(model, key_map={}):  # noqa: B006 (core's signature)
         key_map = core(model, key_map)
         key_map.update(sana_key_map(model))
         return key_map
 
-    model_lora_keys_unet.sana = True
-    comfy.lora.model_lora_keys_unet = model_lora_keys_unet
+    return model_lora_keys_unet

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 
 import latent_preview
 import torch
 from comfy.cli_args import LatentPreviewMethod, args
+
+from .common import wrap_once
 
 log = logging.getLogger(__name__)
 DECODER_NAME = "taesana_decoder"  # models/vae_approx/taesana_decoder.pth or .safetensors
@@ -80,10 +83,10 @@ def sana_previewer(device: torch.device, latent_format) -> latent_preview.Latent
 
 def install() -> None:
     """Wrap `latent_preview.get_previewer` (once) so that Sana's latent format gets `sana_previewer`."""
-    core = latent_preview.get_previewer
-    if getattr(core, "sana_previews", False):
-        return
+    wrap_once(latent_preview, "get_previewer", _with_sana_previewer)
 
+
+def _with_sana_previewer(core: Callable) -> Callable:
     def get_previewer(device, latent_format, *rest, **options):
         from .model import SanaLatentFormat
 
@@ -91,5 +94,4 @@ def install() -> None:
             return sana_previewer(device, latent_format)
         return core(device, latent_format, *rest, **options)
 
-    get_previewer.sana_previews = True
-    latent_preview.get_previewer = get_previewer
+    return get_previewer
