@@ -38,3 +38,16 @@ def test_gpu_suite_runs_with_tiny_models(tmp_path):
              for r in json.loads((tmp_path / f"{n}.json").read_text())["rows"]}
     px = TINY_SIZE
     assert {f"0.6b {px}px 2 steps CFG", f"sprint-0.6b {px}px 2 steps", f"1.6b {px}px 2 steps offload"} <= cases
+
+
+def test_caption_attention_bench_candidates_agree(capsys):
+    """bench/caption_attention.py runs (tiny widths) and its two candidates, each caption on its real tokens and
+    the padded batch with a mask bias, give the same cross-attention output."""
+    import re
+
+    import caption_attention
+
+    caption_attention.main(["--tiny", "--model", "0.6b", "--size", "128", "--device", "cpu", "--dtype", "fp32",
+                            "--runs", "1", "--warmup", "0"])
+    diffs = [float(d) for d in re.findall(r"max diff ([0-9.e+-]+)\)", capsys.readouterr().out)]
+    assert len(diffs) == len(caption_attention.CASES) and max(diffs) < 1e-5, diffs
